@@ -1,0 +1,35 @@
+//! The public gRPC API: one file per service. Handlers validate (convert.rs),
+//! call into the stores and engines, and map errors in one place (status.rs).
+
+pub mod convert;
+mod knowledge;
+mod status;
+mod support;
+
+use std::sync::Arc;
+
+pub use knowledge::Knowledge;
+pub use support::Support;
+
+use crate::{
+    feedback::{AnnotationIntake, InteractionBook},
+    kb::KnowledgeStore,
+    trainlog::TrainingLog,
+};
+
+/// What the handlers share.
+pub struct AppState {
+    pub kb: Arc<KnowledgeStore>,
+    pub log: TrainingLog,
+    pub interactions: Arc<InteractionBook>,
+    pub annotations: AnnotationIntake,
+}
+
+/// Runs a blocking store operation off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> crate::error::Result<T> + Send + 'static,
+) -> crate::error::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| crate::error::Error::Internal(format!("store task failed: {e}")))?
+}

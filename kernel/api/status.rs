@@ -1,0 +1,36 @@
+//! The single table from our errors to gRPC statuses.
+
+use tonic::{Code, Status};
+
+use crate::{error::Error, kb::KbError, trainlog::LogError};
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Status {
+        let code = match &error {
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::Internal(_) => Code::Internal,
+            Error::Log(log) => match log {
+                LogError::DiskFull(_) | LogError::QueueFull(_) => Code::ResourceExhausted,
+                LogError::RecordTooLarge(_) => Code::InvalidArgument,
+                LogError::Corrupt { .. } => Code::Internal,
+                LogError::Io { .. }
+                | LogError::WriteFailed(_)
+                | LogError::Closed
+                | LogError::Locked(_)
+                | LogError::InvalidCursorName(_) => Code::Unavailable,
+            },
+            Error::Knowledge(kb) => match kb {
+                KbError::NotFound(_) | KbError::VersionNotFound { .. } | KbError::Deleted { .. } => Code::NotFound,
+                KbError::Locked { .. } | KbError::Storage(_) => Code::Unavailable,
+            },
+        };
+        if matches!(code, Code::Internal | Code::Unavailable) {
+            tracing::warn!(%error, ?code, "request failed");
+        }
+        Status::new(code, error.to_string())
+    }
+}

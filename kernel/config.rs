@@ -1,0 +1,154 @@
+//! One typed configuration, validated once. Precedence: built-in defaults,
+//! then the TOML file (`--config` / `AITL_CONFIG`), then environment
+//! variables and flags (`AITL_LISTEN`, `AITL_DATA_DIR`). The defaults run on
+//! a laptop.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the gRPC server listens on; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// Holds the knowledge base (`knowledge.redb`) and the training log (`log/`).
+    pub data_dir: PathBuf,
+    pub log: LogConfig,
+    pub limits: Limits,
+    pub annotations: AnnotationConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Segment size before a new one is started, MiB.
+    pub segment_mib: u64,
+    /// Appends waiting for the disk beyond this are refused (RESOURCE_EXHAUSTED).
+    pub queue_capacity: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request or response message, MiB.
+    pub max_message_mib: usize,
+    /// HTTP/2 streams one connection may have open.
+    pub max_concurrent_streams: u32,
+    /// Requests one connection may have in flight in the server.
+    pub concurrency_per_connection: usize,
+    /// A call still running after this is cancelled with DEADLINE_EXCEEDED.
+    pub request_timeout_s: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnnotationConfig {
+    /// How far ahead of the server's clock a client timestamp may be.
+    pub max_clock_skew_s: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: PathBuf::from("./aitl-data"),
+            log: LogConfig::default(),
+            limits: Limits::default(),
+            annotations: AnnotationConfig::default(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { segment_mib: 64, queue_capacity: 16_384 }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_message_mib: 16, max_concurrent_streams: 1_024, concurrency_per_connection: 1_024, request_timeout_s: 120 }
+    }
+}
+
+impl Default for AnnotationConfig {
+    fn default() -> Self {
+        AnnotationConfig { max_clock_skew_s: 300 }
+    }
+}
+
+impl Config {
+    /// Defaults, overlaid with the TOML file when one is given.
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let Some(path) = path else { return Ok(Config::default()) };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::InvalidArgument(format!("cannot read config {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| Error::InvalidArgument(format!("config {}: {e}", path.display())))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, why: &str| Err(Error::InvalidArgument(format!("config {key}: {why}")));
+        if !(1..=1024).contains(&self.log.segment_mib) {
+            return bad("log.segment_mib", "use 1 to 1024");
+        }
+        if self.log.queue_capacity == 0 {
+            return bad("log.queue_capacity", "must be at least 1");
+        }
+        if !(1..=256).contains(&self.limits.max_message_mib) {
+            return bad("limits.max_message_mib", "use 1 to 256");
+        }
+        if self.limits.max_concurrent_streams == 0 || self.limits.concurrency_per_connection == 0 {
+            return bad("limits", "concurrency limits must be at least 1");
+        }
+        if self.limits.request_timeout_s == 0 {
+            return bad("limits.request_timeout_s", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn knowledge_path(&self) -> PathBuf {
+        self.data_dir.join("knowledge.redb")
+    }
+
+    pub fn log_dir(&self) -> PathBuf {
+        self.data_dir.join("log")
+    }
+
+    pub fn log_options(&self) -> crate::trainlog::LogOptions {
+        crate::trainlog::LogOptions {
+            segment_bytes: self.log.segment_mib << 20,
+            queue_capacity: self.log.queue_capacity,
+            ..Default::default()
+        }
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.limits.request_timeout_s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_overlays_defaults_and_rejects_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("aitl.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:7000\"\n[log]\nsegment_mib = 8\n").unwrap();
+        let config = Config::load(Some(&path)).unwrap();
+        assert_eq!(config.listen.port(), 7000);
+        assert_eq!(config.log.segment_mib, 8);
+        assert_eq!(config.log.queue_capacity, LogConfig::default().queue_capacity);
+        std::fs::write(&path, "[log]\nsegment_mb = 8\n").unwrap();
+        let err = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("segment_mb"), "{err}");
+    }
+}

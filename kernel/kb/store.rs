@@ -1,0 +1,248 @@
+//! Knowledge objects in redb: a pure-Rust, transactional, crash-safe B-tree
+//! store in one file. Chosen over SQLite because it needs no C library or
+//! system package, and our access is key/value (by id, by id+version, in id
+//! order), which needs no SQL.
+//!
+//! Tables: `latest` id → encoded `KnowledgeObject` (tombstones included);
+//! `versions` (id, version) → encoded `KnowledgeObject`.
+
+use std::{path::Path, time::SystemTime};
+
+use prost::Message;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::proto::{KnowledgeFilter, KnowledgeObject};
+
+const LATEST: TableDefinition<&str, &[u8]> = TableDefinition::new("latest");
+const VERSIONS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("versions");
+
+#[derive(Debug, thiserror::Error)]
+pub enum KbError {
+    #[error("knowledge object {0:?} does not exist")]
+    NotFound(String),
+    #[error("knowledge object {id:?} has no version {version} (latest is {latest})")]
+    VersionNotFound { id: String, version: u64, latest: u64 },
+    #[error("knowledge object {id:?} was deleted (tombstone version {version})")]
+    Deleted { id: String, version: u64 },
+    #[error("knowledge base at {path} is in use by another process (is an `aitl serve` running on this data dir?)")]
+    Locked { path: String },
+    #[error("knowledge base storage error: {0}")]
+    Storage(String),
+}
+
+fn storage(e: impl std::fmt::Display) -> KbError {
+    KbError::Storage(e.to_string())
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct UpsertOutcome {
+    pub inserted: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+}
+
+pub struct ListPage {
+    pub objects: Vec<KnowledgeObject>,
+    /// Id to continue after; None on the last page.
+    pub next_after: Option<String>,
+}
+
+pub struct KnowledgeStore {
+    db: Database,
+}
+
+fn same_content(a: &KnowledgeObject, b: &KnowledgeObject) -> bool {
+    a.kind == b.kind && a.title == b.title && a.text == b.text && a.metadata == b.metadata && !a.deleted
+}
+
+pub fn matches(object: &KnowledgeObject, filter: &KnowledgeFilter) -> bool {
+    (filter.kinds.is_empty() || filter.kinds.contains(&object.kind))
+        && filter.metadata.iter().all(|(k, v)| object.metadata.get(k) == Some(v))
+}
+
+impl KnowledgeStore {
+    pub fn open(path: &Path) -> Result<KnowledgeStore, KbError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(storage)?;
+        }
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => KbError::Locked { path: path.display().to_string() },
+            other => storage(format!("{}: {other}", path.display())),
+        })?;
+        let txn = db.begin_write().map_err(storage)?;
+        txn.open_table(LATEST).map_err(storage)?;
+        txn.open_table(VERSIONS).map_err(storage)?;
+        txn.commit().map_err(storage)?;
+        Ok(KnowledgeStore { db })
+    }
+
+    /// Writes a batch atomically. Objects must be validated (ids unique
+    /// within the batch). Unchanged objects keep their version.
+    pub fn upsert_batch(&self, objects: Vec<KnowledgeObject>) -> Result<UpsertOutcome, KbError> {
+        let now = Some(prost_types::Timestamp::from(SystemTime::now()));
+        let mut outcome = UpsertOutcome::default();
+        let txn = self.db.begin_write().map_err(storage)?;
+        {
+            let mut latest = txn.open_table(LATEST).map_err(storage)?;
+            let mut versions = txn.open_table(VERSIONS).map_err(storage)?;
+            for mut object in objects {
+                let previous = latest
+                    .get(object.id.as_str())
+                    .map_err(storage)?
+                    .map(|bytes| KnowledgeObject::decode(bytes.value()))
+                    .transpose()
+                    .map_err(storage)?;
+                object.deleted = false;
+                object.version = match &previous {
+                    Some(prev) if same_content(prev, &object) => {
+                        outcome.unchanged += 1;
+                        continue;
+                    }
+                    Some(prev) => {
+                        outcome.updated += 1;
+                        prev.version + 1
+                    }
+                    None => {
+                        outcome.inserted += 1;
+                        1
+                    }
+                };
+                object.updated_at = now;
+                let bytes = object.encode_to_vec();
+                latest.insert(object.id.as_str(), bytes.as_slice()).map_err(storage)?;
+                versions.insert((object.id.as_str(), object.version), bytes.as_slice()).map_err(storage)?;
+            }
+        }
+        txn.commit().map_err(storage)?;
+        Ok(outcome)
+    }
+
+    /// Leaves a tombstone; returns its version.
+    pub fn delete(&self, id: &str) -> Result<u64, KbError> {
+        let txn = self.db.begin_write().map_err(storage)?;
+        let version = {
+            let mut latest = txn.open_table(LATEST).map_err(storage)?;
+            let mut versions = txn.open_table(VERSIONS).map_err(storage)?;
+            let previous = latest
+                .get(id)
+                .map_err(storage)?
+                .map(|bytes| KnowledgeObject::decode(bytes.value()))
+                .transpose()
+                .map_err(storage)?
+                .ok_or_else(|| KbError::NotFound(id.into()))?;
+            if previous.deleted {
+                return Err(KbError::Deleted { id: id.into(), version: previous.version });
+            }
+            let tombstone = KnowledgeObject {
+                id: id.into(),
+                kind: previous.kind,
+                version: previous.version + 1,
+                updated_at: Some(SystemTime::now().into()),
+                deleted: true,
+                ..Default::default()
+            };
+            let bytes = tombstone.encode_to_vec();
+            latest.insert(id, bytes.as_slice()).map_err(storage)?;
+            versions.insert((id, tombstone.version), bytes.as_slice()).map_err(storage)?;
+            tombstone.version
+        };
+        txn.commit().map_err(storage)?;
+        Ok(version)
+    }
+
+    /// The latest version (`version` 0) or a given one.
+    pub fn get(&self, id: &str, version: u64, include_deleted: bool) -> Result<KnowledgeObject, KbError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let latest = txn.open_table(LATEST).map_err(storage)?;
+        let current = latest
+            .get(id)
+            .map_err(storage)?
+            .map(|bytes| KnowledgeObject::decode(bytes.value()))
+            .transpose()
+            .map_err(storage)?
+            .ok_or_else(|| KbError::NotFound(id.into()))?;
+        let object = if version == 0 || version == current.version {
+            current
+        } else {
+            let versions = txn.open_table(VERSIONS).map_err(storage)?;
+            versions
+                .get((id, version))
+                .map_err(storage)?
+                .map(|bytes| KnowledgeObject::decode(bytes.value()))
+                .transpose()
+                .map_err(storage)?
+                .ok_or(KbError::VersionNotFound { id: id.into(), version, latest: current.version })?
+        };
+        if object.deleted && !include_deleted {
+            return Err(KbError::Deleted { id: id.into(), version: object.version });
+        }
+        Ok(object)
+    }
+
+    /// Objects in id order after `after`, at most `limit`, matching `filter`.
+    pub fn list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        filter: &KnowledgeFilter,
+        include_deleted: bool,
+    ) -> Result<ListPage, KbError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let latest = txn.open_table(LATEST).map_err(storage)?;
+        let range = match after {
+            Some(after) => latest.range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+            None => latest.range::<&str>(..),
+        }
+        .map_err(storage)?;
+        let mut objects = Vec::new();
+        let mut last_seen = None;
+        for entry in range {
+            let (key, bytes) = entry.map_err(storage)?;
+            last_seen = Some(key.value().to_string());
+            let object = KnowledgeObject::decode(bytes.value()).map_err(storage)?;
+            if (include_deleted || !object.deleted) && matches(&object, filter) {
+                objects.push(object);
+                if objects.len() == limit {
+                    break;
+                }
+            }
+        }
+        // A full page may be the last one; the next call then returns empty.
+        let next_after = (objects.len() == limit).then_some(last_seen).flatten();
+        Ok(ListPage { objects, next_after })
+    }
+
+    /// Live (not deleted) objects.
+    pub fn count_live(&self) -> Result<u64, KbError> {
+        let page = self.list(None, usize::MAX, &KnowledgeFilter::default(), false)?;
+        Ok(page.objects.len() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(id: &str, text: &str) -> KnowledgeObject {
+        KnowledgeObject { id: id.into(), kind: 3, title: "t".into(), text: text.into(), ..Default::default() }
+    }
+
+    #[test]
+    fn versions_tombstones_and_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KnowledgeStore::open(&dir.path().join("kb.redb")).unwrap();
+        let outcome = store.upsert_batch(vec![object("a", "one"), object("b", "two")]).unwrap();
+        assert_eq!(outcome, UpsertOutcome { inserted: 2, updated: 0, unchanged: 0 });
+        let outcome = store.upsert_batch(vec![object("a", "one"), object("b", "TWO")]).unwrap();
+        assert_eq!(outcome, UpsertOutcome { inserted: 0, updated: 1, unchanged: 1 });
+        assert_eq!(store.get("b", 0, false).unwrap().version, 2);
+        assert_eq!(store.get("b", 1, false).unwrap().text, "two");
+        assert_eq!(store.delete("a").unwrap(), 2);
+        assert!(matches!(store.get("a", 0, false), Err(KbError::Deleted { version: 2, .. })));
+        assert_eq!(store.get("a", 1, false).unwrap().text, "one");
+        assert_eq!(store.count_live().unwrap(), 1);
+        drop(store);
+        let store = KnowledgeStore::open(&dir.path().join("kb.redb")).unwrap();
+        assert_eq!(store.get("b", 0, false).unwrap().text, "TWO");
+    }
+}

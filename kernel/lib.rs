@@ -1,0 +1,18 @@
+//! aitl: an inference-and-feedback microkernel for LLM-based customer
+//! support, serving the Agent-in-the-Loop data flywheel.
+
+pub mod proto {
+    tonic::include_proto!("aitl.v1");
+
+    /// The API's descriptor set: server reflection and JSON views of records.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/aitl_descriptor.bin"));
+}
+
+pub mod trainlog;
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod feedback;
+pub mod kb;
+pub mod server;

@@ -1,0 +1,246 @@
+//! `aitl`: the server and its operator commands.
+
+use std::{io::Write, ops::ControlFlow, path::PathBuf, process::ExitCode};
+
+use aitl::{
+    config::Config,
+    error::{Error, Result},
+    kb::{self, KnowledgeStore},
+    proto::{self, KnowledgeObject},
+    trainlog::{Cursor, LogReader},
+};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "aitl", version, about = "Inference-and-feedback microkernel for LLM-based customer support")]
+struct Cli {
+    /// TOML config file.
+    #[arg(long, global = true, env = "AITL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (knowledge base and training log); overrides the config.
+    #[arg(long, global = true, env = "AITL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gRPC server.
+    Serve {
+        /// Listen address; overrides the config (port 0 picks a free port).
+        #[arg(long, env = "AITL_LISTEN")]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Load knowledge objects into the knowledge base (server must not be running on this data dir).
+    Ingest {
+        /// JSON lines: {"id", "kind": policy|case|faq|other, "title", "text", "metadata": {}}.
+        file: Option<PathBuf>,
+        /// Import DSTC11 Track 5 knowledge from this folder (holding knowledge.json) instead.
+        #[arg(long, conflicts_with = "file")]
+        dstc11: Option<PathBuf>,
+        /// Objects per transaction.
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+    },
+    /// Inspect the training log.
+    Log {
+        #[command(subcommand)]
+        command: LogCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LogCommand {
+    /// Segments, record counts and consumer cursors.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Records as JSON lines (protobuf JSON mapping).
+    Dump {
+        /// First sequence to print.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// Stop after this many records.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AITL_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aitl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let mut config = Config::load(cli.config.as_deref())?;
+    if let Some(dir) = cli.data_dir {
+        config.data_dir = dir;
+    }
+    match cli.command {
+        Command::Serve { listen } => {
+            if let Some(listen) = listen {
+                config.listen = listen;
+            }
+            serve(config)
+        }
+        Command::Ingest { file, dstc11, batch } => ingest(&config, file, dstc11, batch),
+        Command::Log { command: LogCommand::Stats { json } } => log_stats(&config, json),
+        Command::Log { command: LogCommand::Dump { from, limit } } => log_dump(&config, from, limit),
+    }
+}
+
+fn serve(config: Config) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))?;
+    runtime.block_on(async {
+        let data_dir = config.data_dir.clone();
+        let mut server = aitl::server::start(config).await?;
+        // Tests and scripts wait for this line to learn the bound port.
+        println!("aitl serving on {} (data dir {})", server.addr, data_dir.display());
+        let _ = std::io::stdout().flush();
+        tokio::select! {
+            result = server.wait() => result,
+            _ = shutdown_signal() => {
+                tracing::info!("shutting down");
+                server.shutdown().await
+            }
+        }
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn ingest(config: &Config, file: Option<PathBuf>, dstc11: Option<PathBuf>, batch: usize) -> Result<()> {
+    let objects: Vec<KnowledgeObject> = match (file, dstc11) {
+        (Some(file), None) => kb::read_jsonl(&file)?,
+        (None, Some(dir)) => kb::read_dstc11(&dir)?,
+        _ => return Err(Error::InvalidArgument("give a FILE.jsonl or --dstc11 DIR".into())),
+    };
+    let batch = batch.clamp(1, aitl::api::convert::MAX_ITEMS);
+    for (i, chunk) in objects.chunks(batch).enumerate() {
+        aitl::api::convert::check_upsert_batch(chunk)
+            .map_err(|e| Error::InvalidArgument(format!("objects {}..: {e}", i * batch)))?;
+    }
+    let store = KnowledgeStore::open(&config.knowledge_path())?;
+    let progress = indicatif::ProgressBar::new(objects.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} objects {per_sec} eta {eta}")
+            .expect("static template"),
+    );
+    let mut totals = kb::UpsertOutcome::default();
+    for chunk in objects.chunks(batch) {
+        let outcome = store.upsert_batch(chunk.to_vec())?;
+        totals.inserted += outcome.inserted;
+        totals.updated += outcome.updated;
+        totals.unchanged += outcome.unchanged;
+        progress.inc(chunk.len() as u64);
+    }
+    progress.finish_and_clear();
+    println!(
+        "ingested {} objects: {} inserted, {} updated, {} unchanged ({} live in {})",
+        objects.len(),
+        totals.inserted,
+        totals.updated,
+        totals.unchanged,
+        store.count_live()?,
+        config.knowledge_path().display()
+    );
+    Ok(())
+}
+
+fn log_stats(config: &Config, json: bool) -> Result<()> {
+    let dir = config.log_dir();
+    let stats = LogReader::new(&dir).stats()?;
+    let cursors = Cursor::list(&dir)?;
+    let next = stats.last_sequence.map_or(1, |s| s + 1);
+    if json {
+        let cursors: Vec<_> = cursors
+            .iter()
+            .map(|c| serde_json::json!({"name": c.name(), "next_sequence": c.next_sequence(), "lag": next.saturating_sub(c.next_sequence())}))
+            .collect();
+        let value = serde_json::json!({"log_dir": dir, "stats": stats, "cursors": cursors});
+        println!("{}", serde_json::to_string_pretty(&value).expect("json"));
+        return Ok(());
+    }
+    println!("training log {}", dir.display());
+    println!(
+        "  {} records ({} interactions, {} annotations), {} bytes in {} segments",
+        stats.records,
+        stats.interactions,
+        stats.annotations,
+        stats.bytes,
+        stats.segments.len()
+    );
+    if let (Some(first), Some(last)) = (stats.first_sequence, stats.last_sequence) {
+        println!("  sequences {first}..={last}");
+    }
+    if stats.incomplete_tail_bytes > 0 {
+        println!("  {} bytes at the tail are not a whole record (being written, or torn)", stats.incomplete_tail_bytes);
+    }
+    for segment in &stats.segments {
+        println!("  {}  first {}  {} records  {} bytes", segment.file, segment.first_sequence, segment.records, segment.bytes);
+    }
+    for cursor in cursors {
+        println!("  cursor {}: next {} (lag {})", cursor.name(), cursor.next_sequence(), next.saturating_sub(cursor.next_sequence()));
+    }
+    Ok(())
+}
+
+fn log_dump(config: &Config, from: u64, limit: Option<u64>) -> Result<()> {
+    let pool = prost_reflect::DescriptorPool::decode(proto::FILE_DESCRIPTOR_SET)
+        .map_err(|e| Error::Internal(format!("descriptor set: {e}")))?;
+    let descriptor = pool
+        .get_message_by_name("aitl.v1.LogRecord")
+        .ok_or_else(|| Error::Internal("aitl.v1.LogRecord missing from descriptor set".into()))?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut printed = 0u64;
+    let mut failure = None;
+    LogReader::new(config.log_dir()).read_from(from, |record| {
+        if limit.is_some_and(|l| printed >= l) {
+            return ControlFlow::Break(());
+        }
+        let bytes = prost::Message::encode_to_vec(&record);
+        let line = prost_reflect::DynamicMessage::decode(descriptor.clone(), bytes.as_slice())
+            .map_err(|e| e.to_string())
+            .and_then(|m| serde_json::to_string(&m).map_err(|e| e.to_string()));
+        match line.map(|l| writeln!(out, "{l}").map_err(|e| e.to_string())) {
+            Ok(Ok(())) => {
+                printed += 1;
+                ControlFlow::Continue(())
+            }
+            Ok(Err(e)) | Err(e) => {
+                failure = Some(e);
+                ControlFlow::Break(())
+            }
+        }
+    })?;
+    out.flush().map_err(|e| Error::Internal(e.to_string()))?;
+    match failure {
+        // A closed pipe (`| head`) is a normal way to stop reading.
+        Some(e) if e.contains("Broken pipe") => Ok(()),
+        Some(e) => Err(Error::Internal(format!("dump: {e}"))),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,150 @@
+//! Assembles the server: stores opened and verified, indexes rebuilt from the
+//! log, services behind explicit limits, health that follows the log's real
+//! state, and reflection so grpcurl needs no proto files.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{
+    api::{AppState, Knowledge, Support},
+    config::Config,
+    error::{Error, Result},
+    feedback::{self, AnnotationIntake, InteractionBook},
+    kb::KnowledgeStore,
+    proto::{
+        self, knowledge_service_server::KnowledgeServiceServer, support_service_server::SupportServiceServer,
+    },
+    trainlog::{LogHealth, TrainingLog},
+};
+
+const SUPPORT_SERVICE: &str = "aitl.v1.SupportService";
+const KNOWLEDGE_SERVICE: &str = "aitl.v1.KnowledgeService";
+
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+}
+
+impl RunningServer {
+    /// Stops accepting calls, finishes those in flight, and closes the log.
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let served = (&mut self.task).await;
+        let log = self.state.log.clone();
+        tokio::task::spawn_blocking(move || log.close()).await.ok();
+        served
+            .map_err(|e| Error::Internal(format!("server task: {e}")))?
+            .map_err(|e| Error::Internal(format!("server: {e}")))
+    }
+
+    /// Resolves when the server stops by itself (it only does on error).
+    pub async fn wait(&mut self) -> Result<()> {
+        (&mut self.task)
+            .await
+            .map_err(|e| Error::Internal(format!("server task: {e}")))?
+            .map_err(|e| Error::Internal(format!("server: {e}")))
+    }
+}
+
+/// Opens the data dir and starts serving on `config.listen`.
+pub async fn start(config: Config) -> Result<RunningServer> {
+    config.validate()?;
+    let (log_dir, kb_path, log_options) = (config.log_dir(), config.knowledge_path(), config.log_options());
+    let (log, kb, report) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let (log, report) = TrainingLog::open(&log_dir, log_options)?;
+        let kb = KnowledgeStore::open(&kb_path)?;
+        Ok((log, kb, report))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("opening stores: {e}")))??;
+    if let Some((file, offset, dropped)) = &report.truncated {
+        tracing::warn!(file = %file.display(), offset, dropped, "training log: torn tail truncated");
+    }
+    let kb = Arc::new(kb);
+    let interactions = Arc::new(InteractionBook::new(log.clone()));
+    let annotations = AnnotationIntake::new(
+        log.clone(),
+        interactions.clone(),
+        kb.clone(),
+        Duration::from_secs(config.annotations.max_clock_skew_s),
+    );
+    let started = std::time::Instant::now();
+    let records = feedback::rebuild(&log, &interactions, &annotations)?;
+    tracing::info!(records, interactions = interactions.len(), elapsed = ?started.elapsed(), "indexes rebuilt from the training log");
+    let state = Arc::new(AppState { kb, log, interactions, annotations });
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    spawn_health_follower(reporter, state.log.health()).await;
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_err = |e: tonic_reflection::server::Error| Error::Internal(format!("reflection: {e}"));
+    let reflection_v1 = reflection().build_v1().map_err(reflection_err)?;
+    // grpcurl and older tools still ask the v1alpha service.
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_err)?;
+
+    let max_message = config.limits.max_message_mib << 20;
+    let support = SupportServiceServer::new(Support::new(state.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let knowledge = KnowledgeServiceServer::new(Knowledge::new(state.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| Error::Unavailable(format!("cannot listen on {}: {e}", config.listen)))?;
+    let addr = listener.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .timeout(config.request_timeout())
+        .concurrency_limit_per_connection(config.limits.concurrency_per_connection)
+        .max_concurrent_streams(Some(config.limits.max_concurrent_streams))
+        .http2_max_pending_accept_reset_streams(Some(256))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .trace_fn(|request| tracing::debug_span!("grpc", path = %request.uri().path()))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(support)
+        .add_service(knowledge);
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        let _ = shutdown_rx.await;
+    }));
+    Ok(RunningServer { addr, state, shutdown: Some(shutdown_tx), task })
+}
+
+/// Publishes the log's state as gRPC health: while the log cannot write, the
+/// server as a whole and SupportService (whose calls all log) are NOT_SERVING;
+/// KnowledgeService does not depend on the log and stays SERVING.
+async fn spawn_health_follower(reporter: HealthReporter, mut health: tokio::sync::watch::Receiver<LogHealth>) {
+    reporter.set_service_status(KNOWLEDGE_SERVICE, ServingStatus::Serving).await;
+    let publish = move |reporter: HealthReporter, state: LogHealth| async move {
+        let status = match state {
+            LogHealth::Writable => ServingStatus::Serving,
+            LogHealth::Failing(_) => ServingStatus::NotServing,
+        };
+        reporter.set_service_status("", status).await;
+        reporter.set_service_status(SUPPORT_SERVICE, status).await;
+    };
+    let initial = health.borrow_and_update().clone();
+    publish(reporter.clone(), initial).await;
+    tokio::spawn(async move {
+        while health.changed().await.is_ok() {
+            let state = health.borrow_and_update().clone();
+            publish(reporter.clone(), state).await;
+        }
+    });
+}
