@@ -1,0 +1,102 @@
+//! Shared by the integration tests: a real server on 127.0.0.1:0 over a
+//! temporary data dir, generated clients, and seeded interactions.
+#![allow(dead_code)]
+
+use std::{path::Path, time::SystemTime};
+
+use aitl::{
+    config::Config,
+    feedback::new_interaction_id,
+    proto::{
+        self, Candidate, InteractionKind, InteractionRecord, KnowledgeKind, KnowledgeObject, ModelVersions,
+        ShownKnowledge, knowledge_service_client::KnowledgeServiceClient,
+        support_service_client::SupportServiceClient,
+    },
+    server::RunningServer,
+};
+use tonic::transport::Channel;
+
+pub fn config(data_dir: &Path) -> Config {
+    Config { listen: "127.0.0.1:0".parse().unwrap(), data_dir: data_dir.to_path_buf(), ..Config::default() }
+}
+
+pub async fn start(data_dir: &Path) -> RunningServer {
+    aitl::server::start(config(data_dir)).await.expect("server starts")
+}
+
+pub async fn channel(server: &RunningServer) -> Channel {
+    Channel::from_shared(format!("http://{}", server.addr)).unwrap().connect().await.expect("connects")
+}
+
+pub async fn clients(server: &RunningServer) -> (SupportServiceClient<Channel>, KnowledgeServiceClient<Channel>) {
+    let channel = channel(server).await;
+    (SupportServiceClient::new(channel.clone()), KnowledgeServiceClient::new(channel))
+}
+
+pub fn knowledge(id: &str, text: &str) -> KnowledgeObject {
+    KnowledgeObject {
+        id: id.into(),
+        kind: KnowledgeKind::Faq as i32,
+        title: "Refunds".into(),
+        text: text.into(),
+        metadata: [("domain".to_string(), "billing".to_string())].into(),
+        ..Default::default()
+    }
+}
+
+/// A Generate interaction as the decoder engine records it: two candidates
+/// grounded in `knowledge_ids` (which must exist in the knowledge base).
+pub fn generate_interaction(knowledge_ids: &[&str]) -> InteractionRecord {
+    let interaction_id = new_interaction_id();
+    let candidates = (0..2)
+        .map(|i| Candidate {
+            candidate_id: format!("{interaction_id}/c{i}"),
+            text: format!("Candidate reply {i} [1]"),
+            model_version: "test-generator@1".into(),
+            ..Default::default()
+        })
+        .collect();
+    InteractionRecord {
+        interaction_id,
+        kind: InteractionKind::Generate as i32,
+        created_at: Some(SystemTime::now().into()),
+        shown_knowledge: knowledge_ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| ShownKnowledge { knowledge_id: id.to_string(), version: 1, score: 1.0, rank: i as u32 + 1 })
+            .collect(),
+        candidates,
+        models: Some(ModelVersions { generator: "test-generator@1".into(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+pub fn timestamp(at: SystemTime) -> prost_types::Timestamp {
+    at.into()
+}
+
+/// When the seeded interactions were shown: fixed per test process, so a
+/// resubmitted annotation is byte-for-byte the same, as a client's retry is.
+pub fn shown_at() -> SystemTime {
+    static SHOWN_AT: std::sync::OnceLock<SystemTime> = std::sync::OnceLock::new();
+    *SHOWN_AT.get_or_init(|| SystemTime::now() - std::time::Duration::from_secs(10))
+}
+
+/// A valid pairwise preference about a seeded interaction.
+pub fn preference(annotation_id: &str, record: &InteractionRecord, rationale: &str) -> proto::Annotation {
+    let shown_at = shown_at();
+    proto::Annotation {
+        annotation_id: annotation_id.into(),
+        interaction_id: record.interaction_id.clone(),
+        agent_id: "agent-7".into(),
+        shown_at: Some(timestamp(shown_at)),
+        annotated_at: Some(timestamp(shown_at + std::time::Duration::from_secs(3))),
+        kind: Some(proto::annotation::Kind::Preference(proto::PairwisePreference {
+            preferred_candidate_id: record.candidates[0].candidate_id.clone(),
+            other_candidate_id: record.candidates[1].candidate_id.clone(),
+            strength: proto::PreferenceStrength::Better as i32,
+            rationale: rationale.into(),
+        })),
+        ..Default::default()
+    }
+}
