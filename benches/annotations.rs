@@ -1,1 +1,149 @@
-fn main() {}
+//! SubmitAnnotation through gRPC on loopback with fsync on, at 1, 16 and 64
+//! concurrent clients (each on its own connection, as separate CRM backends
+//! would be). Criterion reports time per annotation (throughput = its
+//! inverse); p50/p99 of single calls are printed after each group.
+//!
+//! `cargo bench --bench annotations`
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use aitl::{
+    config::Config,
+    feedback::new_interaction_id,
+    kb::KnowledgeStore,
+    proto::{
+        self, Candidate, InteractionKind, InteractionRecord, SubmitAnnotationRequest,
+        support_service_client::SupportServiceClient,
+    },
+};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+fn interaction() -> InteractionRecord {
+    let interaction_id = new_interaction_id();
+    InteractionRecord {
+        candidates: (0..2)
+            .map(|i| Candidate {
+                candidate_id: format!("{interaction_id}/c{i}"),
+                ..Default::default()
+            })
+            .collect(),
+        interaction_id,
+        kind: InteractionKind::Generate as i32,
+        ..Default::default()
+    }
+}
+
+fn annotation(id: String, ix: &InteractionRecord) -> SubmitAnnotationRequest {
+    let shown_at = SystemTime::now() - Duration::from_secs(5);
+    SubmitAnnotationRequest {
+        annotation: Some(proto::Annotation {
+            annotation_id: id,
+            interaction_id: ix.interaction_id.clone(),
+            agent_id: "agent-bench".into(),
+            shown_at: Some(shown_at.into()),
+            annotated_at: Some((shown_at + Duration::from_secs(2)).into()),
+            kind: Some(proto::annotation::Kind::Preference(proto::PairwisePreference {
+                preferred_candidate_id: ix.candidates[0].candidate_id.clone(),
+                other_candidate_id: ix.candidates[1].candidate_id.clone(),
+                strength: proto::PreferenceStrength::Better as i32,
+                rationale: "Cites the refund policy and answers the question directly.".into(),
+            })),
+            ..Default::default()
+        }),
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+fn submit_annotation(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // On the working disk, not tmpfs: the point is to pay for real fsyncs.
+    let dir = tempfile::tempdir_in(std::env::current_dir().unwrap().join("target")).unwrap();
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().into(),
+        ..Config::default()
+    };
+    KnowledgeStore::open(&config.knowledge_path()).unwrap();
+    let server = runtime.block_on(aitl::server::start(config)).unwrap();
+    let ix = interaction();
+    runtime.block_on(server.state.interactions.record(ix.clone())).unwrap();
+    let ix = Arc::new(ix);
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+
+    let mut group = c.benchmark_group("submit_annotation");
+    group
+        .throughput(Throughput::Elements(1))
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(6));
+    for clients in [1usize, 16, 64] {
+        let channels: Vec<_> = runtime.block_on(async {
+            let mut channels = Vec::new();
+            for _ in 0..clients {
+                let endpoint = tonic::transport::Channel::from_shared(format!("http://{}", server.addr)).unwrap();
+                channels.push(SupportServiceClient::new(
+                    endpoint.tcp_nodelay(true).connect().await.unwrap(),
+                ));
+            }
+            channels
+        });
+        let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
+        group.bench_function(format!("{clients}_clients"), |b| {
+            b.iter_custom(|iters| {
+                let per_client = iters.div_ceil(clients as u64);
+                runtime.block_on(async {
+                    let started = Instant::now();
+                    let tasks: Vec<_> = channels
+                        .iter()
+                        .map(|client| {
+                            let (mut client, ix, counter, latencies) =
+                                (client.clone(), ix.clone(), counter.clone(), latencies.clone());
+                            tokio::spawn(async move {
+                                let mut mine = Vec::with_capacity(per_client as usize);
+                                for _ in 0..per_client {
+                                    let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    let request = annotation(format!("bench-{n}"), &ix);
+                                    let t = Instant::now();
+                                    client.submit_annotation(request).await.unwrap();
+                                    mine.push(t.elapsed());
+                                }
+                                latencies.lock().unwrap().extend(mine);
+                            })
+                        })
+                        .collect();
+                    for task in tasks {
+                        task.await.unwrap();
+                    }
+                    // Per annotation: the wall time spread over all clients' calls.
+                    started
+                        .elapsed()
+                        .mul_f64(iters as f64 / (per_client * clients as u64) as f64)
+                })
+            })
+        });
+        let mut all = latencies.lock().unwrap().clone();
+        all.sort();
+        if !all.is_empty() {
+            println!(
+                "submit_annotation/{clients}_clients: {} calls, p50 {:.2?}, p99 {:.2?}",
+                all.len(),
+                percentile(&all, 0.50),
+                percentile(&all, 0.99)
+            );
+        }
+    }
+    group.finish();
+    runtime.block_on(server.shutdown()).unwrap();
+}
+
+criterion_group!(benches, submit_annotation);
+criterion_main!(benches);

@@ -68,13 +68,21 @@ impl Default for Config {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { segment_mib: 64, queue_capacity: 16_384 }
+        LogConfig {
+            segment_mib: 64,
+            queue_capacity: 16_384,
+        }
     }
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_message_mib: 16, max_concurrent_streams: 1_024, concurrency_per_connection: 1_024, request_timeout_s: 120 }
+        Limits {
+            max_message_mib: 16,
+            max_concurrent_streams: 1_024,
+            concurrency_per_connection: 1_024,
+            request_timeout_s: 120,
+        }
     }
 }
 
@@ -87,7 +95,9 @@ impl Default for AnnotationConfig {
 impl Config {
     /// Defaults, overlaid with the TOML file when one is given.
     pub fn load(path: Option<&Path>) -> Result<Config> {
-        let Some(path) = path else { return Ok(Config::default()) };
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::InvalidArgument(format!("cannot read config {}: {e}", path.display())))?;
         toml::from_str(&text).map_err(|e| Error::InvalidArgument(format!("config {}: {e}", path.display())))

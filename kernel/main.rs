@@ -12,7 +12,11 @@ use aitl::{
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "aitl", version, about = "Inference-and-feedback microkernel for LLM-based customer support")]
+#[command(
+    name = "aitl",
+    version,
+    about = "Inference-and-feedback microkernel for LLM-based customer support"
+)]
 struct Cli {
     /// TOML config file.
     #[arg(long, global = true, env = "AITL_CONFIG")]
@@ -70,9 +74,7 @@ enum LogCommand {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AITL_LOG").unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("AITL_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -98,8 +100,12 @@ fn run(cli: Cli) -> Result<()> {
             serve(config)
         }
         Command::Ingest { file, dstc11, batch } => ingest(&config, file, dstc11, batch),
-        Command::Log { command: LogCommand::Stats { json } } => log_stats(&config, json),
-        Command::Log { command: LogCommand::Dump { from, limit } } => log_dump(&config, from, limit),
+        Command::Log {
+            command: LogCommand::Stats { json },
+        } => log_stats(&config, json),
+        Command::Log {
+            command: LogCommand::Dump { from, limit },
+        } => log_dump(&config, from, limit),
     }
 }
 
@@ -137,7 +143,9 @@ fn ingest(config: &Config, file: Option<PathBuf>, dstc11: Option<PathBuf>, batch
     let objects: Vec<KnowledgeObject> = match (file, dstc11) {
         (Some(file), None) => kb::read_jsonl(&file)?,
         (None, Some(dir)) => kb::read_dstc11(&dir)?,
-        _ => return Err(Error::InvalidArgument("give a FILE.jsonl or --dstc11 DIR".into())),
+        _ => {
+            return Err(Error::InvalidArgument("give a FILE.jsonl or --dstc11 DIR".into()));
+        }
     };
     let batch = batch.clamp(1, aitl::api::convert::MAX_ITEMS);
     for (i, chunk) in objects.chunks(batch).enumerate() {
@@ -197,13 +205,24 @@ fn log_stats(config: &Config, json: bool) -> Result<()> {
         println!("  sequences {first}..={last}");
     }
     if stats.incomplete_tail_bytes > 0 {
-        println!("  {} bytes at the tail are not a whole record (being written, or torn)", stats.incomplete_tail_bytes);
+        println!(
+            "  {} bytes at the tail are not a whole record (being written, or torn)",
+            stats.incomplete_tail_bytes
+        );
     }
     for segment in &stats.segments {
-        println!("  {}  first {}  {} records  {} bytes", segment.file, segment.first_sequence, segment.records, segment.bytes);
+        println!(
+            "  {}  first {}  {} records  {} bytes",
+            segment.file, segment.first_sequence, segment.records, segment.bytes
+        );
     }
     for cursor in cursors {
-        println!("  cursor {}: next {} (lag {})", cursor.name(), cursor.next_sequence(), next.saturating_sub(cursor.next_sequence()));
+        println!(
+            "  cursor {}: next {} (lag {})",
+            cursor.name(),
+            cursor.next_sequence(),
+            next.saturating_sub(cursor.next_sequence())
+        );
     }
     Ok(())
 }

@@ -14,9 +14,7 @@ use crate::{
     error::{Error, Result},
     feedback::{self, AnnotationIntake, InteractionBook},
     kb::KnowledgeStore,
-    proto::{
-        self, knowledge_service_server::KnowledgeServiceServer, support_service_server::SupportServiceServer,
-    },
+    proto::{self, knowledge_service_server::KnowledgeServiceServer, support_service_server::SupportServiceServer},
     trainlog::{LogHealth, TrainingLog},
 };
 
@@ -78,7 +76,12 @@ pub async fn start(config: Config) -> Result<RunningServer> {
     let started = std::time::Instant::now();
     let records = feedback::rebuild(&log, &interactions, &annotations)?;
     tracing::info!(records, interactions = interactions.len(), elapsed = ?started.elapsed(), "indexes rebuilt from the training log");
-    let state = Arc::new(AppState { kb, log, interactions, annotations });
+    let state = Arc::new(AppState {
+        kb,
+        log,
+        interactions,
+        annotations,
+    });
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     spawn_health_follower(reporter, state.log.health()).await;
@@ -120,17 +123,26 @@ pub async fn start(config: Config) -> Result<RunningServer> {
         .add_service(reflection_v1alpha)
         .add_service(support)
         .add_service(knowledge);
-    let task = tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-        let _ = shutdown_rx.await;
-    }));
-    Ok(RunningServer { addr, state, shutdown: Some(shutdown_tx), task })
+    let task = tokio::spawn(
+        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = shutdown_rx.await;
+        }),
+    );
+    Ok(RunningServer {
+        addr,
+        state,
+        shutdown: Some(shutdown_tx),
+        task,
+    })
 }
 
 /// Publishes the log's state as gRPC health: while the log cannot write, the
 /// server as a whole and SupportService (whose calls all log) are NOT_SERVING;
 /// KnowledgeService does not depend on the log and stays SERVING.
 async fn spawn_health_follower(reporter: HealthReporter, mut health: tokio::sync::watch::Receiver<LogHealth>) {
-    reporter.set_service_status(KNOWLEDGE_SERVICE, ServingStatus::Serving).await;
+    reporter
+        .set_service_status(KNOWLEDGE_SERVICE, ServingStatus::Serving)
+        .await;
     let publish = move |reporter: HealthReporter, state: LogHealth| async move {
         let status = match state {
             LogHealth::Writable => ServingStatus::Serving,

@@ -19,7 +19,9 @@ fn body(i: u64) -> Body {
 
 fn append_all(log: &TrainingLog, range: std::ops::Range<u64>) -> Vec<u64> {
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    rt.block_on(async { futures_util::future::join_all(range.map(|i| async move { log.append(&body(i)).await.unwrap() })).await })
+    rt.block_on(async {
+        futures_util::future::join_all(range.map(|i| async move { log.append(&body(i)).await.unwrap() })).await
+    })
 }
 
 fn read_ids(dir: &Path) -> Vec<(u64, String)> {
@@ -72,12 +74,19 @@ fn torn_tail_at_every_offset_of_the_last_record_recovers_all_earlier_records() {
         let copy = tempfile::tempdir().unwrap();
         copy_dir(dir.path(), copy.path());
         let torn = copy.path().join(segment.file_name().unwrap());
-        std::fs::OpenOptions::new().write(true).open(&torn).unwrap().set_len(cut).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&torn)
+            .unwrap()
+            .set_len(cut)
+            .unwrap();
         let (log, report) = TrainingLog::open(copy.path(), LogOptions::default()).unwrap();
         assert_eq!(report.records, 19, "cut at {cut}");
         assert_eq!(report.next_sequence, 20);
         match report.truncated {
-            Some((_, offset, dropped)) => assert_eq!((offset, dropped), (before_last, cut - before_last), "cut at {cut}"),
+            Some((_, offset, dropped)) => {
+                assert_eq!((offset, dropped), (before_last, cut - before_last), "cut at {cut}")
+            }
             None => assert_eq!(cut, before_last, "a cut inside the record must be reported"),
         }
         if cut == before_last + 5 {
@@ -110,7 +119,9 @@ fn a_flipped_bit_before_the_tail_is_reported_with_file_and_offset() {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[flip_at as usize] ^= 0x10;
         std::fs::write(&path, &bytes).unwrap();
-        let err = TrainingLog::open(copy.path(), LogOptions::default()).err().expect("corruption is refused");
+        let err = TrainingLog::open(copy.path(), LogOptions::default())
+            .err()
+            .expect("corruption is refused");
         match &err {
             LogError::Corrupt { path: p, offset, .. } => {
                 assert_eq!(p, &path);
@@ -119,17 +130,27 @@ fn a_flipped_bit_before_the_tail_is_reported_with_file_and_offset() {
             other => panic!("expected Corrupt, got {other}"),
         }
         assert!(err.to_string().contains(&format!("byte offset {fifth_record_at}")));
-        assert!(LogReader::new(copy.path()).read_from(1, |_| ControlFlow::Continue(())).is_err());
+        assert!(
+            LogReader::new(copy.path())
+                .read_from(1, |_| ControlFlow::Continue(()))
+                .is_err()
+        );
     }
 }
 
 #[test]
 fn segments_roll_over_and_concurrent_appends_keep_dense_order() {
     let dir = tempfile::tempdir().unwrap();
-    let options = LogOptions { segment_bytes: 4096, ..LogOptions::default() };
+    let options = LogOptions {
+        segment_bytes: 4096,
+        ..LogOptions::default()
+    };
     let (log, _) = TrainingLog::open(dir.path(), options.clone()).unwrap();
     let log = Arc::new(log);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
     let sequences: Vec<u64> = rt.block_on(async {
         let tasks: Vec<_> = (0..64u64)
             .map(|client| {
@@ -146,7 +167,10 @@ fn segments_roll_over_and_concurrent_appends_keep_dense_order() {
         let mut all = Vec::new();
         for task in tasks {
             let seqs = task.await.unwrap();
-            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "one client's appends keep their order");
+            assert!(
+                seqs.windows(2).all(|w| w[0] < w[1]),
+                "one client's appends keep their order"
+            );
             all.extend(seqs);
         }
         all
@@ -155,22 +179,34 @@ fn segments_roll_over_and_concurrent_appends_keep_dense_order() {
     let mut sorted = sequences.clone();
     sorted.sort();
     assert_eq!(sorted, (1..=1600).collect::<Vec<_>>());
-    let segments = std::fs::read_dir(dir.path()).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "seg")).count();
+    let segments = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "seg"))
+        .count();
     assert!(segments > 10, "{segments} segments");
     let ids = read_ids(dir.path());
     assert_eq!(ids.len(), 1600);
     let (log, report) = TrainingLog::open(dir.path(), options).unwrap();
-    assert_eq!((report.records, report.next_sequence, report.segments), (1600, 1601, segments));
+    assert_eq!(
+        (report.records, report.next_sequence, report.segments),
+        (1600, 1601, segments)
+    );
     log.close();
     let stats = LogReader::new(dir.path()).stats().unwrap();
-    assert_eq!((stats.records, stats.interactions, stats.last_sequence), (1600, 1600, Some(1600)));
+    assert_eq!(
+        (stats.records, stats.interactions, stats.last_sequence),
+        (1600, 1600, Some(1600))
+    );
 }
 
 #[test]
 fn a_second_writer_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (log, _) = TrainingLog::open(dir.path(), LogOptions::default()).unwrap();
-    assert!(matches!(TrainingLog::open(dir.path(), LogOptions::default()), Err(LogError::Locked(_))));
+    assert!(matches!(
+        TrainingLog::open(dir.path(), LogOptions::default()),
+        Err(LogError::Locked(_))
+    ));
     log.close();
     TrainingLog::open(dir.path(), LogOptions::default()).unwrap().0.close();
 }
@@ -187,10 +223,19 @@ fn serve_refuses_a_corrupt_log_naming_file_and_offset() {
     bytes[16 + 3] ^= 1; // first record's length field
     std::fs::write(&segment, &bytes).unwrap();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_aitl"))
-        .args(["--data-dir", dir.path().to_str().unwrap(), "serve", "--listen", "127.0.0.1:0"])
+        .args([
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .output()
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains(&segment.display().to_string()) && stderr.contains("byte offset 16"), "{stderr}");
+    assert!(
+        stderr.contains(&segment.display().to_string()) && stderr.contains("byte offset 16"),
+        "{stderr}"
+    );
 }

@@ -7,8 +7,8 @@ use std::{collections::HashSet, time::SystemTime};
 use crate::{
     error::{Error, Result},
     proto::{
-        ConversationTurn, KnowledgeFilter, KnowledgeKind, KnowledgeObject, RequestContext, Speaker,
-        rank_request, GenerateRequest, RankRequest, RetrieveRequest, SamplingParams,
+        ConversationTurn, GenerateRequest, KnowledgeFilter, KnowledgeKind, KnowledgeObject, RankRequest,
+        RequestContext, RetrieveRequest, SamplingParams, Speaker, rank_request,
     },
 };
 
@@ -49,12 +49,19 @@ pub fn check_id(field: &str, value: &str, max: usize) -> Result<()> {
 }
 
 pub fn check_optional_id(field: &str, value: &str, max: usize) -> Result<()> {
-    if value.is_empty() { Ok(()) } else { check_id(field, value, max) }
+    if value.is_empty() {
+        Ok(())
+    } else {
+        check_id(field, value, max)
+    }
 }
 
 pub fn check_len(field: &str, value: &str, max: usize) -> Result<()> {
     if value.len() > max {
-        return Err(Error::invalid(field, format!("is {} bytes; the limit is {max} bytes", value.len())));
+        return Err(Error::invalid(
+            field,
+            format!("is {} bytes; the limit is {max} bytes", value.len()),
+        ));
     }
     Ok(())
 }
@@ -97,7 +104,10 @@ pub fn check_filter(field: &str, filter: Option<&KnowledgeFilter>) -> Result<()>
 
 fn check_metadata(field: &str, metadata: &std::collections::HashMap<String, String>) -> Result<()> {
     if metadata.len() > MAX_METADATA_ENTRIES {
-        return Err(Error::invalid(field, format!("has {} entries; the limit is {MAX_METADATA_ENTRIES}", metadata.len())));
+        return Err(Error::invalid(
+            field,
+            format!("has {} entries; the limit is {MAX_METADATA_ENTRIES}", metadata.len()),
+        ));
     }
     for (key, value) in metadata {
         check_id(&format!("{field} key"), key, MAX_METADATA_KEY_BYTES)?;
@@ -116,13 +126,19 @@ pub fn check_knowledge_object(field: &str, object: &KnowledgeObject) -> Result<(
 
 pub fn check_upsert_batch(objects: &[KnowledgeObject]) -> Result<()> {
     if objects.is_empty() || objects.len() > MAX_ITEMS {
-        return Err(Error::invalid("objects", format!("has {} objects; send 1 to {MAX_ITEMS} per batch", objects.len())));
+        return Err(Error::invalid(
+            "objects",
+            format!("has {} objects; send 1 to {MAX_ITEMS} per batch", objects.len()),
+        ));
     }
     let mut seen = HashSet::new();
     for (i, object) in objects.iter().enumerate() {
         check_knowledge_object(&format!("objects[{i}]"), object)?;
         if !seen.insert(object.id.as_str()) {
-            return Err(Error::invalid(&format!("objects[{i}].id"), format!("{:?} appears twice in this batch", object.id)));
+            return Err(Error::invalid(
+                &format!("objects[{i}].id"),
+                format!("{:?} appears twice in this batch", object.id),
+            ));
         }
     }
     Ok(())
@@ -133,11 +149,17 @@ fn check_turns(field: &str, turns: &[ConversationTurn], required: bool) -> Resul
         return Err(Error::invalid(field, "needs at least one turn"));
     }
     if turns.len() > MAX_TURNS {
-        return Err(Error::invalid(field, format!("has {} turns; the limit is {MAX_TURNS}", turns.len())));
+        return Err(Error::invalid(
+            field,
+            format!("has {} turns; the limit is {MAX_TURNS}", turns.len()),
+        ));
     }
     for (i, turn) in turns.iter().enumerate() {
         if !matches!(Speaker::try_from(turn.speaker), Ok(Speaker::Customer | Speaker::Agent)) {
-            return Err(Error::invalid(&format!("{field}[{i}].speaker"), "must be CUSTOMER or AGENT"));
+            return Err(Error::invalid(
+                &format!("{field}[{i}].speaker"),
+                "must be CUSTOMER or AGENT",
+            ));
         }
         check_text(&format!("{field}[{i}].text"), &turn.text, MAX_TURN_BYTES)?;
     }
@@ -146,13 +168,19 @@ fn check_turns(field: &str, turns: &[ConversationTurn], required: bool) -> Resul
 
 pub fn check_knowledge_ids(field: &str, ids: &[String]) -> Result<()> {
     if ids.is_empty() || ids.len() > MAX_ITEMS {
-        return Err(Error::invalid(field, format!("has {} ids; send 1 to {MAX_ITEMS}", ids.len())));
+        return Err(Error::invalid(
+            field,
+            format!("has {} ids; send 1 to {MAX_ITEMS}", ids.len()),
+        ));
     }
     let mut seen = HashSet::new();
     for (i, id) in ids.iter().enumerate() {
         check_id(&format!("{field}[{i}]"), id, MAX_ID_BYTES)?;
         if !seen.insert(id.as_str()) {
-            return Err(Error::invalid(&format!("{field}[{i}]"), format!("{id:?} appears twice")));
+            return Err(Error::invalid(
+                &format!("{field}[{i}]"),
+                format!("{id:?} appears twice"),
+            ));
         }
     }
     Ok(())
@@ -162,7 +190,10 @@ pub fn check_retrieve(req: &RetrieveRequest) -> Result<()> {
     check_text("query", &req.query, MAX_QUERY_BYTES)?;
     check_turns("context", &req.context, false)?;
     if req.top_k > MAX_TOP_K {
-        return Err(Error::invalid("top_k", format!("is {}; the limit is {MAX_TOP_K}", req.top_k)));
+        return Err(Error::invalid(
+            "top_k",
+            format!("is {}; the limit is {MAX_TOP_K}", req.top_k),
+        ));
     }
     check_filter("filter", req.filter.as_ref())?;
     check_request_context("request_context", req.request_context.as_ref())
@@ -172,14 +203,22 @@ pub fn check_rank(req: &RankRequest) -> Result<()> {
     check_text("query", &req.query, MAX_QUERY_BYTES)?;
     check_turns("context", &req.context, false)?;
     match &req.candidates {
-        None => return Err(Error::invalid("candidates", "set one of knowledge_ids, retrieve_interaction_id, passages")),
+        None => {
+            return Err(Error::invalid(
+                "candidates",
+                "set one of knowledge_ids, retrieve_interaction_id, passages",
+            ));
+        }
         Some(rank_request::Candidates::KnowledgeIds(ids)) => check_knowledge_ids("knowledge_ids.ids", &ids.ids)?,
         Some(rank_request::Candidates::RetrieveInteractionId(id)) => {
             check_id("retrieve_interaction_id", id, MAX_SHORT_ID_BYTES)?
         }
         Some(rank_request::Candidates::Passages(passages)) => {
             if passages.texts.is_empty() || passages.texts.len() > MAX_ITEMS {
-                return Err(Error::invalid("passages.texts", format!("has {} passages; send 1 to {MAX_ITEMS}", passages.texts.len())));
+                return Err(Error::invalid(
+                    "passages.texts",
+                    format!("has {} passages; send 1 to {MAX_ITEMS}", passages.texts.len()),
+                ));
             }
             for (i, text) in passages.texts.iter().enumerate() {
                 check_text(&format!("passages.texts[{i}]"), text, MAX_KNOWLEDGE_TEXT_BYTES)?;
@@ -193,7 +232,10 @@ fn check_sampling(field: &str, sampling: Option<&SamplingParams>) -> Result<()> 
     let Some(s) = sampling else { return Ok(()) };
     let in_range = |name: &str, value: f32, max: f32| -> Result<()> {
         if !value.is_finite() || value < 0.0 || value > max {
-            return Err(Error::invalid(&format!("{field}.{name}"), format!("is {value}; use 0 to {max}")));
+            return Err(Error::invalid(
+                &format!("{field}.{name}"),
+                format!("is {value}; use 0 to {max}"),
+            ));
         }
         Ok(())
     };
@@ -201,10 +243,16 @@ fn check_sampling(field: &str, sampling: Option<&SamplingParams>) -> Result<()> 
     in_range("top_p", s.top_p, 1.0)?;
     in_range("repetition_penalty", s.repetition_penalty, 10.0)?;
     if s.max_new_tokens > MAX_NEW_TOKENS {
-        return Err(Error::invalid(&format!("{field}.max_new_tokens"), format!("is {}; the limit is {MAX_NEW_TOKENS}", s.max_new_tokens)));
+        return Err(Error::invalid(
+            &format!("{field}.max_new_tokens"),
+            format!("is {}; the limit is {MAX_NEW_TOKENS}", s.max_new_tokens),
+        ));
     }
     if s.stop.len() > MAX_STOP_SEQUENCES {
-        return Err(Error::invalid(&format!("{field}.stop"), format!("has {} entries; the limit is {MAX_STOP_SEQUENCES}", s.stop.len())));
+        return Err(Error::invalid(
+            &format!("{field}.stop"),
+            format!("has {} entries; the limit is {MAX_STOP_SEQUENCES}", s.stop.len()),
+        ));
     }
     for (i, stop) in s.stop.iter().enumerate() {
         if stop.is_empty() {
@@ -227,7 +275,10 @@ pub fn check_generate(req: &GenerateRequest) -> Result<()> {
         None => {}
     }
     if req.num_candidates > MAX_CANDIDATES {
-        return Err(Error::invalid("num_candidates", format!("is {}; the limit is {MAX_CANDIDATES}", req.num_candidates)));
+        return Err(Error::invalid(
+            "num_candidates",
+            format!("is {}; the limit is {MAX_CANDIDATES}", req.num_candidates),
+        ));
     }
     check_sampling("sampling", req.sampling.as_ref())?;
     check_len("system_prompt", &req.system_prompt, MAX_TURN_BYTES)?;

@@ -8,8 +8,8 @@ use super::{AppState, blocking, convert};
 use crate::{
     error::Error,
     proto::{
-        DeleteKnowledgeRequest, DeleteKnowledgeResponse, GetKnowledgeRequest, KnowledgeObject,
-        ListKnowledgeRequest, ListKnowledgeResponse, UpsertKnowledgeRequest, UpsertKnowledgeResponse,
+        DeleteKnowledgeRequest, DeleteKnowledgeResponse, GetKnowledgeRequest, KnowledgeObject, ListKnowledgeRequest,
+        ListKnowledgeResponse, UpsertKnowledgeRequest, UpsertKnowledgeResponse,
         knowledge_service_server::KnowledgeService,
     },
 };
@@ -43,7 +43,9 @@ impl KnowledgeService for Knowledge {
             };
             convert::check_upsert_batch(&batch.objects).map_err(committed)?;
             let kb = self.state.kb.clone();
-            let outcome = blocking(move || Ok(kb.upsert_batch(batch.objects)?)).await.map_err(committed)?;
+            let outcome = blocking(move || Ok(kb.upsert_batch(batch.objects)?))
+                .await
+                .map_err(committed)?;
             totals.inserted += outcome.inserted;
             totals.updated += outcome.updated;
             totals.unchanged += outcome.unchanged;
@@ -79,7 +81,9 @@ impl KnowledgeService for Knowledge {
         let page_size = match req.page_size {
             0 => convert::DEFAULT_PAGE_SIZE,
             n if n > convert::MAX_PAGE_SIZE => {
-                return Err(Error::invalid("page_size", format!("is {n}; the limit is {}", convert::MAX_PAGE_SIZE)).into());
+                return Err(
+                    Error::invalid("page_size", format!("is {n}; the limit is {}", convert::MAX_PAGE_SIZE)).into(),
+                );
             }
             n => n,
         };
@@ -88,7 +92,12 @@ impl KnowledgeService for Knowledge {
         let kb = self.state.kb.clone();
         let page = blocking(move || {
             let after = (!req.page_token.is_empty()).then_some(req.page_token.as_str());
-            Ok(kb.list(after, page_size as usize, &req.filter.unwrap_or_default(), req.include_deleted)?)
+            Ok(kb.list(
+                after,
+                page_size as usize,
+                &req.filter.unwrap_or_default(),
+                req.include_deleted,
+            )?)
         })
         .await?;
         Ok(Response::new(ListKnowledgeResponse {

@@ -11,9 +11,9 @@ use super::{AppState, convert};
 use crate::{
     error::{Error, Result},
     proto::{
-        GenerateEvent, GenerateRequest, GenerateResponse, InteractionKind, RankRequest, RankResponse,
-        RetrieveRequest, RetrieveResponse, SubmitAnnotationRequest, SubmitAnnotationResponse,
-        generate_request::Grounding, rank_request::Candidates, support_service_server::SupportService,
+        GenerateEvent, GenerateRequest, GenerateResponse, InteractionKind, RankRequest, RankResponse, RetrieveRequest,
+        RetrieveResponse, SubmitAnnotationRequest, SubmitAnnotationResponse, generate_request::Grounding,
+        rank_request::Candidates, support_service_server::SupportService,
     },
 };
 
@@ -28,17 +28,28 @@ impl Support {
 
     fn check_knowledge_exist(&self, field: &str, ids: &[String]) -> Result<()> {
         for (i, id) in ids.iter().enumerate() {
-            self.state.kb.get(id, 0, false).map_err(|e| Error::NotFound(format!("{field}[{i}]: {e}")))?;
+            self.state
+                .kb
+                .get(id, 0, false)
+                .map_err(|e| Error::NotFound(format!("{field}[{i}]: {e}")))?;
         }
         Ok(())
     }
 
     fn check_interaction(&self, field: &str, id: &str, kinds: &[InteractionKind]) -> Result<()> {
-        let shown = self.state.interactions.get(id).ok_or_else(|| {
-            Error::NotFound(format!("{field}: interaction {id:?} is unknown to this server"))
-        })?;
+        let shown = self
+            .state
+            .interactions
+            .get(id)
+            .ok_or_else(|| Error::NotFound(format!("{field}: interaction {id:?} is unknown to this server")))?;
         if !kinds.contains(&shown.kind) {
-            return Err(Error::invalid(field, format!("interaction {id:?} is a {:?} interaction; expected {kinds:?}", shown.kind)));
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "interaction {id:?} is a {:?} interaction; expected {kinds:?}",
+                    shown.kind
+                ),
+            ));
         }
         Ok(())
     }

@@ -14,7 +14,10 @@ use tokio::sync::watch;
 
 use super::interactions::{InteractionBook, Shown};
 use crate::{
-    api::convert::{self, MAX_EXCERPT_BYTES, MAX_ID_BYTES, MAX_RATIONALE_BYTES, MAX_SENT_TEXT_BYTES, MAX_SHORT_ID_BYTES, MAX_TITLE_BYTES, MAX_URI_BYTES},
+    api::convert::{
+        self, MAX_EXCERPT_BYTES, MAX_ID_BYTES, MAX_RATIONALE_BYTES, MAX_SENT_TEXT_BYTES, MAX_SHORT_ID_BYTES,
+        MAX_TITLE_BYTES, MAX_URI_BYTES,
+    },
     error::{Error, Result},
     kb::{KbError, KnowledgeStore},
     proto::{
@@ -32,9 +35,15 @@ pub struct Accepted {
 }
 
 enum Slot {
-    Durable { sha256: [u8; 32], sequence: u64 },
+    Durable {
+        sha256: [u8; 32],
+        sequence: u64,
+    },
     /// Being written; a concurrent resubmission waits for the outcome.
-    Pending { sha256: [u8; 32], done: watch::Receiver<bool> },
+    Pending {
+        sha256: [u8; 32],
+        done: watch::Receiver<bool>,
+    },
 }
 
 pub struct AnnotationIntake {
@@ -52,14 +61,26 @@ impl AnnotationIntake {
         kb: Arc<KnowledgeStore>,
         max_clock_skew: Duration,
     ) -> Self {
-        AnnotationIntake { interactions, kb, log, slots: DashMap::new(), max_clock_skew }
+        AnnotationIntake {
+            interactions,
+            kb,
+            log,
+            slots: DashMap::new(),
+            max_clock_skew,
+        }
     }
 
     pub(crate) fn index(&self, record: &AnnotationRecord, sequence: u64) {
-        let Some(annotation) = &record.annotation else { return };
-        let Ok(sha256) = record.content_sha256.as_slice().try_into() else { return };
+        let Some(annotation) = &record.annotation else {
+            return;
+        };
+        let Ok(sha256) = record.content_sha256.as_slice().try_into() else {
+            return;
+        };
         // The first record of an id wins, as it did when it was acknowledged.
-        self.slots.entry(annotation.annotation_id.clone()).or_insert(Slot::Durable { sha256, sequence });
+        self.slots
+            .entry(annotation.annotation_id.clone())
+            .or_insert(Slot::Durable { sha256, sequence });
     }
 
     pub async fn submit(&self, annotation: Annotation) -> Result<Accepted> {
@@ -69,7 +90,11 @@ impl AnnotationIntake {
             let (done_tx, waiting) = match self.slots.entry(annotation.annotation_id.clone()) {
                 Entry::Occupied(slot) => match slot.get() {
                     Slot::Durable { sha256: seen, sequence } if *seen == sha256 => {
-                        return Ok(Accepted { sequence: *sequence, duplicate: true, delay });
+                        return Ok(Accepted {
+                            sequence: *sequence,
+                            duplicate: true,
+                            delay,
+                        });
                     }
                     Slot::Pending { sha256: seen, done } if *seen == sha256 => (None, Some(done.clone())),
                     _ => {
@@ -102,7 +127,13 @@ impl AnnotationIntake {
             let result = self.log.append(&Body::Annotation(record)).await;
             match &result {
                 Ok(sequence) => {
-                    self.slots.insert(annotation.annotation_id.clone(), Slot::Durable { sha256, sequence: *sequence });
+                    self.slots.insert(
+                        annotation.annotation_id.clone(),
+                        Slot::Durable {
+                            sha256,
+                            sequence: *sequence,
+                        },
+                    );
                 }
                 Err(_) => {
                     self.slots.remove(&annotation.annotation_id);
@@ -110,7 +141,11 @@ impl AnnotationIntake {
             }
             let _ = done_tx.send(true);
             let sequence = result?;
-            return Ok(Accepted { sequence, duplicate: false, delay });
+            return Ok(Accepted {
+                sequence,
+                duplicate: false,
+                delay,
+            });
         }
     }
 
@@ -124,19 +159,31 @@ impl AnnotationIntake {
         let shown_at = convert::timestamp("annotation.shown_at", a.shown_at.as_ref())?;
         let annotated_at = convert::timestamp("annotation.annotated_at", a.annotated_at.as_ref())?;
         let horizon = SystemTime::now() + self.max_clock_skew;
-        for (field, at) in [("annotation.shown_at", shown_at), ("annotation.annotated_at", annotated_at)] {
+        for (field, at) in [
+            ("annotation.shown_at", shown_at),
+            ("annotation.annotated_at", annotated_at),
+        ] {
             if at > horizon {
-                return Err(Error::invalid(field, format!(
-                    "is more than {} s ahead of the server's clock; check the client's clock",
-                    self.max_clock_skew.as_secs()
-                )));
+                return Err(Error::invalid(
+                    field,
+                    format!(
+                        "is more than {} s ahead of the server's clock; check the client's clock",
+                        self.max_clock_skew.as_secs()
+                    ),
+                ));
             }
         }
         let delay = annotated_at.duration_since(shown_at).map_err(|_| {
-            Error::invalid("annotation.annotated_at", "is before annotation.shown_at; an annotation follows what it is about")
+            Error::invalid(
+                "annotation.annotated_at",
+                "is before annotation.shown_at; an annotation follows what it is about",
+            )
         })?;
         let kind = a.kind.as_ref().ok_or_else(|| {
-            Error::invalid("annotation.kind", "set one of preference, adoption, relevance, missing_knowledge")
+            Error::invalid(
+                "annotation.kind",
+                "set one of preference, adoption, relevance, missing_knowledge",
+            )
         })?;
         check_kind_fields(kind)?;
         let shown = self.interactions.get(&a.interaction_id).ok_or_else(|| {
@@ -154,14 +201,20 @@ impl AnnotationIntake {
             if shown.shows_candidate(id) {
                 return Ok(());
             }
-            Err(Error::invalid(field, format!(
-                "candidate {id:?} was not shown in interaction {interaction_id:?} (it showed {})",
-                list_or_none(shown.candidate_ids.iter().map(String::as_str))
-            )))
+            Err(Error::invalid(
+                field,
+                format!(
+                    "candidate {id:?} was not shown in interaction {interaction_id:?} (it showed {})",
+                    list_or_none(shown.candidate_ids.iter().map(String::as_str))
+                ),
+            ))
         };
         match kind {
             Kind::Preference(p) => {
-                candidate("annotation.preference.preferred_candidate_id", &p.preferred_candidate_id)?;
+                candidate(
+                    "annotation.preference.preferred_candidate_id",
+                    &p.preferred_candidate_id,
+                )?;
                 candidate("annotation.preference.other_candidate_id", &p.other_candidate_id)
             }
             Kind::Adoption(a) => candidate("annotation.adoption.candidate_id", &a.candidate_id),
@@ -197,20 +250,41 @@ impl AnnotationIntake {
 
 fn list_or_none<'a>(items: impl Iterator<Item = &'a str>) -> String {
     let items: Vec<_> = items.map(|i| format!("{i:?}")).collect();
-    if items.is_empty() { "no candidates".into() } else { items.join(", ") }
+    if items.is_empty() {
+        "no candidates".into()
+    } else {
+        items.join(", ")
+    }
 }
 
 /// Field checks that need no server state.
 fn check_kind_fields(kind: &Kind) -> Result<()> {
     match kind {
         Kind::Preference(p) => {
-            convert::check_id("annotation.preference.preferred_candidate_id", &p.preferred_candidate_id, MAX_SHORT_ID_BYTES)?;
-            convert::check_id("annotation.preference.other_candidate_id", &p.other_candidate_id, MAX_SHORT_ID_BYTES)?;
+            convert::check_id(
+                "annotation.preference.preferred_candidate_id",
+                &p.preferred_candidate_id,
+                MAX_SHORT_ID_BYTES,
+            )?;
+            convert::check_id(
+                "annotation.preference.other_candidate_id",
+                &p.other_candidate_id,
+                MAX_SHORT_ID_BYTES,
+            )?;
             if p.preferred_candidate_id == p.other_candidate_id {
-                return Err(Error::invalid("annotation.preference.other_candidate_id", "must differ from preferred_candidate_id"));
+                return Err(Error::invalid(
+                    "annotation.preference.other_candidate_id",
+                    "must differ from preferred_candidate_id",
+                ));
             }
-            if matches!(PreferenceStrength::try_from(p.strength), Ok(PreferenceStrength::Unspecified) | Err(_)) {
-                return Err(Error::invalid("annotation.preference.strength", "use SLIGHTLY_BETTER, BETTER or SIGNIFICANTLY_BETTER"));
+            if matches!(
+                PreferenceStrength::try_from(p.strength),
+                Ok(PreferenceStrength::Unspecified) | Err(_)
+            ) {
+                return Err(Error::invalid(
+                    "annotation.preference.strength",
+                    "use SLIGHTLY_BETTER, BETTER or SIGNIFICANTLY_BETTER",
+                ));
             }
             convert::check_len("annotation.preference.rationale", &p.rationale, MAX_RATIONALE_BYTES)
         }
@@ -222,10 +296,18 @@ fn check_kind_fields(kind: &Kind) -> Result<()> {
                 }
                 Ok(AdoptionDecision::AdoptedAsIs | AdoptionDecision::Rejected) => {
                     if !a.sent_text.is_empty() {
-                        return Err(Error::invalid("annotation.adoption.sent_text", "is only accepted with decision EDITED"));
+                        return Err(Error::invalid(
+                            "annotation.adoption.sent_text",
+                            "is only accepted with decision EDITED",
+                        ));
                     }
                 }
-                _ => return Err(Error::invalid("annotation.adoption.decision", "use ADOPTED_AS_IS, EDITED or REJECTED")),
+                _ => {
+                    return Err(Error::invalid(
+                        "annotation.adoption.decision",
+                        "use ADOPTED_AS_IS, EDITED or REJECTED",
+                    ));
+                }
             }
             convert::check_len("annotation.adoption.rationale", &a.rationale, MAX_RATIONALE_BYTES)
         }
@@ -233,7 +315,11 @@ fn check_kind_fields(kind: &Kind) -> Result<()> {
             if r.judgements.is_empty() || r.judgements.len() > convert::MAX_ITEMS {
                 return Err(Error::invalid(
                     "annotation.relevance.judgements",
-                    format!("has {} judgements; send 1 to {}", r.judgements.len(), convert::MAX_ITEMS),
+                    format!(
+                        "has {} judgements; send 1 to {}",
+                        r.judgements.len(),
+                        convert::MAX_ITEMS
+                    ),
                 ));
             }
             let mut seen = std::collections::HashSet::new();
@@ -241,27 +327,48 @@ fn check_kind_fields(kind: &Kind) -> Result<()> {
                 let field = format!("annotation.relevance.judgements[{i}]");
                 convert::check_id(&format!("{field}.knowledge_id"), &j.knowledge_id, MAX_ID_BYTES)?;
                 if !seen.insert(j.knowledge_id.as_str()) {
-                    return Err(Error::invalid(&format!("{field}.knowledge_id"), format!("{:?} is judged twice", j.knowledge_id)));
+                    return Err(Error::invalid(
+                        &format!("{field}.knowledge_id"),
+                        format!("{:?} is judged twice", j.knowledge_id),
+                    ));
                 }
-                if matches!(RelevanceLabel::try_from(j.label), Ok(RelevanceLabel::Unspecified) | Err(_)) {
-                    return Err(Error::invalid(&format!("{field}.label"), "use RELEVANT, PARTIALLY_RELEVANT or IRRELEVANT"));
+                if matches!(
+                    RelevanceLabel::try_from(j.label),
+                    Ok(RelevanceLabel::Unspecified) | Err(_)
+                ) {
+                    return Err(Error::invalid(
+                        &format!("{field}.label"),
+                        "use RELEVANT, PARTIALLY_RELEVANT or IRRELEVANT",
+                    ));
                 }
             }
             Ok(())
         }
         Kind::MissingKnowledge(m) => {
             match &m.source {
-                None => return Err(Error::invalid("annotation.missing_knowledge.source", "set knowledge_id or external")),
+                None => {
+                    return Err(Error::invalid(
+                        "annotation.missing_knowledge.source",
+                        "set knowledge_id or external",
+                    ));
+                }
                 Some(Source::KnowledgeId(id)) => {
                     convert::check_id("annotation.missing_knowledge.knowledge_id", id, MAX_ID_BYTES)?
                 }
                 Some(Source::External(e)) => {
                     if e.title.trim().is_empty() && e.uri.trim().is_empty() {
-                        return Err(Error::invalid("annotation.missing_knowledge.external", "needs a title or a uri"));
+                        return Err(Error::invalid(
+                            "annotation.missing_knowledge.external",
+                            "needs a title or a uri",
+                        ));
                     }
                     convert::check_len("annotation.missing_knowledge.external.title", &e.title, MAX_TITLE_BYTES)?;
                     convert::check_len("annotation.missing_knowledge.external.uri", &e.uri, MAX_URI_BYTES)?;
-                    convert::check_len("annotation.missing_knowledge.external.excerpt", &e.excerpt, MAX_EXCERPT_BYTES)?;
+                    convert::check_len(
+                        "annotation.missing_knowledge.external.excerpt",
+                        &e.excerpt,
+                        MAX_EXCERPT_BYTES,
+                    )?;
                 }
             }
             convert::check_len("annotation.missing_knowledge.note", &m.note, MAX_RATIONALE_BYTES)

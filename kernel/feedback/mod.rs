@@ -37,4 +37,3 @@ pub fn rebuild(
     })?;
     Ok(records)
 }
-

@@ -68,7 +68,11 @@ pub fn read_dstc11(dir: &Path) -> Result<Vec<KnowledgeObject>> {
             };
             for (doc_id, faq) in numeric_order(faqs) {
                 let text = format!("{name}. Q: {} A: {}", faq.question, faq.answer);
-                objects.push(object(format!("{domain}:{entity_id}:faq:{doc_id}"), KnowledgeKind::Faq, text));
+                objects.push(object(
+                    format!("{domain}:{entity_id}:faq:{doc_id}"),
+                    KnowledgeKind::Faq,
+                    text,
+                ));
             }
             for (doc_id, review) in numeric_order(reviews) {
                 for (sent_id, sentence) in numeric_order(review.sentences) {

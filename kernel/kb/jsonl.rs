@@ -34,8 +34,8 @@ pub fn parse_kind(kind: &str) -> Option<KnowledgeKind> {
 }
 
 pub fn read_jsonl(path: &Path) -> Result<Vec<KnowledgeObject>> {
-    let file = std::fs::File::open(path)
-        .map_err(|e| Error::NotFound(format!("cannot open {}: {e}", path.display())))?;
+    let file =
+        std::fs::File::open(path).map_err(|e| Error::NotFound(format!("cannot open {}: {e}", path.display())))?;
     let mut objects = Vec::new();
     for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
         let at = || format!("{}:{}", path.display(), n + 1);

@@ -66,7 +66,9 @@ impl KnowledgeStore {
             std::fs::create_dir_all(dir).map_err(storage)?;
         }
         let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => KbError::Locked { path: path.display().to_string() },
+            redb::DatabaseError::DatabaseAlreadyOpen => KbError::Locked {
+                path: path.display().to_string(),
+            },
             other => storage(format!("{}: {other}", path.display())),
         })?;
         let txn = db.begin_write().map_err(storage)?;
@@ -110,7 +112,9 @@ impl KnowledgeStore {
                 object.updated_at = now;
                 let bytes = object.encode_to_vec();
                 latest.insert(object.id.as_str(), bytes.as_slice()).map_err(storage)?;
-                versions.insert((object.id.as_str(), object.version), bytes.as_slice()).map_err(storage)?;
+                versions
+                    .insert((object.id.as_str(), object.version), bytes.as_slice())
+                    .map_err(storage)?;
             }
         }
         txn.commit().map_err(storage)?;
@@ -131,7 +135,10 @@ impl KnowledgeStore {
                 .map_err(storage)?
                 .ok_or_else(|| KbError::NotFound(id.into()))?;
             if previous.deleted {
-                return Err(KbError::Deleted { id: id.into(), version: previous.version });
+                return Err(KbError::Deleted {
+                    id: id.into(),
+                    version: previous.version,
+                });
             }
             let tombstone = KnowledgeObject {
                 id: id.into(),
@@ -143,7 +150,9 @@ impl KnowledgeStore {
             };
             let bytes = tombstone.encode_to_vec();
             latest.insert(id, bytes.as_slice()).map_err(storage)?;
-            versions.insert((id, tombstone.version), bytes.as_slice()).map_err(storage)?;
+            versions
+                .insert((id, tombstone.version), bytes.as_slice())
+                .map_err(storage)?;
             tombstone.version
         };
         txn.commit().map_err(storage)?;
@@ -171,10 +180,17 @@ impl KnowledgeStore {
                 .map(|bytes| KnowledgeObject::decode(bytes.value()))
                 .transpose()
                 .map_err(storage)?
-                .ok_or(KbError::VersionNotFound { id: id.into(), version, latest: current.version })?
+                .ok_or(KbError::VersionNotFound {
+                    id: id.into(),
+                    version,
+                    latest: current.version,
+                })?
         };
         if object.deleted && !include_deleted {
-            return Err(KbError::Deleted { id: id.into(), version: object.version });
+            return Err(KbError::Deleted {
+                id: id.into(),
+                version: object.version,
+            });
         }
         Ok(object)
     }
@@ -224,21 +240,48 @@ mod tests {
     use super::*;
 
     fn object(id: &str, text: &str) -> KnowledgeObject {
-        KnowledgeObject { id: id.into(), kind: 3, title: "t".into(), text: text.into(), ..Default::default() }
+        KnowledgeObject {
+            id: id.into(),
+            kind: 3,
+            title: "t".into(),
+            text: text.into(),
+            ..Default::default()
+        }
     }
 
     #[test]
     fn versions_tombstones_and_history() {
         let dir = tempfile::tempdir().unwrap();
         let store = KnowledgeStore::open(&dir.path().join("kb.redb")).unwrap();
-        let outcome = store.upsert_batch(vec![object("a", "one"), object("b", "two")]).unwrap();
-        assert_eq!(outcome, UpsertOutcome { inserted: 2, updated: 0, unchanged: 0 });
-        let outcome = store.upsert_batch(vec![object("a", "one"), object("b", "TWO")]).unwrap();
-        assert_eq!(outcome, UpsertOutcome { inserted: 0, updated: 1, unchanged: 1 });
+        let outcome = store
+            .upsert_batch(vec![object("a", "one"), object("b", "two")])
+            .unwrap();
+        assert_eq!(
+            outcome,
+            UpsertOutcome {
+                inserted: 2,
+                updated: 0,
+                unchanged: 0
+            }
+        );
+        let outcome = store
+            .upsert_batch(vec![object("a", "one"), object("b", "TWO")])
+            .unwrap();
+        assert_eq!(
+            outcome,
+            UpsertOutcome {
+                inserted: 0,
+                updated: 1,
+                unchanged: 1
+            }
+        );
         assert_eq!(store.get("b", 0, false).unwrap().version, 2);
         assert_eq!(store.get("b", 1, false).unwrap().text, "two");
         assert_eq!(store.delete("a").unwrap(), 2);
-        assert!(matches!(store.get("a", 0, false), Err(KbError::Deleted { version: 2, .. })));
+        assert!(matches!(
+            store.get("a", 0, false),
+            Err(KbError::Deleted { version: 2, .. })
+        ));
         assert_eq!(store.get("a", 1, false).unwrap().text, "one");
         assert_eq!(store.count_live().unwrap(), 1);
         drop(store);

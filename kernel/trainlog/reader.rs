@@ -29,7 +29,10 @@ pub(crate) fn list_segments(dir: &Path) -> Result<Vec<Segment>, LogError> {
         let entry = entry.map_err(|e| LogError::io(dir, e))?;
         let name = entry.file_name();
         if let Some(first_sequence) = name.to_str().and_then(format::parse_segment_file_name) {
-            segments.push(Segment { first_sequence, path: entry.path() });
+            segments.push(Segment {
+                first_sequence,
+                path: entry.path(),
+            });
         }
     }
     segments.sort_by_key(|s| s.first_sequence);
@@ -41,7 +44,10 @@ pub(crate) enum Tail {
     Clean,
     /// Bytes from `offset` on are an incomplete or failed frame with nothing
     /// valid after it.
-    Torn { offset: usize, reason: &'static str },
+    Torn {
+        offset: usize,
+        reason: &'static str,
+    },
 }
 
 /// One segment's valid records (payload ranges into `bytes`) and its tail.
@@ -133,11 +139,7 @@ impl LogReader {
 
     /// Calls `visit` with every record whose sequence is `from` or later, in
     /// order, until it breaks. Returns the sequence after the last record seen.
-    pub fn read_from(
-        &self,
-        from: u64,
-        mut visit: impl FnMut(LogRecord) -> ControlFlow<()>,
-    ) -> Result<u64, LogError> {
+    pub fn read_from(&self, from: u64, mut visit: impl FnMut(LogRecord) -> ControlFlow<()>) -> Result<u64, LogError> {
         let segments = list_segments(&self.dir)?;
         let mut next = from;
         for (i, segment) in segments.iter().enumerate() {
@@ -148,7 +150,9 @@ impl LogReader {
             let scanned = match scan_segment(segment) {
                 Ok(scanned) => scanned,
                 // The writer may have created the file but not its header yet.
-                Err(LogError::Corrupt { offset: 0, .. }) if is_last && header_pending(segment) => break,
+                Err(LogError::Corrupt { offset: 0, .. }) if is_last && header_pending(segment) => {
+                    break;
+                }
                 Err(e) => return Err(e),
             };
             if let (false, Tail::Torn { offset, reason }) = (is_last, &scanned.tail) {
@@ -162,12 +166,10 @@ impl LogReader {
                 if sequence < from {
                     continue;
                 }
-                let record = LogRecord::decode(&scanned.bytes[range.clone()]).map_err(|e| {
-                    LogError::Corrupt {
-                        path: segment.path.clone(),
-                        offset: (range.start - format::FRAME_HEADER_LEN) as u64,
-                        reason: format!("record does not decode: {e}"),
-                    }
+                let record = LogRecord::decode(&scanned.bytes[range.clone()]).map_err(|e| LogError::Corrupt {
+                    path: segment.path.clone(),
+                    offset: (range.start - format::FRAME_HEADER_LEN) as u64,
+                    reason: format!("record does not decode: {e}"),
                 })?;
                 next = sequence + 1;
                 if visit(record).is_break() {
@@ -184,7 +186,9 @@ impl LogReader {
         for (i, segment) in segments.iter().enumerate() {
             let is_last = i + 1 == segments.len();
             let scanned = match scan_segment(segment) {
-                Err(LogError::Corrupt { offset: 0, .. }) if is_last && header_pending(segment) => break,
+                Err(LogError::Corrupt { offset: 0, .. }) if is_last && header_pending(segment) => {
+                    break;
+                }
                 other => other?,
             };
             if let Tail::Torn { offset, .. } = scanned.tail {
@@ -193,7 +197,10 @@ impl LogReader {
             for (sequence, range) in &scanned.records {
                 stats.first_sequence.get_or_insert(*sequence);
                 stats.last_sequence = Some(*sequence);
-                match LogRecord::decode(&scanned.bytes[range.clone()]).ok().and_then(|r| r.body) {
+                match LogRecord::decode(&scanned.bytes[range.clone()])
+                    .ok()
+                    .and_then(|r| r.body)
+                {
                     Some(Body::Interaction(_)) => stats.interactions += 1,
                     Some(Body::Annotation(_)) => stats.annotations += 1,
                     None => {}
@@ -213,5 +220,7 @@ impl LogReader {
 }
 
 fn header_pending(segment: &Segment) -> bool {
-    fs::metadata(&segment.path).map(|m| (m.len() as usize) < format::SEGMENT_HEADER_LEN).unwrap_or(false)
+    fs::metadata(&segment.path)
+        .map(|m| (m.len() as usize) < format::SEGMENT_HEADER_LEN)
+        .unwrap_or(false)
 }

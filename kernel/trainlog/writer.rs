@@ -37,7 +37,11 @@ pub struct LogOptions {
 
 impl Default for LogOptions {
     fn default() -> Self {
-        LogOptions { segment_bytes: 64 << 20, queue_capacity: 16_384, max_batch_bytes: 8 << 20 }
+        LogOptions {
+            segment_bytes: 64 << 20,
+            queue_capacity: 16_384,
+            max_batch_bytes: 8 << 20,
+        }
     }
 }
 
@@ -141,7 +145,9 @@ impl TrainingLog {
             let queue = queue.as_ref().ok_or(LogError::Closed)?;
             match queue.try_send(Append { body: bytes, reply }) {
                 Ok(()) => {}
-                Err(TrySendError::Full(_)) => return Err(LogError::QueueFull(self.inner.queue_capacity)),
+                Err(TrySendError::Full(_)) => {
+                    return Err(LogError::QueueFull(self.inner.queue_capacity));
+                }
                 Err(TrySendError::Disconnected(_)) => return Err(LogError::Closed),
             }
         }
@@ -179,7 +185,11 @@ impl Drop for Inner {
 /// segment, its durable length and the report.
 fn recover(dir: &Path) -> Result<(File, u64, RecoveryReport), LogError> {
     let segments = list_segments(dir)?;
-    let mut report = RecoveryReport { segments: segments.len(), next_sequence: 1, ..Default::default() };
+    let mut report = RecoveryReport {
+        segments: segments.len(),
+        next_sequence: 1,
+        ..Default::default()
+    };
     let Some(last) = segments.last() else {
         let (file, len) = create_segment(dir, 1).map_err(|e| LogError::io(dir, e))?;
         report.segments = 1;
@@ -197,7 +207,9 @@ fn recover(dir: &Path) -> Result<(File, u64, RecoveryReport), LogError> {
                 ),
             });
         }
-        let len = fs::metadata(&segment.path).map_err(|e| LogError::io(&segment.path, e))?.len();
+        let len = fs::metadata(&segment.path)
+            .map_err(|e| LogError::io(&segment.path, e))?
+            .len();
         if is_last && (len as usize) < format::SEGMENT_HEADER_LEN {
             // Crashed while creating this segment: start it again.
             let (file, len) = create_segment(dir, segment.first_sequence).map_err(|e| LogError::io(dir, e))?;
@@ -223,10 +235,16 @@ fn recover(dir: &Path) -> Result<(File, u64, RecoveryReport), LogError> {
             report.truncated = Some((segment.path.clone(), offset as u64, dropped as u64));
         }
     }
-    let file = OpenOptions::new().read(true).write(true).open(&last.path).map_err(|e| LogError::io(&last.path, e))?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&last.path)
+        .map_err(|e| LogError::io(&last.path, e))?;
     let durable_len = match &report.truncated {
         Some((_, offset, _)) => {
-            file.set_len(*offset).and_then(|()| file.sync_all()).map_err(|e| LogError::io(&last.path, e))?;
+            file.set_len(*offset)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| LogError::io(&last.path, e))?;
             *offset
         }
         None => file.metadata().map_err(|e| LogError::io(&last.path, e))?.len(),
@@ -238,7 +256,12 @@ fn recover(dir: &Path) -> Result<(File, u64, RecoveryReport), LogError> {
 /// directory synced so the new name survives a crash.
 fn create_segment(dir: &Path, first_sequence: u64) -> std::io::Result<(File, u64)> {
     let path = dir.join(format::segment_file_name(first_sequence));
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
     let header = format::segment_header();
     file.write_all_at(&header, 0)?;
     file.sync_all()?;

@@ -9,15 +9,18 @@ use aitl::{
     feedback::new_interaction_id,
     proto::{
         self, Candidate, InteractionKind, InteractionRecord, KnowledgeKind, KnowledgeObject, ModelVersions,
-        ShownKnowledge, knowledge_service_client::KnowledgeServiceClient,
-        support_service_client::SupportServiceClient,
+        ShownKnowledge, knowledge_service_client::KnowledgeServiceClient, support_service_client::SupportServiceClient,
     },
     server::RunningServer,
 };
 use tonic::transport::Channel;
 
 pub fn config(data_dir: &Path) -> Config {
-    Config { listen: "127.0.0.1:0".parse().unwrap(), data_dir: data_dir.to_path_buf(), ..Config::default() }
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data_dir.to_path_buf(),
+        ..Config::default()
+    }
 }
 
 pub async fn start(data_dir: &Path) -> RunningServer {
@@ -25,12 +28,19 @@ pub async fn start(data_dir: &Path) -> RunningServer {
 }
 
 pub async fn channel(server: &RunningServer) -> Channel {
-    Channel::from_shared(format!("http://{}", server.addr)).unwrap().connect().await.expect("connects")
+    Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connects")
 }
 
 pub async fn clients(server: &RunningServer) -> (SupportServiceClient<Channel>, KnowledgeServiceClient<Channel>) {
     let channel = channel(server).await;
-    (SupportServiceClient::new(channel.clone()), KnowledgeServiceClient::new(channel))
+    (
+        SupportServiceClient::new(channel.clone()),
+        KnowledgeServiceClient::new(channel),
+    )
 }
 
 pub fn knowledge(id: &str, text: &str) -> KnowledgeObject {
@@ -63,10 +73,18 @@ pub fn generate_interaction(knowledge_ids: &[&str]) -> InteractionRecord {
         shown_knowledge: knowledge_ids
             .iter()
             .enumerate()
-            .map(|(i, id)| ShownKnowledge { knowledge_id: id.to_string(), version: 1, score: 1.0, rank: i as u32 + 1 })
+            .map(|(i, id)| ShownKnowledge {
+                knowledge_id: id.to_string(),
+                version: 1,
+                score: 1.0,
+                rank: i as u32 + 1,
+            })
             .collect(),
         candidates,
-        models: Some(ModelVersions { generator: "test-generator@1".into(), ..Default::default() }),
+        models: Some(ModelVersions {
+            generator: "test-generator@1".into(),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
