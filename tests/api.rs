@@ -456,6 +456,19 @@ async fn annotations_of_all_kinds_are_validated_deduplicated_and_logged() {
         )))
         .await
         .unwrap();
+    // A retry stays OK even once what it refers to is gone.
+    kb.delete_knowledge(DeleteKnowledgeRequest { id: "k3".into() })
+        .await
+        .unwrap();
+    let retry = support
+        .submit_annotation(submit(with_kind(
+            "a-miss",
+            missing(proto::missing_knowledge::Source::KnowledgeId("k3".into())),
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(retry.duplicate);
     let external = proto::ExternalReference {
         title: "Carrier FAQ".into(),
         uri: "https://example.com/faq".into(),

@@ -15,20 +15,18 @@ impl From<Error> for Status {
             Error::Internal(_) => Code::Internal,
             Error::Log(log) => match log {
                 LogError::DiskFull(_) | LogError::QueueFull(_) => Code::ResourceExhausted,
-                LogError::RecordTooLarge(_) => Code::InvalidArgument,
-                LogError::Corrupt { .. } => Code::Internal,
-                LogError::Io { .. }
-                | LogError::WriteFailed(_)
-                | LogError::Closed
-                | LogError::Locked(_)
-                | LogError::InvalidCursorName(_) => Code::Unavailable,
+                LogError::RecordTooLarge(_) | LogError::InvalidCursorName(_) => Code::InvalidArgument,
+                LogError::Corrupt { .. } => Code::DataLoss,
+                LogError::Io { .. } | LogError::WriteFailed(_) | LogError::Closed | LogError::Locked(_) => {
+                    Code::Unavailable
+                }
             },
             Error::Knowledge(kb) => match kb {
                 KbError::NotFound(_) | KbError::VersionNotFound { .. } | KbError::Deleted { .. } => Code::NotFound,
                 KbError::Locked { .. } | KbError::Storage(_) => Code::Unavailable,
             },
         };
-        if matches!(code, Code::Internal | Code::Unavailable) {
+        if matches!(code, Code::Internal | Code::Unavailable | Code::DataLoss) {
             tracing::warn!(%error, ?code, "request failed");
         }
         Status::new(code, error.to_string())

@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 use super::{AppState, convert};
 use crate::{
     error::{Error, Result},
+    kb::KbError,
     proto::{
         GenerateEvent, GenerateRequest, GenerateResponse, InteractionKind, RankRequest, RankResponse, RetrieveRequest,
         RetrieveResponse, SubmitAnnotationRequest, SubmitAnnotationResponse, generate_request::Grounding,
@@ -28,10 +29,10 @@ impl Support {
 
     fn check_knowledge_exist(&self, field: &str, ids: &[String]) -> Result<()> {
         for (i, id) in ids.iter().enumerate() {
-            self.state
-                .kb
-                .get(id, 0, false)
-                .map_err(|e| Error::NotFound(format!("{field}[{i}]: {e}")))?;
+            self.state.kb.get(id, 0, false).map_err(|e| match e {
+                KbError::NotFound(_) | KbError::Deleted { .. } => Error::NotFound(format!("{field}[{i}]: {e}")),
+                other => other.into(),
+            })?;
         }
         Ok(())
     }

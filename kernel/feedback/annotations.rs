@@ -39,9 +39,8 @@ enum Slot {
         sha256: [u8; 32],
         sequence: u64,
     },
-    /// Being written; a concurrent resubmission waits for the outcome.
+    /// Being written; a concurrent call with the same id waits for the outcome.
     Pending {
-        sha256: [u8; 32],
         done: watch::Receiver<bool>,
     },
 }
@@ -50,7 +49,7 @@ pub struct AnnotationIntake {
     interactions: Arc<InteractionBook>,
     kb: Arc<KnowledgeStore>,
     log: crate::trainlog::TrainingLog,
-    slots: DashMap<String, Slot>,
+    slots: Arc<DashMap<String, Slot>>,
     max_clock_skew: Duration,
 }
 
@@ -65,15 +64,13 @@ impl AnnotationIntake {
             interactions,
             kb,
             log,
-            slots: DashMap::new(),
+            slots: Arc::default(),
             max_clock_skew,
         }
     }
 
     pub(crate) fn index(&self, record: &AnnotationRecord, sequence: u64) {
-        let Some(annotation) = &record.annotation else {
-            return;
-        };
+        let Some(annotation) = &record.annotation else { return };
         let Ok(sha256) = record.content_sha256.as_slice().try_into() else {
             return;
         };
@@ -84,68 +81,90 @@ impl AnnotationIntake {
     }
 
     pub async fn submit(&self, annotation: Annotation) -> Result<Accepted> {
-        let delay = self.validate(&annotation)?;
         let sha256: [u8; 32] = Sha256::digest(annotation.encode_to_vec()).into();
+        // A retry of an acknowledged annotation is answered before validation,
+        // so it stays OK even if what it refers to changed since.
+        let validated = match self.durable_sequence(&annotation.annotation_id, &sha256) {
+            Some(sequence) => {
+                return Ok(Accepted {
+                    sequence,
+                    duplicate: true,
+                    delay: delay_of(&annotation)?,
+                });
+            }
+            None => self.validate(&annotation)?,
+        };
         loop {
-            let (done_tx, waiting) = match self.slots.entry(annotation.annotation_id.clone()) {
+            let done_tx = match self.slots.entry(annotation.annotation_id.clone()) {
                 Entry::Occupied(slot) => match slot.get() {
                     Slot::Durable { sha256: seen, sequence } if *seen == sha256 => {
                         return Ok(Accepted {
                             sequence: *sequence,
                             duplicate: true,
-                            delay,
+                            delay: validated,
                         });
                     }
-                    Slot::Pending { sha256: seen, done } if *seen == sha256 => (None, Some(done.clone())),
-                    _ => {
+                    Slot::Durable { .. } => {
                         return Err(Error::AlreadyExists(format!(
                             "annotation_id {:?} was already submitted with different content; \
                              use a new annotation_id for a new annotation",
                             annotation.annotation_id
                         )));
                     }
+                    Slot::Pending { done } => {
+                        // A concurrent call is writing this id: wait for its
+                        // outcome (it may fail), then look again.
+                        let mut done = done.clone();
+                        drop(slot);
+                        let _ = done.wait_for(|finished| *finished).await;
+                        continue;
+                    }
                 },
                 Entry::Vacant(slot) => {
                     let (tx, rx) = watch::channel(false);
-                    slot.insert(Slot::Pending { sha256, done: rx });
-                    (Some(tx), None)
+                    slot.insert(Slot::Pending { done: rx });
+                    tx
                 }
             };
-            if let Some(mut done) = waiting {
-                // The same annotation is being written by a concurrent call:
-                // wait for it, then look again (it may have failed).
-                let _ = done.wait_for(|finished| *finished).await;
-                continue;
-            }
-            let done_tx = done_tx.expect("vacant slot made a sender");
             let record = AnnotationRecord {
                 annotation: Some(annotation.clone()),
                 received_at: Some(SystemTime::now().into()),
-                delay: prost_types::Duration::try_from(delay).ok(),
+                delay: prost_types::Duration::try_from(validated).ok(),
                 content_sha256: sha256.to_vec(),
             };
-            let result = self.log.append(&Body::Annotation(record)).await;
-            match &result {
-                Ok(sequence) => {
-                    self.slots.insert(
-                        annotation.annotation_id.clone(),
+            // Spawned so that a client that gives up mid-write cannot leave
+            // the slot pending: the append and its bookkeeping always finish.
+            let (log, slots, id) = (self.log.clone(), self.slots.clone(), annotation.annotation_id.clone());
+            let write = tokio::spawn(async move {
+                let result = log.append(&Body::Annotation(record)).await;
+                match &result {
+                    Ok(sequence) => slots.insert(
+                        id,
                         Slot::Durable {
                             sha256,
                             sequence: *sequence,
                         },
-                    );
-                }
-                Err(_) => {
-                    self.slots.remove(&annotation.annotation_id);
-                }
-            }
-            let _ = done_tx.send(true);
-            let sequence = result?;
+                    ),
+                    Err(_) => slots.remove(&id).map(|(_, slot)| slot),
+                };
+                let _ = done_tx.send(true);
+                result
+            });
+            let sequence = write
+                .await
+                .map_err(|e| Error::Internal(format!("annotation write task: {e}")))??;
             return Ok(Accepted {
                 sequence,
                 duplicate: false,
-                delay,
+                delay: validated,
             });
+        }
+    }
+
+    fn durable_sequence(&self, annotation_id: &str, sha256: &[u8; 32]) -> Option<u64> {
+        match self.slots.get(annotation_id).as_deref() {
+            Some(Slot::Durable { sha256: seen, sequence }) if seen == sha256 => Some(*sequence),
+            _ => None,
         }
     }
 
@@ -156,6 +175,7 @@ impl AnnotationIntake {
         convert::check_id("annotation.agent_id", &a.agent_id, MAX_SHORT_ID_BYTES)?;
         convert::check_optional_id("annotation.case_id", &a.case_id, MAX_SHORT_ID_BYTES)?;
         convert::check_optional_id("annotation.tenant", &a.tenant, MAX_SHORT_ID_BYTES)?;
+        let delay = delay_of(a)?;
         let shown_at = convert::timestamp("annotation.shown_at", a.shown_at.as_ref())?;
         let annotated_at = convert::timestamp("annotation.annotated_at", a.annotated_at.as_ref())?;
         let horizon = SystemTime::now() + self.max_clock_skew;
@@ -173,12 +193,6 @@ impl AnnotationIntake {
                 ));
             }
         }
-        let delay = annotated_at.duration_since(shown_at).map_err(|_| {
-            Error::invalid(
-                "annotation.annotated_at",
-                "is before annotation.shown_at; an annotation follows what it is about",
-            )
-        })?;
         let kind = a.kind.as_ref().ok_or_else(|| {
             Error::invalid(
                 "annotation.kind",
@@ -246,6 +260,18 @@ impl AnnotationIntake {
             },
         }
     }
+}
+
+/// annotated_at - shown_at; both required, in that order.
+fn delay_of(a: &Annotation) -> Result<Duration> {
+    let shown_at = convert::timestamp("annotation.shown_at", a.shown_at.as_ref())?;
+    let annotated_at = convert::timestamp("annotation.annotated_at", a.annotated_at.as_ref())?;
+    annotated_at.duration_since(shown_at).map_err(|_| {
+        Error::invalid(
+            "annotation.annotated_at",
+            "is before annotation.shown_at; an annotation follows what it is about",
+        )
+    })
 }
 
 fn list_or_none<'a>(items: impl Iterator<Item = &'a str>) -> String {

@@ -230,8 +230,14 @@ impl KnowledgeStore {
 
     /// Live (not deleted) objects.
     pub fn count_live(&self) -> Result<u64, KbError> {
-        let page = self.list(None, usize::MAX, &KnowledgeFilter::default(), false)?;
-        Ok(page.objects.len() as u64)
+        let txn = self.db.begin_read().map_err(storage)?;
+        let latest = txn.open_table(LATEST).map_err(storage)?;
+        let mut live = 0;
+        for entry in latest.iter().map_err(storage)? {
+            let (_, bytes) = entry.map_err(storage)?;
+            live += u64::from(!KnowledgeObject::decode(bytes.value()).map_err(storage)?.deleted);
+        }
+        Ok(live)
     }
 }
 

@@ -25,8 +25,10 @@
 //! CRC means a flipped length bit is caught instead of misframing the rest.
 //!
 //! A frame that is cut short or fails its CRC with no valid frame after it is a
-//! torn tail (a write that never completed); one followed by valid frames is
-//! corruption, and the log refuses to open.
+//! torn tail (a write that never completed); one followed by a valid frame
+//! holding a later sequence is corruption, and the log refuses to open.
+//! (Requiring the later sequence keeps bytes inside a payload — client text —
+//! from posing as a frame.)
 
 use std::ops::Range;
 
@@ -127,11 +129,11 @@ pub fn read_frame(bytes: &[u8], at: usize) -> Frame {
     }
 }
 
-/// Whether any valid frame starts after `offset`: decides torn tail (none)
-/// from corruption (some). Only runs on the error path.
-pub fn valid_frame_after(bytes: &[u8], offset: usize) -> bool {
+/// Whether a valid frame whose payload `accept`s starts after `offset`:
+/// decides torn tail (none) from corruption (some). Only runs on the error path.
+pub fn valid_frame_after(bytes: &[u8], offset: usize, accept: impl Fn(&[u8]) -> bool) -> bool {
     (offset + 1..bytes.len().saturating_sub(FRAME_HEADER_LEN - 1))
-        .any(|at| matches!(read_frame(bytes, at), Frame::Valid { .. }))
+        .any(|at| matches!(read_frame(bytes, at), Frame::Valid { ref payload, .. } if accept(&bytes[payload.clone()])))
 }
 
 #[cfg(test)]

@@ -75,7 +75,10 @@ pub(crate) fn scan_segment(segment: &Segment) -> Result<ScannedSegment, LogError
         match format::read_frame(&bytes, at) {
             format::Frame::End => break Tail::Clean,
             format::Frame::Bad(reason) => {
-                if format::valid_frame_after(&bytes, at) {
+                let later = |payload: &[u8]| {
+                    record_sequence(payload).is_ok_and(|s| s > expected && s - expected <= MAX_SEQUENCE_GAP)
+                };
+                if format::valid_frame_after(&bytes, at, later) {
                     return Err(corrupt(at, format!("{reason}, and valid records follow it")));
                 }
                 break Tail::Torn { offset: at, reason };
@@ -94,6 +97,10 @@ pub(crate) fn scan_segment(segment: &Segment) -> Result<ScannedSegment, LogError
     };
     Ok(ScannedSegment { bytes, records, tail })
 }
+
+/// How far past a bad frame a valid one may be numbered and still prove that
+/// the bad frame is corruption rather than a torn tail.
+const MAX_SEQUENCE_GAP: u64 = 1 << 20;
 
 /// Decodes only the sequence field, skipping the body.
 fn record_sequence(payload: &[u8]) -> Result<u64, prost::DecodeError> {

@@ -88,7 +88,7 @@ impl TrainingLog {
     /// Opens (creating if needed) the log in `dir`: takes its lock, verifies
     /// every segment, cuts a torn tail off the last one, and starts the writer.
     pub fn open(dir: &Path, options: LogOptions) -> Result<(TrainingLog, RecoveryReport), LogError> {
-        fs::create_dir_all(dir).map_err(|e| LogError::io(dir, e))?;
+        create_dir_durably(dir).map_err(|e| LogError::io(dir, e))?;
         let lock_path = dir.join("LOCK");
         let lock = File::create(&lock_path).map_err(|e| LogError::io(&lock_path, e))?;
         match lock.try_lock() {
@@ -212,9 +212,9 @@ fn recover(dir: &Path) -> Result<(File, u64, RecoveryReport), LogError> {
             .len();
         if is_last && (len as usize) < format::SEGMENT_HEADER_LEN {
             // Crashed while creating this segment: start it again.
-            let (file, len) = create_segment(dir, segment.first_sequence).map_err(|e| LogError::io(dir, e))?;
+            let (file, header_len) = create_segment(dir, segment.first_sequence).map_err(|e| LogError::io(dir, e))?;
             report.truncated = Some((segment.path.clone(), 0, len));
-            return Ok((file, len, report));
+            return Ok((file, header_len, report));
         }
         let scanned = scan_segment(segment)?;
         report.records += scanned.records.len() as u64;
@@ -250,6 +250,25 @@ fn recover(dir: &Path) -> Result<(File, u64, RecoveryReport), LogError> {
         None => file.metadata().map_err(|e| LogError::io(&last.path, e))?.len(),
     };
     Ok((file, durable_len, report))
+}
+
+/// Creates `dir` and any missing parents, syncing each parent whose entry
+/// changed, so a log created moments before a power cut still exists after it.
+fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => {
+            create_dir_durably(parent)?;
+            match fs::create_dir(dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+                _ => {}
+            }
+            File::open(parent)?.sync_all()
+        }
+        None => fs::create_dir(dir),
+    }
 }
 
 /// Creates (or restarts) a segment: header written and synced, and the
