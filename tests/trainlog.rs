@@ -239,3 +239,24 @@ fn serve_refuses_a_corrupt_log_naming_file_and_offset() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_reader_beside_a_live_writer_stops_at_the_durable_watermark() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = TrainingLog::open(dir.path(), LogOptions::default()).unwrap();
+    append_all(&log, 1..4);
+    assert_eq!(read_ids(dir.path()).len(), 3);
+    // As if record 3 were written but its fsync still pending.
+    std::fs::write(dir.path().join("DURABLE"), 3u64.to_le_bytes()).unwrap();
+    assert_eq!(
+        read_ids(dir.path()).len(),
+        2,
+        "a live writer's unsynced records stay invisible"
+    );
+    log.close();
+    assert_eq!(
+        read_ids(dir.path()).len(),
+        3,
+        "with no writer, every whole frame is durable"
+    );
+}

@@ -24,6 +24,10 @@
 //! its name and each next record the one after. Covering the length with the
 //! CRC means a flipped length bit is caught instead of misframing the rest.
 //!
+//! Beside the segments: `LOCK` (the writer holds an exclusive flock on it),
+//! `DURABLE` (8 bytes, little-endian: the first sequence not yet fsync'd; a
+//! reader honours it only while a writer holds `LOCK`) and `cursors/`.
+//!
 //! A frame that is cut short or fails its CRC with no valid frame after it is a
 //! torn tail (a write that never completed); one followed by a valid frame
 //! holding a later sequence is corruption, and the log refuses to open.

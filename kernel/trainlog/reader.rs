@@ -148,6 +148,7 @@ impl LogReader {
     /// order, until it breaks. Returns the sequence after the last record seen.
     pub fn read_from(&self, from: u64, mut visit: impl FnMut(LogRecord) -> ControlFlow<()>) -> Result<u64, LogError> {
         let segments = list_segments(&self.dir)?;
+        let durable_end = self.live_writer_watermark()?;
         let mut next = from;
         for (i, segment) in segments.iter().enumerate() {
             let is_last = i + 1 == segments.len();
@@ -173,6 +174,9 @@ impl LogReader {
                 if sequence < from {
                     continue;
                 }
+                if durable_end.is_some_and(|end| sequence >= end) {
+                    return Ok(next);
+                }
                 let record = LogRecord::decode(&scanned.bytes[range.clone()]).map_err(|e| LogError::Corrupt {
                     path: segment.path.clone(),
                     offset: (range.start - format::FRAME_HEADER_LEN) as u64,
@@ -185,6 +189,33 @@ impl LogReader {
             }
         }
         Ok(next)
+    }
+
+    /// With a writer live, the first sequence it has not made durable yet;
+    /// None when no writer holds the log (every whole frame is then durable).
+    fn live_writer_watermark(&self) -> Result<Option<u64>, LogError> {
+        let lock_path = self.dir.join(super::writer::LOCK_FILE);
+        let lock = match fs::File::open(&lock_path) {
+            Ok(lock) => lock,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(LogError::io(&lock_path, e)),
+        };
+        match lock.try_lock_shared() {
+            Ok(()) => return Ok(None),
+            Err(fs::TryLockError::WouldBlock) => {}
+            Err(fs::TryLockError::Error(e)) => return Err(LogError::io(&lock_path, e)),
+        }
+        let path = self.dir.join(super::writer::WATERMARK_FILE);
+        let bytes = fs::read(&path).map_err(|e| LogError::io(&path, e))?;
+        let bytes: [u8; 8] = bytes
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| LogError::Corrupt {
+                path: path.clone(),
+                offset: 0,
+                reason: format!("watermark is {} bytes, expected 8", bytes.len()),
+            })?;
+        Ok(Some(u64::from_le_bytes(bytes)))
     }
 
     pub fn stats(&self) -> Result<LogStats, LogError> {

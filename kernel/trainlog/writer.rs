@@ -89,20 +89,19 @@ impl TrainingLog {
     /// every segment, cuts a torn tail off the last one, and starts the writer.
     pub fn open(dir: &Path, options: LogOptions) -> Result<(TrainingLog, RecoveryReport), LogError> {
         create_dir_durably(dir).map_err(|e| LogError::io(dir, e))?;
-        let lock_path = dir.join("LOCK");
-        let lock = File::create(&lock_path).map_err(|e| LogError::io(&lock_path, e))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => return Err(LogError::Locked(dir.into())),
-            Err(fs::TryLockError::Error(e)) => return Err(LogError::io(&lock_path, e)),
-        }
+        let lock = take_writer_lock(dir)?;
         let (active, durable_len, report) = recover(dir)?;
+        let watermark = DurableWatermark::create(dir).map_err(|e| LogError::io(dir, e))?;
+        watermark
+            .publish(report.next_sequence)
+            .map_err(|e| LogError::io(dir, e))?;
         let (health_tx, health) = watch::channel(LogHealth::Writable);
         let (queue, rx) = mpsc::sync_channel(options.queue_capacity);
         let faults = Arc::new(FaultInjector::default());
         let writer = Writer {
             dir: dir.into(),
             _lock: lock,
+            watermark,
             active,
             durable_len,
             dirty: false,
@@ -178,6 +177,47 @@ impl Drop for Inner {
         if let Some(handle) = self.writer.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = handle.join();
         }
+    }
+}
+
+/// The writer's exclusive lock on `LOCK`. Readers take a shared lock for an
+/// instant to learn whether a writer is live, so a few retries ride that out.
+fn take_writer_lock(dir: &Path) -> Result<File, LogError> {
+    let path = dir.join(LOCK_FILE);
+    let lock = File::create(&path).map_err(|e| LogError::io(&path, e))?;
+    for attempt in 0.. {
+        match lock.try_lock() {
+            Ok(()) => return Ok(lock),
+            Err(fs::TryLockError::WouldBlock) if attempt < 20 => std::thread::sleep(Duration::from_millis(25)),
+            Err(fs::TryLockError::WouldBlock) => return Err(LogError::Locked(dir.into())),
+            Err(fs::TryLockError::Error(e)) => return Err(LogError::io(&path, e)),
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+pub(crate) const LOCK_FILE: &str = "LOCK";
+pub(crate) const WATERMARK_FILE: &str = "DURABLE";
+
+/// The first sequence not yet durable, published after every sync so that
+/// readers in other processes never see a record a failed sync may undo.
+/// Eight little-endian bytes, overwritten in place; it needs no fsync of its
+/// own: after a crash no writer is live and readers read every whole frame.
+struct DurableWatermark(File);
+
+impl DurableWatermark {
+    fn create(dir: &Path) -> std::io::Result<Self> {
+        Ok(DurableWatermark(
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(dir.join(WATERMARK_FILE))?,
+        ))
+    }
+
+    fn publish(&self, next_sequence: u64) -> std::io::Result<()> {
+        self.0.write_all_at(&next_sequence.to_le_bytes(), 0)
     }
 }
 
@@ -291,6 +331,7 @@ fn create_segment(dir: &Path, first_sequence: u64) -> std::io::Result<(File, u64
 struct Writer {
     dir: PathBuf,
     _lock: File,
+    watermark: DurableWatermark,
     active: File,
     durable_len: u64,
     /// Bytes past `durable_len` may be on disk from a failed batch.
@@ -391,6 +432,11 @@ impl Writer {
         self.durable_len += buf.len() as u64;
         let first = self.next_sequence;
         self.next_sequence += batch.len() as u64;
+        if let Err(e) = self.watermark.publish(self.next_sequence) {
+            // The batch is durable and must be acknowledged; readers in other
+            // processes merely lag until the next publish succeeds.
+            tracing::warn!(error = %e, "training log: could not publish the durable watermark");
+        }
         Ok(first)
     }
 

@@ -1,0 +1,120 @@
+//! The operator commands, run as a user runs them: `aitl ingest` (JSON lines
+//! and the DSTC11 importer) and `aitl log stats|dump`.
+
+mod common;
+
+use std::{path::Path, process::Command};
+
+use aitl::{
+    feedback::InteractionBook,
+    kb::KnowledgeStore,
+    trainlog::{LogOptions, TrainingLog},
+};
+
+fn aitl(data_dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_aitl"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env("AITL_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (output.status.success(), text(&output.stdout), text(&output.stderr))
+}
+
+#[test]
+fn ingest_jsonl_reports_counts_and_points_at_bad_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("kb.jsonl");
+    std::fs::write(
+        &file,
+        concat!(
+            r#"{"id": "p1", "kind": "policy", "title": "Refunds", "text": "Refunds within 30 days.", "metadata": {"team": "billing"}}"#,
+            "\n\n",
+            r#"{"id": "f1", "kind": "faq", "text": "Q: Shipping? A: Free over $50."}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let (ok, stdout, stderr) = aitl(&data, &["ingest", file.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("2 inserted, 0 updated, 0 unchanged"), "{stdout}");
+    let (ok, stdout, _) = aitl(&data, &["ingest", file.to_str().unwrap()]);
+    assert!(ok && stdout.contains("0 inserted, 0 updated, 2 unchanged"), "{stdout}");
+    let store = KnowledgeStore::open(&data.join("knowledge.redb")).unwrap();
+    assert_eq!(store.get("p1", 0, false).unwrap().metadata["team"], "billing");
+    drop(store);
+
+    std::fs::write(&file, "{\"id\": \"x\", \"kind\": \"memo\", \"text\": \"t\"}\n").unwrap();
+    let (ok, _, stderr) = aitl(&data, &["ingest", file.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains("kb.jsonl:1") && stderr.contains("\"memo\""), "{stderr}");
+}
+
+#[test]
+fn ingest_dstc11_uses_the_shared_id_scheme() {
+    let dstc11 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/dstc11-track5");
+    assert!(
+        dstc11.join("knowledge.json").exists(),
+        "this test reads ../shared/data/dstc11-track5, which is absent"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr) = aitl(dir.path(), &["ingest", "--dstc11", dstc11.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("ingested 10882 objects: 10882 inserted"), "{stdout}");
+    let store = KnowledgeStore::open(&dir.path().join("knowledge.redb")).unwrap();
+    let faq = store.get("hotel:0:faq:0", 0, false).unwrap();
+    assert_eq!(
+        faq.text,
+        "A AND B GUEST HOUSE. Q: Are children welcomed at this location? A: Yes, you can stay with children at A and B Guest House."
+    );
+    assert_eq!(faq.metadata["entity_name"], "A AND B GUEST HOUSE");
+    let review = store.get("hotel:0:review:0:1", 0, false).unwrap();
+    assert!(
+        review
+            .text
+            .starts_with("A AND B GUEST HOUSE (review by Solo travelers): I stayed on my own"),
+        "{}",
+        review.text
+    );
+    assert_eq!(store.count_live().unwrap(), 10_882);
+}
+
+#[test]
+fn log_stats_and_dump_show_what_was_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = TrainingLog::open(&dir.path().join("log"), LogOptions::default()).unwrap();
+    let book = InteractionBook::new(log.clone());
+    let records: Vec<_> = (0..3).map(|_| common::generate_interaction(&["k1"])).collect();
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    for record in &records {
+        rt.block_on(book.record(record.clone())).unwrap();
+    }
+    let mut cursor = aitl::trainlog::Cursor::open(&dir.path().join("log"), "worker").unwrap();
+    cursor.commit(2).unwrap();
+    log.close();
+
+    let (ok, stdout, stderr) = aitl(dir.path(), &["log", "stats", "--json"]);
+    assert!(ok, "{stderr}");
+    let stats: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(stats["stats"]["records"], 3);
+    assert_eq!(stats["stats"]["interactions"], 3);
+    assert_eq!(stats["cursors"][0]["name"], "worker");
+    assert_eq!(stats["cursors"][0]["lag"], 2);
+
+    let (ok, stdout, stderr) = aitl(dir.path(), &["log", "dump", "--from", "2"]);
+    assert!(ok, "{stderr}");
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["sequence"], "2", "protobuf JSON writes uint64 as a string");
+    assert_eq!(
+        lines[0]["interaction"]["interactionId"],
+        records[1].interaction_id.as_str()
+    );
+    assert_eq!(
+        lines[1]["interaction"]["candidates"][1]["candidateId"],
+        records[2].candidates[1].candidate_id.as_str()
+    );
+}
