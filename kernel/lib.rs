@@ -11,8 +11,11 @@ pub mod proto {
 pub mod trainlog;
 
 pub mod api;
+pub mod backend;
 pub mod config;
 pub mod error;
 pub mod feedback;
 pub mod kb;
+pub mod model;
+pub mod provision;
 pub mod server;

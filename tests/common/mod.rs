@@ -118,3 +118,13 @@ pub fn preference(annotation_id: &str, record: &InteractionRecord, rationale: &s
         ..Default::default()
     }
 }
+
+/// The default embedding model folder, fetched into the shared test cache on
+/// first use (as `aitl serve` does into its data dir).
+pub fn default_embedder_dir() -> std::path::PathBuf {
+    if let Ok(dir) = std::env::var("AITL_TEST_EMBEDDER") {
+        return dir.into();
+    }
+    let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-models");
+    aitl::provision::ensure(&aitl::provision::DEFAULT_EMBEDDER, &cache).expect("default embedding model is available")
+}

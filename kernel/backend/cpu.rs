@@ -1,0 +1,336 @@
+//! The CPU backend: the executable specification of every op. Matrix
+//! products go to the `gemm` crate (runtime-dispatched AVX-512/AVX2/scalar
+//! micro-kernels, both cores through rayon); the rest is written so the
+//! compiler vectorises it, and compiled once per instruction set with the
+//! widest one chosen at run time (see [`dispatch!`]).
+
+use rayon::prelude::*;
+
+use super::{Activation, AttentionShape, SeqLayout};
+
+/// Calls `$generic` through a copy compiled for AVX-512 or AVX2+FMA when the
+/// processor has it, else the baseline build. The generic bodies are
+/// `#[inline(always)]` so each copy is vectorised for its own ISA.
+macro_rules! dispatch {
+    ($generic:ident($($arg:expr),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx512vl,avx512dq,fma")]
+            unsafe fn avx512<F: FnOnce() -> R, R>(f: F) -> R { f() }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2<F: FnOnce() -> R, R>(f: F) -> R { f() }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the processor supports the enabled features (checked above).
+                unsafe { avx512(|| $generic($($arg),*)) }
+            } else if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: as above.
+                unsafe { avx2(|| $generic($($arg),*)) }
+            } else {
+                $generic($($arg),*)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $generic($($arg),*)
+        }
+    }};
+}
+
+const LANES: usize = 16;
+
+/// Dot product with 16 independent accumulators, so it vectorises without
+/// reassociating a single running sum.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ac, ar) = a.split_at(a.len() / LANES * LANES);
+    let (bc, br) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(LANES).zip(bc.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            acc[l] = x[l].mul_add(y[l], acc[l]);
+        }
+    }
+    let mut sum = acc.iter().sum::<f32>();
+    for (x, y) in ar.iter().zip(br) {
+        sum = x.mul_add(*y, sum);
+    }
+    sum
+}
+
+/// `y += a · x`.
+#[inline(always)]
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y = a.mul_add(*x, *y);
+    }
+}
+
+/// e^x for x ≤ 0 ranges used here (softmax, erf): Cody–Waite range
+/// reduction and a degree-6 polynomial; relative error below 2e-7.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E).round();
+    let r = n.mul_add(-0.693_145_75, x);
+    let r = n.mul_add(-1.428_606_8e-6, r);
+    let p = 1.0 / 720.0;
+    let p = p * r + 1.0 / 120.0;
+    let p = p * r + 1.0 / 24.0;
+    let p = p * r + 1.0 / 6.0;
+    let p = p * r + 0.5;
+    let p = p * r + 1.0;
+    let p = p * r + 1.0;
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), branch
+/// free so it vectorises.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / 0.327_591_1f32.mul_add(a, 1.0);
+    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let y = 1.0 - poly * exp(-a * a);
+    y.copysign(x)
+}
+
+#[inline(always)]
+fn activate_rows(out: &mut [f32], bias: Option<&[f32]>, act: Activation, n: usize) {
+    for row in out.chunks_exact_mut(n) {
+        if let Some(bias) = bias {
+            for (o, b) in row.iter_mut().zip(bias) {
+                *o += b;
+            }
+        }
+        match act {
+            Activation::None => {}
+            Activation::Gelu => {
+                for o in row.iter_mut() {
+                    *o = 0.5 * *o * (1.0 + erf(*o * std::f32::consts::FRAC_1_SQRT_2));
+                }
+            }
+            Activation::Tanh => {
+                for o in row.iter_mut() {
+                    let e = exp(-2.0 * o.abs());
+                    *o = ((1.0 - e) / (1.0 + e)).copysign(*o);
+                }
+            }
+        }
+    }
+}
+
+/// Rows per parallel task for row-wise ops: big enough to amortise the task.
+fn rows_per_task(width: usize) -> usize {
+    (16_384 / width.max(1)).max(1)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn linear(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    act: Activation,
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    let parallelism = if m * n * k >= 1 << 18 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: slices are row-major with the stated sizes (checked by the
+    // caller): x is m×k, w is k×n, out is m×n; strides follow from them.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    if bias.is_some() || act != Activation::None {
+        out.par_chunks_mut(n * rows_per_task(n))
+            .for_each(|rows| dispatch!(activate_rows(rows, bias, act, n)));
+    }
+}
+
+#[inline(always)]
+fn layer_norm_rows(x: &mut [f32], residual: Option<&[f32]>, gamma: &[f32], beta: &[f32], eps: f32, width: usize) {
+    for (i, row) in x.chunks_exact_mut(width).enumerate() {
+        if let Some(residual) = residual {
+            for (v, r) in row.iter_mut().zip(&residual[i * width..(i + 1) * width]) {
+                *v += r;
+            }
+        }
+        let mut acc = [0f32; LANES];
+        for chunk in row.chunks(LANES) {
+            for (a, v) in acc.iter_mut().zip(chunk) {
+                *a += v;
+            }
+        }
+        let mean = acc.iter().sum::<f32>() / width as f32;
+        let mut acc = [0f32; LANES];
+        for chunk in row.chunks(LANES) {
+            for (a, v) in acc.iter_mut().zip(chunk) {
+                let d = v - mean;
+                *a = d.mul_add(d, *a);
+            }
+        }
+        let inv = 1.0 / (acc.iter().sum::<f32>() / width as f32 + eps).sqrt();
+        for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+            *v = ((*v - mean) * inv).mul_add(*g, *b);
+        }
+    }
+}
+
+pub(super) fn add_layer_norm(
+    x: &mut [f32],
+    residual: Option<&[f32]>,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    width: usize,
+) {
+    let rows = rows_per_task(width);
+    x.par_chunks_mut(width * rows).enumerate().for_each(|(task, chunk)| {
+        let residual = residual.map(|r| &r[task * rows * width..task * rows * width + chunk.len()]);
+        dispatch!(layer_norm_rows(chunk, residual, gamma, beta, eps, width))
+    });
+}
+
+pub(super) fn embed(table: &[f32], ids: &[u32], extra: &[(&[f32], &[u32])], width: usize, out: &mut [f32]) {
+    for (t, row) in out.chunks_exact_mut(width).enumerate() {
+        let id = ids[t] as usize;
+        row.copy_from_slice(&table[id * width..(id + 1) * width]);
+        for (table, ids) in extra {
+            let id = ids[t] as usize;
+            for (o, v) in row.iter_mut().zip(&table[id * width..(id + 1) * width]) {
+                *o += v;
+            }
+        }
+    }
+}
+
+/// One head of one sequence: softmax(Q Kᵀ / √d) V, written into `out` rows.
+#[inline(always)]
+fn attend_head(
+    qkv: &[f32],
+    rows: std::ops::Range<usize>,
+    head: usize,
+    shape: AttentionShape,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let (d, hidden) = (shape.head_dim, shape.heads * shape.head_dim);
+    let stride = 3 * hidden;
+    let len = rows.len();
+    let scale = 1.0 / (d as f32).sqrt();
+    let q = |t: usize| &qkv[(rows.start + t) * stride + head * d..][..d];
+    let k = |t: usize| &qkv[(rows.start + t) * stride + hidden + head * d..][..d];
+    let v = |t: usize| &qkv[(rows.start + t) * stride + 2 * hidden + head * d..][..d];
+    scores.resize(len, 0.0);
+    for i in 0..len {
+        let qi = q(i);
+        let mut max = f32::NEG_INFINITY;
+        for (j, s) in scores.iter_mut().enumerate() {
+            *s = dot(qi, k(j)) * scale;
+            max = max.max(*s);
+        }
+        let mut sum = 0.0;
+        for s in scores.iter_mut() {
+            *s = exp(*s - max);
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        let o = &mut out[i * hidden + head * d..][..d];
+        o.fill(0.0);
+        for (j, s) in scores.iter().enumerate() {
+            axpy(o, s * inv, v(j));
+        }
+    }
+}
+
+pub(super) fn attention(qkv: &[f32], layout: &SeqLayout, shape: AttentionShape, out: &mut [f32]) {
+    let hidden = shape.heads * shape.head_dim;
+    // Split the output by sequence, then run (sequence, head) pairs in parallel.
+    let mut per_seq: Vec<(usize, &mut [f32])> = Vec::with_capacity(layout.len());
+    let mut rest = out;
+    for seq in 0..layout.len() {
+        let (mine, tail) = rest.split_at_mut(layout.range(seq).len() * hidden);
+        per_seq.push((seq, mine));
+        rest = tail;
+    }
+    per_seq.into_par_iter().for_each(|(seq, seq_out)| {
+        let mut scores = Vec::new();
+        for head in 0..shape.heads {
+            dispatch!(attend_head(qkv, layout.range(seq), head, shape, &mut scores, seq_out));
+        }
+    });
+}
+
+pub(super) fn mean_pool(x: &[f32], layout: &SeqLayout, width: usize, out: &mut [f32]) {
+    for (seq, pooled) in out.chunks_exact_mut(width).enumerate() {
+        let rows = layout.range(seq);
+        let n = rows.len().max(1) as f32;
+        for row in rows {
+            for (p, v) in pooled.iter_mut().zip(&x[row * width..(row + 1) * width]) {
+                *p += v;
+            }
+        }
+        for p in pooled.iter_mut() {
+            *p /= n;
+        }
+    }
+}
+
+pub(super) fn l2_normalize(x: &mut [f32], width: usize) {
+    for row in x.chunks_exact_mut(width) {
+        let norm = dot(row, row).sqrt().max(1e-12);
+        for v in row.iter_mut() {
+            *v /= norm;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_and_erf_match_libm() {
+        for i in -4000..=4000 {
+            let x = i as f32 / 500.0;
+            let (e, want) = (exp(x), x.exp());
+            assert!(((e - want) / want).abs() < 3e-7, "exp({x}) = {e}, want {want}");
+            let (erf_x, want) = (erf(x), libm::erff(x));
+            assert!((erf_x - want).abs() < 2e-7, "erf({x}) = {erf_x}, want {want}");
+        }
+    }
+
+    #[test]
+    fn dot_matches_naive_sum_for_odd_lengths() {
+        for len in [0, 1, 15, 16, 17, 33, 384] {
+            let a: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..len).map(|i| (i as f32 * 0.11).cos()).collect();
+            let naive: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            assert!((dot(&a, &b) as f64 - naive).abs() < 1e-4, "len {len}");
+        }
+    }
+}

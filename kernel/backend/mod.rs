@@ -1,0 +1,254 @@
+//! The compute layer: a small set of coarse, fused ops that model code is
+//! written against, and a closed set of devices that implement them. The CPU
+//! backend is the executable specification; a CUDA backend implements the
+//! same ops over device-resident buffers and is tested against it.
+//!
+//! Activations are *ragged*: a batch of sequences is packed into one
+//! `[total_tokens, hidden]` matrix with a [`SeqLayout`] giving each
+//! sequence's offset, so no FLOP is spent on padding.
+
+mod cpu;
+
+use crate::error::{Error, Result};
+
+/// A dense row-major f32 tensor on a device.
+#[derive(Debug, Clone)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    storage: Storage,
+}
+
+#[derive(Debug, Clone)]
+enum Storage {
+    Cpu(Vec<f32>),
+}
+
+impl Tensor {
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn rows(&self) -> usize {
+        self.shape[0]
+    }
+
+    /// Size of the last dimension.
+    pub fn cols(&self) -> usize {
+        *self.shape.last().unwrap_or(&1)
+    }
+
+    /// Copies the values to the host (a device sync on GPU backends; call
+    /// it once per request, never inside a forward pass).
+    pub fn to_host(&self) -> Vec<f32> {
+        match &self.storage {
+            Storage::Cpu(data) => data.clone(),
+        }
+    }
+
+    fn cpu(&self) -> &[f32] {
+        match &self.storage {
+            Storage::Cpu(data) => data,
+        }
+    }
+
+    fn cpu_mut(&mut self) -> &mut [f32] {
+        match &mut self.storage {
+            Storage::Cpu(data) => data,
+        }
+    }
+}
+
+/// Where each sequence of a ragged batch lives: sequence `i` is rows
+/// `offsets[i]..offsets[i + 1]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqLayout {
+    offsets: Vec<usize>,
+}
+
+impl SeqLayout {
+    pub fn from_lengths(lengths: &[usize]) -> Self {
+        let mut offsets = Vec::with_capacity(lengths.len() + 1);
+        offsets.push(0);
+        for len in lengths {
+            offsets.push(offsets.last().expect("non-empty") + len);
+        }
+        SeqLayout { offsets }
+    }
+
+    pub fn len(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn total_tokens(&self) -> usize {
+        *self.offsets.last().expect("non-empty")
+    }
+
+    pub fn range(&self, seq: usize) -> std::ops::Range<usize> {
+        self.offsets[seq]..self.offsets[seq + 1]
+    }
+}
+
+/// Epilogue fused into a matmul.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    None,
+    /// Exact GELU, `x * Φ(x)` with the error function (BERT's "gelu").
+    Gelu,
+    Tanh,
+}
+
+/// Shapes for multi-head self-attention over a fused QKV projection.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+/// The devices aitl runs on. Chosen at run time; model code is the same.
+#[derive(Debug, Clone)]
+pub enum Device {
+    Cpu,
+}
+
+impl Device {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+        }
+    }
+
+    /// Uploads host values.
+    pub fn tensor(&self, shape: &[usize], data: Vec<f32>) -> Result<Tensor> {
+        let expected: usize = shape.iter().product();
+        if data.len() != expected {
+            return Err(Error::Internal(format!(
+                "tensor of shape {shape:?} needs {expected} values, got {}",
+                data.len()
+            )));
+        }
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::Cpu(data),
+        })
+    }
+
+    /// `x[m, k] · w[k, n] + bias[n]`, then `act`. `w` is stored `[k, n]`.
+    pub fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+        let (m, k, n) = (x.rows(), x.cols(), w.cols());
+        if w.rows() != k || bias.is_some_and(|b| b.cols() != n) {
+            return Err(Error::Internal(format!(
+                "linear: x {:?}, w {:?}, bias {:?} do not fit",
+                x.shape,
+                w.shape,
+                bias.map(|b| b.shape.clone())
+            )));
+        }
+        match self {
+            Device::Cpu => {
+                let mut out = vec![0f32; m * n];
+                cpu::linear(x.cpu(), w.cpu(), bias.map(|b| b.cpu()), act, m, k, n, &mut out);
+                self.tensor(&[m, n], out)
+            }
+        }
+    }
+
+    /// `LayerNorm(x + residual)` over the last dimension, in place in `x`.
+    pub fn add_layer_norm(
+        &self,
+        x: &mut Tensor,
+        residual: Option<&Tensor>,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+    ) -> Result<()> {
+        let width = x.cols();
+        if gamma.cols() != width || beta.cols() != width || residual.is_some_and(|r| r.shape != x.shape) {
+            return Err(Error::Internal("add_layer_norm: shapes do not fit".into()));
+        }
+        match self {
+            Device::Cpu => cpu::add_layer_norm(
+                x.cpu_mut(),
+                residual.map(|r| r.cpu()),
+                gamma.cpu(),
+                beta.cpu(),
+                eps,
+                width,
+            ),
+        }
+        Ok(())
+    }
+
+    /// Gathers rows of `table` (`[vocab, width]`) by `ids` and adds the rows
+    /// of each `extra` table gathered by its own ids: BERT's word + position +
+    /// token-type embedding.
+    pub fn embed(&self, table: &Tensor, ids: &[u32], extra: &[(&Tensor, &[u32])]) -> Result<Tensor> {
+        let width = table.cols();
+        let fits = |t: &Tensor, some: &[u32]| t.cols() == width && some.iter().all(|&i| (i as usize) < t.rows());
+        if !fits(table, ids) || extra.iter().any(|(t, some)| some.len() != ids.len() || !fits(t, some)) {
+            return Err(Error::InvalidArgument("token id outside the embedding table".into()));
+        }
+        match self {
+            Device::Cpu => {
+                let mut out = vec![0f32; ids.len() * width];
+                let extra: Vec<(&[f32], &[u32])> = extra.iter().map(|(t, i)| (t.cpu(), *i)).collect();
+                cpu::embed(table.cpu(), ids, &extra, width, &mut out);
+                self.tensor(&[ids.len(), width], out)
+            }
+        }
+    }
+
+    /// Bidirectional multi-head attention within each sequence. `qkv` is
+    /// `[tokens, 3 · heads · head_dim]` (Q, K, V blocks side by side); the
+    /// result is `[tokens, heads · head_dim]`.
+    pub fn attention(&self, qkv: &Tensor, layout: &SeqLayout, shape: AttentionShape) -> Result<Tensor> {
+        let hidden = shape.heads * shape.head_dim;
+        if qkv.cols() != 3 * hidden || qkv.rows() != layout.total_tokens() {
+            return Err(Error::Internal(format!(
+                "attention: qkv {:?} does not fit {shape:?}",
+                qkv.shape
+            )));
+        }
+        match self {
+            Device::Cpu => {
+                let mut out = vec![0f32; qkv.rows() * hidden];
+                cpu::attention(qkv.cpu(), layout, shape, &mut out);
+                self.tensor(&[qkv.rows(), hidden], out)
+            }
+        }
+    }
+
+    /// Mean of each sequence's rows (`[sequences, width]`).
+    pub fn mean_pool(&self, x: &Tensor, layout: &SeqLayout) -> Result<Tensor> {
+        let width = x.cols();
+        match self {
+            Device::Cpu => {
+                let mut out = vec![0f32; layout.len() * width];
+                cpu::mean_pool(x.cpu(), layout, width, &mut out);
+                self.tensor(&[layout.len(), width], out)
+            }
+        }
+    }
+
+    /// The first row of each sequence (`[sequences, width]`): CLS pooling.
+    pub fn first_rows(&self, x: &Tensor, layout: &SeqLayout) -> Result<Tensor> {
+        let width = x.cols();
+        let mut out = Vec::with_capacity(layout.len() * width);
+        for seq in 0..layout.len() {
+            let row = layout.range(seq).start;
+            out.extend_from_slice(&x.cpu()[row * width..(row + 1) * width]);
+        }
+        self.tensor(&[layout.len(), width], out)
+    }
+
+    /// Scales each row to unit L2 norm, in place.
+    pub fn l2_normalize(&self, x: &mut Tensor) {
+        let width = x.cols();
+        match self {
+            Device::Cpu => cpu::l2_normalize(x.cpu_mut(), width),
+        }
+    }
+}

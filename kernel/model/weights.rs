@@ -1,0 +1,156 @@
+//! Named tensors from a safetensors file (memory-mapped), converted to f32 on
+//! the target device. Names may carry an architecture prefix (`bert.`).
+
+use std::{fs::File, path::Path};
+
+use safetensors::{Dtype, SafeTensors};
+
+use crate::{
+    backend::{Device, Tensor},
+    error::{Error, Result},
+};
+
+pub struct SafetensorsFile {
+    map: memmap2::Mmap,
+    path: String,
+}
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file =
+            File::open(path).map_err(|e| Error::NotFound(format!("cannot open weights {}: {e}", path.display())))?;
+        // SAFETY: the file is opened read-only and model files are not
+        // modified while a server runs; a concurrent writer would be an
+        // operator error that at worst corrupts this model's weights.
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|e| Error::Internal(format!("cannot map {}: {e}", path.display())))?;
+        let this = SafetensorsFile {
+            map,
+            path: path.display().to_string(),
+        };
+        this.parse()?;
+        Ok(this)
+    }
+
+    fn parse(&self) -> Result<SafeTensors<'_>> {
+        SafeTensors::deserialize(&self.map)
+            .map_err(|e| Error::InvalidArgument(format!("{} is not a safetensors file: {e}", self.path)))
+    }
+
+    /// Every tensor name, for diagnostics.
+    pub fn names(&self) -> Vec<String> {
+        self.parse()
+            .map(|t| t.names().into_iter().map(String::from).collect())
+            .unwrap_or_default()
+    }
+
+    /// Loads `name` (or `{prefix}{name}` for a known prefix) as f32 values
+    /// with its shape.
+    pub fn load(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let tensors = self.parse()?;
+        let view = ["", "bert.", "model."]
+            .iter()
+            .find_map(|prefix| tensors.tensor(&format!("{prefix}{name}")).ok())
+            .ok_or_else(|| Error::InvalidArgument(format!("{} has no tensor {name:?}", self.path)))?;
+        let bytes = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+                .collect(),
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: tensor {name:?} has dtype {other:?}; f32, f16 and bf16 are supported",
+                    self.path
+                )));
+            }
+        };
+        Ok((view.shape().to_vec(), values))
+    }
+
+    /// Loads a tensor and checks its shape.
+    pub fn tensor(&self, device: &Device, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let (found, values) = self.load(name)?;
+        if found != shape {
+            return Err(Error::InvalidArgument(format!(
+                "{}: tensor {name:?} has shape {found:?}, the config implies {shape:?}",
+                self.path
+            )));
+        }
+        device.tensor(shape, values)
+    }
+
+    /// Loads PyTorch `Linear` weights (`[out, in]`) transposed to `[in, out]`,
+    /// the layout the backend's `linear` takes; several are concatenated
+    /// along `out` (fused projections such as Q, K, V).
+    pub fn linear(&self, device: &Device, names: &[&str], inputs: usize, outputs: usize) -> Result<(Tensor, Tensor)> {
+        let total = outputs * names.len();
+        let mut weight = vec![0f32; inputs * total];
+        let mut bias = Vec::with_capacity(total);
+        for (part, name) in names.iter().enumerate() {
+            let (shape, w) = self.load(&format!("{name}.weight"))?;
+            if shape != [outputs, inputs] {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: {name}.weight has shape {shape:?}, expected [{outputs}, {inputs}]",
+                    self.path
+                )));
+            }
+            for o in 0..outputs {
+                for i in 0..inputs {
+                    weight[i * total + part * outputs + o] = w[o * inputs + i];
+                }
+            }
+            let (shape, b) = self.load(&format!("{name}.bias"))?;
+            if shape != [outputs] {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: {name}.bias has shape {shape:?}, expected [{outputs}]",
+                    self.path
+                )));
+            }
+            bias.extend(b);
+        }
+        Ok((device.tensor(&[inputs, total], weight)?, device.tensor(&[total], bias)?))
+    }
+}
+
+/// IEEE half to single precision (subnormals included).
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let mant = (h & 0x3ff) as u32;
+    let bits = match (exp, mant) {
+        (0, 0) => sign,
+        (0, m) => {
+            // Subnormal: normalise the mantissa.
+            let shift = m.leading_zeros() - 21;
+            sign | ((113 - shift) << 23) | (((m << shift) & 0x3ff) << 13)
+        }
+        (0x1f, m) => sign | 0x7f80_0000 | (m << 13),
+        (e, m) => sign | ((e + 112) << 23) | (m << 13),
+    };
+    f32::from_bits(bits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::f16_to_f32;
+
+    #[test]
+    fn half_precision_decodes_normals_subnormals_and_specials() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x7bff), 65504.0);
+        assert_eq!(f16_to_f32(0x0001), 5.960_464_5e-8);
+        assert_eq!(f16_to_f32(0x0200), 3.051_757_8e-5);
+        assert!(f16_to_f32(0x7c00).is_infinite());
+        assert!(f16_to_f32(0x7e00).is_nan());
+    }
+}
