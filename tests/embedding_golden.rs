@@ -21,22 +21,12 @@ fn minilm_matches_sentence_transformers() {
     let dir = common::default_embedder_dir();
     let device = Device::Cpu;
     let embedder = SentenceEmbedder::load(&device, &dir).unwrap();
-    assert_eq!(
-        embedder.max_seq_length() as u64,
-        fixture["max_seq_length"].as_u64().unwrap()
-    );
+    assert_eq!(embedder.max_seq_length() as u64, fixture["max_seq_length"].as_u64().unwrap());
     let cases = fixture["cases"].as_array().unwrap();
     let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
     let want: Vec<Vec<f32>> = cases
         .iter()
-        .map(|c| {
-            c["embedding"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap() as f32)
-                .collect()
-        })
+        .map(|c| c["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect())
         .collect();
     assert!(texts.len() >= 20);
 
@@ -47,10 +37,7 @@ fn minilm_matches_sentence_transformers() {
         worst = worst.min(c);
         assert!(c >= 0.9999, "cosine {c} for {text:?}");
     }
-    println!(
-        "worst cosine to sentence-transformers over {} texts: {worst:.7}",
-        texts.len()
-    );
+    println!("worst cosine to sentence-transformers over {} texts: {worst:.7}", texts.len());
 
     let mut max_diff = 0f32;
     for (text, batched) in texts.iter().zip(&batched) {

@@ -36,10 +36,8 @@ fn python_env(repo: &Path) -> PathBuf {
         let _ = std::fs::remove_dir_all(&env);
         run(Command::new("python3").args(["-m", "venv"]).arg(&env))
             .unwrap_or_else(|e| panic!("this test needs python3 with venv: {e}"));
-        run(Command::new(&python)
-            .args(["-m", "pip", "install", "-q", "-r"])
-            .arg(&requirements))
-        .unwrap_or_else(|e| panic!("installing the Python client's requirements (PyPI must be reachable): {e}"));
+        run(Command::new(&python).args(["-m", "pip", "install", "-q", "-r"]).arg(&requirements))
+            .unwrap_or_else(|e| panic!("installing the Python client's requirements (PyPI must be reachable): {e}"));
         std::fs::write(&stamp, wanted).unwrap();
     }
     python
@@ -57,13 +55,8 @@ async fn python_client() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path()).await;
     let (_, mut kb) = clients(&server).await;
-    let objects = vec![
-        knowledge("py-k1", "Refunds within 30 days."),
-        knowledge("py-k2", "Exchanges are free."),
-    ];
-    kb.upsert_knowledge(tokio_stream::iter(vec![UpsertKnowledgeRequest { objects }]))
-        .await
-        .unwrap();
+    let objects = vec![knowledge("py-k1", "Refunds within 30 days."), knowledge("py-k2", "Exchanges are free.")];
+    kb.upsert_knowledge(tokio_stream::iter(vec![UpsertKnowledgeRequest { objects }])).await.unwrap();
     let ix = generate_interaction(&["py-k1", "py-k2"]);
     server.state.interactions.record(ix.clone()).await.unwrap();
     let seed = serde_json::json!({

@@ -74,12 +74,7 @@ fn torn_tail_at_every_offset_of_the_last_record_recovers_all_earlier_records() {
         let copy = tempfile::tempdir().unwrap();
         copy_dir(dir.path(), copy.path());
         let torn = copy.path().join(segment.file_name().unwrap());
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&torn)
-            .unwrap()
-            .set_len(cut)
-            .unwrap();
+        std::fs::OpenOptions::new().write(true).open(&torn).unwrap().set_len(cut).unwrap();
         let (log, report) = TrainingLog::open(copy.path(), LogOptions::default()).unwrap();
         assert_eq!(report.records, 19, "cut at {cut}");
         assert_eq!(report.next_sequence, 20);
@@ -119,9 +114,7 @@ fn a_flipped_bit_before_the_tail_is_reported_with_file_and_offset() {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[flip_at as usize] ^= 0x10;
         std::fs::write(&path, &bytes).unwrap();
-        let err = TrainingLog::open(copy.path(), LogOptions::default())
-            .err()
-            .expect("corruption is refused");
+        let err = TrainingLog::open(copy.path(), LogOptions::default()).err().expect("corruption is refused");
         match &err {
             LogError::Corrupt { path: p, offset, .. } => {
                 assert_eq!(p, &path);
@@ -130,27 +123,17 @@ fn a_flipped_bit_before_the_tail_is_reported_with_file_and_offset() {
             other => panic!("expected Corrupt, got {other}"),
         }
         assert!(err.to_string().contains(&format!("byte offset {fifth_record_at}")));
-        assert!(
-            LogReader::new(copy.path())
-                .read_from(1, |_| ControlFlow::Continue(()))
-                .is_err()
-        );
+        assert!(LogReader::new(copy.path()).read_from(1, |_| ControlFlow::Continue(())).is_err());
     }
 }
 
 #[test]
 fn segments_roll_over_and_concurrent_appends_keep_dense_order() {
     let dir = tempfile::tempdir().unwrap();
-    let options = LogOptions {
-        segment_bytes: 4096,
-        ..LogOptions::default()
-    };
+    let options = LogOptions { segment_bytes: 4096, ..LogOptions::default() };
     let (log, _) = TrainingLog::open(dir.path(), options.clone()).unwrap();
     let log = Arc::new(log);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
     let sequences: Vec<u64> = rt.block_on(async {
         let tasks: Vec<_> = (0..64u64)
             .map(|client| {
@@ -167,10 +150,7 @@ fn segments_roll_over_and_concurrent_appends_keep_dense_order() {
         let mut all = Vec::new();
         for task in tasks {
             let seqs = task.await.unwrap();
-            assert!(
-                seqs.windows(2).all(|w| w[0] < w[1]),
-                "one client's appends keep their order"
-            );
+            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "one client's appends keep their order");
             all.extend(seqs);
         }
         all
@@ -187,26 +167,17 @@ fn segments_roll_over_and_concurrent_appends_keep_dense_order() {
     let ids = read_ids(dir.path());
     assert_eq!(ids.len(), 1600);
     let (log, report) = TrainingLog::open(dir.path(), options).unwrap();
-    assert_eq!(
-        (report.records, report.next_sequence, report.segments),
-        (1600, 1601, segments)
-    );
+    assert_eq!((report.records, report.next_sequence, report.segments), (1600, 1601, segments));
     log.close();
     let stats = LogReader::new(dir.path()).stats().unwrap();
-    assert_eq!(
-        (stats.records, stats.interactions, stats.last_sequence),
-        (1600, 1600, Some(1600))
-    );
+    assert_eq!((stats.records, stats.interactions, stats.last_sequence), (1600, 1600, Some(1600)));
 }
 
 #[test]
 fn a_second_writer_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (log, _) = TrainingLog::open(dir.path(), LogOptions::default()).unwrap();
-    assert!(matches!(
-        TrainingLog::open(dir.path(), LogOptions::default()),
-        Err(LogError::Locked(_))
-    ));
+    assert!(matches!(TrainingLog::open(dir.path(), LogOptions::default()), Err(LogError::Locked(_))));
     log.close();
     TrainingLog::open(dir.path(), LogOptions::default()).unwrap().0.close();
 }
@@ -223,21 +194,12 @@ fn serve_refuses_a_corrupt_log_naming_file_and_offset() {
     bytes[16 + 3] ^= 1; // first record's length field
     std::fs::write(&segment, &bytes).unwrap();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_aitl"))
-        .args([
-            "--data-dir",
-            dir.path().to_str().unwrap(),
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-        ])
+        .args(["--data-dir", dir.path().to_str().unwrap(), "serve", "--listen", "127.0.0.1:0"])
         .output()
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains(&segment.display().to_string()) && stderr.contains("byte offset 16"),
-        "{stderr}"
-    );
+    assert!(stderr.contains(&segment.display().to_string()) && stderr.contains("byte offset 16"), "{stderr}");
 }
 
 #[test]
@@ -248,15 +210,7 @@ fn a_reader_beside_a_live_writer_stops_at_the_durable_watermark() {
     assert_eq!(read_ids(dir.path()).len(), 3);
     // As if record 3 were written but its fsync still pending.
     std::fs::write(dir.path().join("DURABLE"), 3u64.to_le_bytes()).unwrap();
-    assert_eq!(
-        read_ids(dir.path()).len(),
-        2,
-        "a live writer's unsynced records stay invisible"
-    );
+    assert_eq!(read_ids(dir.path()).len(), 2, "a live writer's unsynced records stay invisible");
     log.close();
-    assert_eq!(
-        read_ids(dir.path()).len(),
-        3,
-        "with no writer, every whole frame is durable"
-    );
+    assert_eq!(read_ids(dir.path()).len(), 3, "with no writer, every whole frame is durable");
 }

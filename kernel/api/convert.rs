@@ -49,19 +49,12 @@ pub fn check_id(field: &str, value: &str, max: usize) -> Result<()> {
 }
 
 pub fn check_optional_id(field: &str, value: &str, max: usize) -> Result<()> {
-    if value.is_empty() {
-        Ok(())
-    } else {
-        check_id(field, value, max)
-    }
+    if value.is_empty() { Ok(()) } else { check_id(field, value, max) }
 }
 
 pub fn check_len(field: &str, value: &str, max: usize) -> Result<()> {
     if value.len() > max {
-        return Err(Error::invalid(
-            field,
-            format!("is {} bytes; the limit is {max} bytes", value.len()),
-        ));
+        return Err(Error::invalid(field, format!("is {} bytes; the limit is {max} bytes", value.len())));
     }
     Ok(())
 }
@@ -75,10 +68,9 @@ pub fn check_text(field: &str, value: &str, max: usize) -> Result<()> {
 
 fn check_kind(field: &str, kind: i32) -> Result<KnowledgeKind> {
     match KnowledgeKind::try_from(kind) {
-        Ok(KnowledgeKind::Unspecified) | Err(_) => Err(Error::invalid(
-            field,
-            format!("{kind} is not a knowledge kind; use POLICY, CASE, FAQ or OTHER"),
-        )),
+        Ok(KnowledgeKind::Unspecified) | Err(_) => {
+            Err(Error::invalid(field, format!("{kind} is not a knowledge kind; use POLICY, CASE, FAQ or OTHER")))
+        }
         Ok(kind) => Ok(kind),
     }
 }
@@ -149,17 +141,11 @@ fn check_turns(field: &str, turns: &[ConversationTurn], required: bool) -> Resul
         return Err(Error::invalid(field, "needs at least one turn"));
     }
     if turns.len() > MAX_TURNS {
-        return Err(Error::invalid(
-            field,
-            format!("has {} turns; the limit is {MAX_TURNS}", turns.len()),
-        ));
+        return Err(Error::invalid(field, format!("has {} turns; the limit is {MAX_TURNS}", turns.len())));
     }
     for (i, turn) in turns.iter().enumerate() {
         if !matches!(Speaker::try_from(turn.speaker), Ok(Speaker::Customer | Speaker::Agent)) {
-            return Err(Error::invalid(
-                &format!("{field}[{i}].speaker"),
-                "must be CUSTOMER or AGENT",
-            ));
+            return Err(Error::invalid(&format!("{field}[{i}].speaker"), "must be CUSTOMER or AGENT"));
         }
         check_text(&format!("{field}[{i}].text"), &turn.text, MAX_TURN_BYTES)?;
     }
@@ -168,19 +154,13 @@ fn check_turns(field: &str, turns: &[ConversationTurn], required: bool) -> Resul
 
 pub fn check_knowledge_ids(field: &str, ids: &[String]) -> Result<()> {
     if ids.is_empty() || ids.len() > MAX_ITEMS {
-        return Err(Error::invalid(
-            field,
-            format!("has {} ids; send 1 to {MAX_ITEMS}", ids.len()),
-        ));
+        return Err(Error::invalid(field, format!("has {} ids; send 1 to {MAX_ITEMS}", ids.len())));
     }
     let mut seen = HashSet::new();
     for (i, id) in ids.iter().enumerate() {
         check_id(&format!("{field}[{i}]"), id, MAX_ID_BYTES)?;
         if !seen.insert(id.as_str()) {
-            return Err(Error::invalid(
-                &format!("{field}[{i}]"),
-                format!("{id:?} appears twice"),
-            ));
+            return Err(Error::invalid(&format!("{field}[{i}]"), format!("{id:?} appears twice")));
         }
     }
     Ok(())
@@ -190,10 +170,7 @@ pub fn check_retrieve(req: &RetrieveRequest) -> Result<()> {
     check_text("query", &req.query, MAX_QUERY_BYTES)?;
     check_turns("context", &req.context, false)?;
     if req.top_k > MAX_TOP_K {
-        return Err(Error::invalid(
-            "top_k",
-            format!("is {}; the limit is {MAX_TOP_K}", req.top_k),
-        ));
+        return Err(Error::invalid("top_k", format!("is {}; the limit is {MAX_TOP_K}", req.top_k)));
     }
     check_filter("filter", req.filter.as_ref())?;
     check_request_context("request_context", req.request_context.as_ref())
@@ -204,10 +181,7 @@ pub fn check_rank(req: &RankRequest) -> Result<()> {
     check_turns("context", &req.context, false)?;
     match &req.candidates {
         None => {
-            return Err(Error::invalid(
-                "candidates",
-                "set one of knowledge_ids, retrieve_interaction_id, passages",
-            ));
+            return Err(Error::invalid("candidates", "set one of knowledge_ids, retrieve_interaction_id, passages"));
         }
         Some(rank_request::Candidates::KnowledgeIds(ids)) => check_knowledge_ids("knowledge_ids.ids", &ids.ids)?,
         Some(rank_request::Candidates::RetrieveInteractionId(id)) => {
@@ -232,10 +206,7 @@ fn check_sampling(field: &str, sampling: Option<&SamplingParams>) -> Result<()> 
     let Some(s) = sampling else { return Ok(()) };
     let in_range = |name: &str, value: f32, max: f32| -> Result<()> {
         if !value.is_finite() || value < 0.0 || value > max {
-            return Err(Error::invalid(
-                &format!("{field}.{name}"),
-                format!("is {value}; use 0 to {max}"),
-            ));
+            return Err(Error::invalid(&format!("{field}.{name}"), format!("is {value}; use 0 to {max}")));
         }
         Ok(())
     };

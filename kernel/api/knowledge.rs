@@ -43,9 +43,11 @@ impl KnowledgeService for Knowledge {
             };
             convert::check_upsert_batch(&batch.objects).map_err(committed)?;
             let kb = self.state.kb.clone();
-            let outcome = blocking(move || Ok(kb.upsert_batch(batch.objects)?))
-                .await
-                .map_err(committed)?;
+            let (outcome, written) = blocking(move || Ok(kb.upsert_batch(batch.objects)?)).await.map_err(committed)?;
+            if let Some(semantic) = &self.state.semantic {
+                // Searchable before the call returns: a Retrieve right after sees it.
+                semantic.index_objects(&written).await.map_err(committed)?;
+            }
             totals.inserted += outcome.inserted;
             totals.updated += outcome.updated;
             totals.unchanged += outcome.unchanged;
@@ -61,7 +63,11 @@ impl KnowledgeService for Knowledge {
         let id = request.into_inner().id;
         convert::check_id("id", &id, convert::MAX_ID_BYTES)?;
         let kb = self.state.kb.clone();
+        let removed = id.clone();
         let version = blocking(move || Ok(kb.delete(&id)?)).await?;
+        if let Some(semantic) = &self.state.semantic {
+            semantic.remove(&removed);
+        }
         Ok(Response::new(DeleteKnowledgeResponse { version }))
     }
 
@@ -82,7 +88,7 @@ impl KnowledgeService for Knowledge {
             0 => convert::DEFAULT_PAGE_SIZE,
             n if n > convert::MAX_PAGE_SIZE => {
                 return Err(
-                    Error::invalid("page_size", format!("is {n}; the limit is {}", convert::MAX_PAGE_SIZE)).into(),
+                    Error::invalid("page_size", format!("is {n}; the limit is {}", convert::MAX_PAGE_SIZE)).into()
                 );
             }
             n => n,
@@ -92,12 +98,7 @@ impl KnowledgeService for Knowledge {
         let kb = self.state.kb.clone();
         let page = blocking(move || {
             let after = (!req.page_token.is_empty()).then_some(req.page_token.as_str());
-            Ok(kb.list(
-                after,
-                page_size as usize,
-                &req.filter.unwrap_or_default(),
-                req.include_deleted,
-            )?)
+            Ok(kb.list(after, page_size as usize, &req.filter.unwrap_or_default(), req.include_deleted)?)
         })
         .await?;
         Ok(Response::new(ListKnowledgeResponse {

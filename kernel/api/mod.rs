@@ -13,7 +13,7 @@ pub use support::Support;
 
 use crate::{
     feedback::{AnnotationIntake, InteractionBook},
-    kb::KnowledgeStore,
+    kb::{KnowledgeStore, QueryComposition, SemanticIndex},
     trainlog::TrainingLog,
 };
 
@@ -23,6 +23,10 @@ pub struct AppState {
     pub log: TrainingLog,
     pub interactions: Arc<InteractionBook>,
     pub annotations: AnnotationIntake,
+    /// None when no embedding model is configured.
+    pub semantic: Option<Arc<SemanticIndex>>,
+    pub query_composition: QueryComposition,
+    pub default_top_k: u32,
 }
 
 /// Runs a blocking store operation off the async workers.

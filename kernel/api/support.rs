@@ -2,18 +2,24 @@
 //! engine is loaded, Retrieve, Rank and Generate validate their input (and
 //! the ids it refers to) and answer UNAVAILABLE naming the missing model.
 
-use std::{pin::Pin, sync::Arc};
+use std::{
+    pin::Pin,
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
 
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::{AppState, convert};
+use super::{AppState, blocking, convert};
 use crate::{
     error::{Error, Result},
+    feedback::new_interaction_id,
     kb::KbError,
     proto::{
-        GenerateEvent, GenerateRequest, GenerateResponse, InteractionKind, RankRequest, RankResponse, RetrieveRequest,
-        RetrieveResponse, SubmitAnnotationRequest, SubmitAnnotationResponse, generate_request::Grounding,
+        GenerateEvent, GenerateRequest, GenerateResponse, InteractionKind, InteractionRecord, KnowledgeObject,
+        ModelVersions, RankRequest, RankResponse, RetrieveRequest, RetrieveResponse, ScoredKnowledge, ShownKnowledge,
+        SubmitAnnotationRequest, SubmitAnnotationResponse, Timings, generate_request::Grounding, interaction_record,
         rank_request::Candidates, support_service_server::SupportService,
     },
 };
@@ -46,13 +52,56 @@ impl Support {
         if !kinds.contains(&shown.kind) {
             return Err(Error::invalid(
                 field,
-                format!(
-                    "interaction {id:?} is a {:?} interaction; expected {kinds:?}",
-                    shown.kind
-                ),
+                format!("interaction {id:?} is a {:?} interaction; expected {kinds:?}", shown.kind),
             ));
         }
         Ok(())
+    }
+
+    /// Embeds the question with its recent context, searches the index, and
+    /// records the interaction (durably) before answering.
+    async fn retrieve_knowledge(&self, req: RetrieveRequest) -> Result<RetrieveResponse> {
+        let started = Instant::now();
+        convert::check_retrieve(&req)?;
+        let semantic = self.state.semantic.clone().ok_or_else(|| missing_model("Retrieve", "embedding model"))?;
+        let k = if req.top_k == 0 { self.state.default_top_k } else { req.top_k } as usize;
+        let text = self.state.query_composition.compose(&req.query, &req.context);
+        let (hits, embed) = semantic.search(&text, k, &req.filter.clone().unwrap_or_default()).await?;
+        let kb = self.state.kb.clone();
+        let wanted: Vec<(String, u64)> = hits.iter().map(|h| (h.id.clone(), h.version)).collect();
+        // The exact version the index scored, even if it changed since.
+        let objects: Vec<KnowledgeObject> =
+            blocking(move || wanted.iter().map(|(id, v)| Ok(kb.get(id, *v, true)?)).collect()).await?;
+        let results: Vec<ScoredKnowledge> = objects
+            .into_iter()
+            .zip(&hits)
+            .enumerate()
+            .map(|(i, (knowledge, hit))| ScoredKnowledge {
+                knowledge: Some(knowledge),
+                score: hit.score,
+                rank: i as u32 + 1,
+            })
+            .collect();
+        let models = ModelVersions { embedder: semantic.model_version().into(), ..Default::default() };
+        let timings = Timings {
+            queue_ns: embed.queue.as_nanos() as u64,
+            compute_ns: embed.compute.as_nanos() as u64,
+            total_ns: started.elapsed().as_nanos() as u64,
+        };
+        let interaction_id = new_interaction_id();
+        let record = InteractionRecord {
+            interaction_id: interaction_id.clone(),
+            kind: InteractionKind::Retrieve as i32,
+            created_at: Some(SystemTime::now().into()),
+            request_context: req.request_context.clone(),
+            shown_knowledge: shown(&results),
+            models: Some(models.clone()),
+            timings: Some(timings),
+            request: Some(interaction_record::Request::Retrieve(req)),
+            ..Default::default()
+        };
+        self.state.interactions.record(record).await?;
+        Ok(RetrieveResponse { interaction_id, results, models: Some(models), timings: Some(timings) })
     }
 
     fn check_generate(&self, req: &GenerateRequest) -> Result<()> {
@@ -70,6 +119,21 @@ impl Support {
     }
 }
 
+/// What an interaction showed, by reference (id and version).
+fn shown(results: &[ScoredKnowledge]) -> Vec<ShownKnowledge> {
+    results
+        .iter()
+        .filter_map(|r| {
+            r.knowledge.as_ref().map(|k| ShownKnowledge {
+                knowledge_id: k.id.clone(),
+                version: k.version,
+                score: r.score,
+                rank: r.rank,
+            })
+        })
+        .collect()
+}
+
 fn missing_model(call: &str, model: &str) -> Error {
     Error::Unavailable(format!(
         "{call} needs a {model} and none is loaded in this server; configure one and restart, then retry"
@@ -81,8 +145,7 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<GenerateEvent, Status>> + Se
 #[tonic::async_trait]
 impl SupportService for Support {
     async fn retrieve(&self, request: Request<RetrieveRequest>) -> Result<Response<RetrieveResponse>, Status> {
-        convert::check_retrieve(request.get_ref())?;
-        Err(missing_model("Retrieve", "embedding model").into())
+        Ok(Response::new(self.retrieve_knowledge(request.into_inner()).await?))
     }
 
     async fn rank(&self, request: Request<RankRequest>) -> Result<Response<RankResponse>, Status> {
@@ -114,10 +177,7 @@ impl SupportService for Support {
         &self,
         request: Request<SubmitAnnotationRequest>,
     ) -> Result<Response<SubmitAnnotationResponse>, Status> {
-        let annotation = request
-            .into_inner()
-            .annotation
-            .ok_or_else(|| Error::invalid("annotation", "is required"))?;
+        let annotation = request.into_inner().annotation.ok_or_else(|| Error::invalid("annotation", "is required"))?;
         let annotation_id = annotation.annotation_id.clone();
         let accepted = self.state.annotations.submit(annotation).await?;
         Ok(Response::new(SubmitAnnotationResponse {

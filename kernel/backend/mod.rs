@@ -92,6 +92,12 @@ impl SeqLayout {
     }
 }
 
+/// Host-side similarity scan: `out[i] = query · rows[i]` for row-major
+/// `rows` of `query.len()` columns (vector search over host memory).
+pub fn dot_rows(query: &[f32], rows: &[f32], out: &mut [f32]) {
+    cpu::dot_rows(query, rows, out)
+}
+
 /// Epilogue fused into a matmul.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
@@ -130,10 +136,7 @@ impl Device {
                 data.len()
             )));
         }
-        Ok(Tensor {
-            shape: shape.to_vec(),
-            storage: Storage::Cpu(data),
-        })
+        Ok(Tensor { shape: shape.to_vec(), storage: Storage::Cpu(data) })
     }
 
     /// `x[m, k] · w[k, n] + bias[n]`, then `act`. `w` is stored `[k, n]`.
@@ -170,14 +173,9 @@ impl Device {
             return Err(Error::Internal("add_layer_norm: shapes do not fit".into()));
         }
         match self {
-            Device::Cpu => cpu::add_layer_norm(
-                x.cpu_mut(),
-                residual.map(|r| r.cpu()),
-                gamma.cpu(),
-                beta.cpu(),
-                eps,
-                width,
-            ),
+            Device::Cpu => {
+                cpu::add_layer_norm(x.cpu_mut(), residual.map(|r| r.cpu()), gamma.cpu(), beta.cpu(), eps, width)
+            }
         }
         Ok(())
     }
@@ -207,10 +205,7 @@ impl Device {
     pub fn attention(&self, qkv: &Tensor, layout: &SeqLayout, shape: AttentionShape) -> Result<Tensor> {
         let hidden = shape.heads * shape.head_dim;
         if qkv.cols() != 3 * hidden || qkv.rows() != layout.total_tokens() {
-            return Err(Error::Internal(format!(
-                "attention: qkv {:?} does not fit {shape:?}",
-                qkv.shape
-            )));
+            return Err(Error::Internal(format!("attention: qkv {:?} does not fit {shape:?}", qkv.shape)));
         }
         match self {
             Device::Cpu => {

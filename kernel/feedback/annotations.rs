@@ -60,13 +60,7 @@ impl AnnotationIntake {
         kb: Arc<KnowledgeStore>,
         max_clock_skew: Duration,
     ) -> Self {
-        AnnotationIntake {
-            interactions,
-            kb,
-            log,
-            slots: Arc::default(),
-            max_clock_skew,
-        }
+        AnnotationIntake { interactions, kb, log, slots: Arc::default(), max_clock_skew }
     }
 
     pub(crate) fn index(&self, record: &AnnotationRecord, sequence: u64) {
@@ -75,9 +69,7 @@ impl AnnotationIntake {
             return;
         };
         // The first record of an id wins, as it did when it was acknowledged.
-        self.slots
-            .entry(annotation.annotation_id.clone())
-            .or_insert(Slot::Durable { sha256, sequence });
+        self.slots.entry(annotation.annotation_id.clone()).or_insert(Slot::Durable { sha256, sequence });
     }
 
     pub async fn submit(&self, annotation: Annotation) -> Result<Accepted> {
@@ -86,11 +78,7 @@ impl AnnotationIntake {
         // so it stays OK even if what it refers to changed since.
         let validated = match self.durable_sequence(&annotation.annotation_id, &sha256) {
             Some(sequence) => {
-                return Ok(Accepted {
-                    sequence,
-                    duplicate: true,
-                    delay: delay_of(&annotation)?,
-                });
+                return Ok(Accepted { sequence, duplicate: true, delay: delay_of(&annotation)? });
             }
             None => self.validate(&annotation)?,
         };
@@ -98,11 +86,7 @@ impl AnnotationIntake {
             let done_tx = match self.slots.entry(annotation.annotation_id.clone()) {
                 Entry::Occupied(slot) => match slot.get() {
                     Slot::Durable { sha256: seen, sequence } if *seen == sha256 => {
-                        return Ok(Accepted {
-                            sequence: *sequence,
-                            duplicate: true,
-                            delay: validated,
-                        });
+                        return Ok(Accepted { sequence: *sequence, duplicate: true, delay: validated });
                     }
                     Slot::Durable { .. } => {
                         return Err(Error::AlreadyExists(format!(
@@ -138,26 +122,14 @@ impl AnnotationIntake {
             let write = tokio::spawn(async move {
                 let result = log.append(&Body::Annotation(record)).await;
                 match &result {
-                    Ok(sequence) => slots.insert(
-                        id,
-                        Slot::Durable {
-                            sha256,
-                            sequence: *sequence,
-                        },
-                    ),
+                    Ok(sequence) => slots.insert(id, Slot::Durable { sha256, sequence: *sequence }),
                     Err(_) => slots.remove(&id).map(|(_, slot)| slot),
                 };
                 let _ = done_tx.send(true);
                 result
             });
-            let sequence = write
-                .await
-                .map_err(|e| Error::Internal(format!("annotation write task: {e}")))??;
-            return Ok(Accepted {
-                sequence,
-                duplicate: false,
-                delay: validated,
-            });
+            let sequence = write.await.map_err(|e| Error::Internal(format!("annotation write task: {e}")))??;
+            return Ok(Accepted { sequence, duplicate: false, delay: validated });
         }
     }
 
@@ -179,10 +151,7 @@ impl AnnotationIntake {
         let shown_at = convert::timestamp("annotation.shown_at", a.shown_at.as_ref())?;
         let annotated_at = convert::timestamp("annotation.annotated_at", a.annotated_at.as_ref())?;
         let horizon = SystemTime::now() + self.max_clock_skew;
-        for (field, at) in [
-            ("annotation.shown_at", shown_at),
-            ("annotation.annotated_at", annotated_at),
-        ] {
+        for (field, at) in [("annotation.shown_at", shown_at), ("annotation.annotated_at", annotated_at)] {
             if at > horizon {
                 return Err(Error::invalid(
                     field,
@@ -194,10 +163,7 @@ impl AnnotationIntake {
             }
         }
         let kind = a.kind.as_ref().ok_or_else(|| {
-            Error::invalid(
-                "annotation.kind",
-                "set one of preference, adoption, relevance, missing_knowledge",
-            )
+            Error::invalid("annotation.kind", "set one of preference, adoption, relevance, missing_knowledge")
         })?;
         check_kind_fields(kind)?;
         let shown = self.interactions.get(&a.interaction_id).ok_or_else(|| {
@@ -225,10 +191,7 @@ impl AnnotationIntake {
         };
         match kind {
             Kind::Preference(p) => {
-                candidate(
-                    "annotation.preference.preferred_candidate_id",
-                    &p.preferred_candidate_id,
-                )?;
+                candidate("annotation.preference.preferred_candidate_id", &p.preferred_candidate_id)?;
                 candidate("annotation.preference.other_candidate_id", &p.other_candidate_id)
             }
             Kind::Adoption(a) => candidate("annotation.adoption.candidate_id", &a.candidate_id),
@@ -276,11 +239,7 @@ fn delay_of(a: &Annotation) -> Result<Duration> {
 
 fn list_or_none<'a>(items: impl Iterator<Item = &'a str>) -> String {
     let items: Vec<_> = items.map(|i| format!("{i:?}")).collect();
-    if items.is_empty() {
-        "no candidates".into()
-    } else {
-        items.join(", ")
-    }
+    if items.is_empty() { "no candidates".into() } else { items.join(", ") }
 }
 
 /// Field checks that need no server state.
@@ -292,21 +251,14 @@ fn check_kind_fields(kind: &Kind) -> Result<()> {
                 &p.preferred_candidate_id,
                 MAX_SHORT_ID_BYTES,
             )?;
-            convert::check_id(
-                "annotation.preference.other_candidate_id",
-                &p.other_candidate_id,
-                MAX_SHORT_ID_BYTES,
-            )?;
+            convert::check_id("annotation.preference.other_candidate_id", &p.other_candidate_id, MAX_SHORT_ID_BYTES)?;
             if p.preferred_candidate_id == p.other_candidate_id {
                 return Err(Error::invalid(
                     "annotation.preference.other_candidate_id",
                     "must differ from preferred_candidate_id",
                 ));
             }
-            if matches!(
-                PreferenceStrength::try_from(p.strength),
-                Ok(PreferenceStrength::Unspecified) | Err(_)
-            ) {
+            if matches!(PreferenceStrength::try_from(p.strength), Ok(PreferenceStrength::Unspecified) | Err(_)) {
                 return Err(Error::invalid(
                     "annotation.preference.strength",
                     "use SLIGHTLY_BETTER, BETTER or SIGNIFICANTLY_BETTER",
@@ -341,11 +293,7 @@ fn check_kind_fields(kind: &Kind) -> Result<()> {
             if r.judgements.is_empty() || r.judgements.len() > convert::MAX_ITEMS {
                 return Err(Error::invalid(
                     "annotation.relevance.judgements",
-                    format!(
-                        "has {} judgements; send 1 to {}",
-                        r.judgements.len(),
-                        convert::MAX_ITEMS
-                    ),
+                    format!("has {} judgements; send 1 to {}", r.judgements.len(), convert::MAX_ITEMS),
                 ));
             }
             let mut seen = std::collections::HashSet::new();
@@ -358,10 +306,7 @@ fn check_kind_fields(kind: &Kind) -> Result<()> {
                         format!("{:?} is judged twice", j.knowledge_id),
                     ));
                 }
-                if matches!(
-                    RelevanceLabel::try_from(j.label),
-                    Ok(RelevanceLabel::Unspecified) | Err(_)
-                ) {
+                if matches!(RelevanceLabel::try_from(j.label), Ok(RelevanceLabel::Unspecified) | Err(_)) {
                     return Err(Error::invalid(
                         &format!("{field}.label"),
                         "use RELEVANT, PARTIALLY_RELEVANT or IRRELEVANT",
@@ -373,28 +318,18 @@ fn check_kind_fields(kind: &Kind) -> Result<()> {
         Kind::MissingKnowledge(m) => {
             match &m.source {
                 None => {
-                    return Err(Error::invalid(
-                        "annotation.missing_knowledge.source",
-                        "set knowledge_id or external",
-                    ));
+                    return Err(Error::invalid("annotation.missing_knowledge.source", "set knowledge_id or external"));
                 }
                 Some(Source::KnowledgeId(id)) => {
                     convert::check_id("annotation.missing_knowledge.knowledge_id", id, MAX_ID_BYTES)?
                 }
                 Some(Source::External(e)) => {
                     if e.title.trim().is_empty() && e.uri.trim().is_empty() {
-                        return Err(Error::invalid(
-                            "annotation.missing_knowledge.external",
-                            "needs a title or a uri",
-                        ));
+                        return Err(Error::invalid("annotation.missing_knowledge.external", "needs a title or a uri"));
                     }
                     convert::check_len("annotation.missing_knowledge.external.title", &e.title, MAX_TITLE_BYTES)?;
                     convert::check_len("annotation.missing_knowledge.external.uri", &e.uri, MAX_URI_BYTES)?;
-                    convert::check_len(
-                        "annotation.missing_knowledge.external.excerpt",
-                        &e.excerpt,
-                        MAX_EXCERPT_BYTES,
-                    )?;
+                    convert::check_len("annotation.missing_knowledge.external.excerpt", &e.excerpt, MAX_EXCERPT_BYTES)?;
                 }
             }
             convert::check_len("annotation.missing_knowledge.note", &m.note, MAX_RATIONALE_BYTES)

@@ -41,10 +41,7 @@ pub struct InteractionBook {
 
 impl InteractionBook {
     pub fn new(log: TrainingLog) -> Self {
-        InteractionBook {
-            log,
-            shown: DashMap::new(),
-        }
+        InteractionBook { log, shown: DashMap::new() }
     }
 
     /// Makes the interaction durable, then known to annotation checks.
@@ -73,11 +70,7 @@ impl InteractionBook {
         let shown = Shown {
             kind: record.kind(),
             candidate_ids: record.candidates.iter().map(|c| c.candidate_id.clone()).collect(),
-            knowledge: record
-                .shown_knowledge
-                .iter()
-                .map(|k| (k.knowledge_id.clone(), k.version))
-                .collect(),
+            knowledge: record.shown_knowledge.iter().map(|k| (k.knowledge_id.clone(), k.version)).collect(),
         };
         self.shown.insert(record.interaction_id.clone(), Arc::new(shown));
     }

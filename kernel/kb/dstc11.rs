@@ -50,14 +50,11 @@ pub fn read_dstc11(dir: &Path) -> Result<Vec<KnowledgeObject>> {
     let mut objects = Vec::new();
     for (domain, entities) in domains {
         for (entity_id, Entity { name, faqs, reviews }) in numeric_order(entities) {
-            let metadata: std::collections::HashMap<String, String> = [
-                ("domain", domain.as_str()),
-                ("entity_id", entity_id.as_str()),
-                ("entity_name", name.as_str()),
-            ]
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+            let metadata: std::collections::HashMap<String, String> =
+                [("domain", domain.as_str()), ("entity_id", entity_id.as_str()), ("entity_name", name.as_str())]
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
             let object = |id: String, kind: KnowledgeKind, text: String| KnowledgeObject {
                 id,
                 kind: kind as i32,
@@ -68,11 +65,7 @@ pub fn read_dstc11(dir: &Path) -> Result<Vec<KnowledgeObject>> {
             };
             for (doc_id, faq) in numeric_order(faqs) {
                 let text = format!("{name}. Q: {} A: {}", faq.question, faq.answer);
-                objects.push(object(
-                    format!("{domain}:{entity_id}:faq:{doc_id}"),
-                    KnowledgeKind::Faq,
-                    text,
-                ));
+                objects.push(object(format!("{domain}:{entity_id}:faq:{doc_id}"), KnowledgeKind::Faq, text));
             }
             for (doc_id, review) in numeric_order(reviews) {
                 for (sent_id, sentence) in numeric_order(review.sentences) {

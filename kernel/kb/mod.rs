@@ -4,9 +4,12 @@
 //! text that was shown.
 
 mod dstc11;
+pub mod index;
 mod jsonl;
+pub mod semantic;
 mod store;
 
 pub use dstc11::read_dstc11;
 pub use jsonl::read_jsonl;
+pub use semantic::{QueryComposition, SemanticIndex};
 pub use store::{KbError, KnowledgeStore, ListPage, UpsertOutcome};

@@ -4,7 +4,8 @@
 //! order), which needs no SQL.
 //!
 //! Tables: `latest` id → encoded `KnowledgeObject` (tombstones included);
-//! `versions` (id, version) → encoded `KnowledgeObject`.
+//! `versions` (id, version) → encoded `KnowledgeObject`; `vectors` id → the
+//! latest version's embedding, tagged with the model that made it.
 
 use std::{path::Path, time::SystemTime};
 
@@ -15,6 +16,9 @@ use crate::proto::{KnowledgeFilter, KnowledgeObject};
 
 const LATEST: TableDefinition<&str, &[u8]> = TableDefinition::new("latest");
 const VERSIONS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("versions");
+/// id → embedding of the latest version: knowledge version (u64 LE),
+/// model-version length (u32 LE), model version (UTF-8), f32 LE values.
+const VECTORS: TableDefinition<&str, &[u8]> = TableDefinition::new("vectors");
 
 #[derive(Debug, thiserror::Error)]
 pub enum KbError {
@@ -66,23 +70,27 @@ impl KnowledgeStore {
             std::fs::create_dir_all(dir).map_err(storage)?;
         }
         let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => KbError::Locked {
-                path: path.display().to_string(),
-            },
+            redb::DatabaseError::DatabaseAlreadyOpen => KbError::Locked { path: path.display().to_string() },
             other => storage(format!("{}: {other}", path.display())),
         })?;
         let txn = db.begin_write().map_err(storage)?;
         txn.open_table(LATEST).map_err(storage)?;
         txn.open_table(VERSIONS).map_err(storage)?;
+        txn.open_table(VECTORS).map_err(storage)?;
         txn.commit().map_err(storage)?;
         Ok(KnowledgeStore { db })
     }
 
     /// Writes a batch atomically. Objects must be validated (ids unique
-    /// within the batch). Unchanged objects keep their version.
-    pub fn upsert_batch(&self, objects: Vec<KnowledgeObject>) -> Result<UpsertOutcome, KbError> {
+    /// within the batch). Unchanged objects keep their version. Returns the
+    /// counts and the objects written (new versions), for indexing.
+    pub fn upsert_batch(
+        &self,
+        objects: Vec<KnowledgeObject>,
+    ) -> Result<(UpsertOutcome, Vec<KnowledgeObject>), KbError> {
         let now = Some(prost_types::Timestamp::from(SystemTime::now()));
         let mut outcome = UpsertOutcome::default();
+        let mut written = Vec::new();
         let txn = self.db.begin_write().map_err(storage)?;
         {
             let mut latest = txn.open_table(LATEST).map_err(storage)?;
@@ -112,13 +120,12 @@ impl KnowledgeStore {
                 object.updated_at = now;
                 let bytes = object.encode_to_vec();
                 latest.insert(object.id.as_str(), bytes.as_slice()).map_err(storage)?;
-                versions
-                    .insert((object.id.as_str(), object.version), bytes.as_slice())
-                    .map_err(storage)?;
+                versions.insert((object.id.as_str(), object.version), bytes.as_slice()).map_err(storage)?;
+                written.push(object);
             }
         }
         txn.commit().map_err(storage)?;
-        Ok(outcome)
+        Ok((outcome, written))
     }
 
     /// Leaves a tombstone; returns its version.
@@ -135,10 +142,7 @@ impl KnowledgeStore {
                 .map_err(storage)?
                 .ok_or_else(|| KbError::NotFound(id.into()))?;
             if previous.deleted {
-                return Err(KbError::Deleted {
-                    id: id.into(),
-                    version: previous.version,
-                });
+                return Err(KbError::Deleted { id: id.into(), version: previous.version });
             }
             let tombstone = KnowledgeObject {
                 id: id.into(),
@@ -150,9 +154,7 @@ impl KnowledgeStore {
             };
             let bytes = tombstone.encode_to_vec();
             latest.insert(id, bytes.as_slice()).map_err(storage)?;
-            versions
-                .insert((id, tombstone.version), bytes.as_slice())
-                .map_err(storage)?;
+            versions.insert((id, tombstone.version), bytes.as_slice()).map_err(storage)?;
             tombstone.version
         };
         txn.commit().map_err(storage)?;
@@ -180,17 +182,10 @@ impl KnowledgeStore {
                 .map(|bytes| KnowledgeObject::decode(bytes.value()))
                 .transpose()
                 .map_err(storage)?
-                .ok_or(KbError::VersionNotFound {
-                    id: id.into(),
-                    version,
-                    latest: current.version,
-                })?
+                .ok_or(KbError::VersionNotFound { id: id.into(), version, latest: current.version })?
         };
         if object.deleted && !include_deleted {
-            return Err(KbError::Deleted {
-                id: id.into(),
-                version: object.version,
-            });
+            return Err(KbError::Deleted { id: id.into(), version: object.version });
         }
         Ok(object)
     }
@@ -228,6 +223,51 @@ impl KnowledgeStore {
         Ok(ListPage { objects, next_after })
     }
 
+    /// Stores embeddings made by `model_version` for `(id, knowledge version)`.
+    pub fn put_vectors(&self, model_version: &str, entries: &[(String, u64, Vec<f32>)]) -> Result<(), KbError> {
+        let txn = self.db.begin_write().map_err(storage)?;
+        {
+            let mut vectors = txn.open_table(VECTORS).map_err(storage)?;
+            let mut bytes = Vec::new();
+            for (id, version, vector) in entries {
+                bytes.clear();
+                bytes.extend_from_slice(&version.to_le_bytes());
+                bytes.extend_from_slice(&(model_version.len() as u32).to_le_bytes());
+                bytes.extend_from_slice(model_version.as_bytes());
+                for v in vector {
+                    bytes.extend_from_slice(&v.to_le_bytes());
+                }
+                vectors.insert(id.as_str(), bytes.as_slice()).map_err(storage)?;
+            }
+        }
+        txn.commit().map_err(storage)
+    }
+
+    /// Live objects, each with its stored vector when that vector is
+    /// current: made by `model_version` from the object's latest version.
+    pub fn objects_with_vectors(
+        &self,
+        model_version: &str,
+    ) -> Result<Vec<(KnowledgeObject, Option<Vec<f32>>)>, KbError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let latest = txn.open_table(LATEST).map_err(storage)?;
+        let vectors = txn.open_table(VECTORS).map_err(storage)?;
+        let mut out = Vec::new();
+        for entry in latest.iter().map_err(storage)? {
+            let (key, bytes) = entry.map_err(storage)?;
+            let object = KnowledgeObject::decode(bytes.value()).map_err(storage)?;
+            if object.deleted {
+                continue;
+            }
+            let vector = vectors
+                .get(key.value())
+                .map_err(storage)?
+                .and_then(|stored| decode_vector(stored.value(), model_version, object.version));
+            out.push((object, vector));
+        }
+        Ok(out)
+    }
+
     /// Live (not deleted) objects.
     pub fn count_live(&self) -> Result<u64, KbError> {
         let txn = self.db.begin_read().map_err(storage)?;
@@ -241,57 +281,58 @@ impl KnowledgeStore {
     }
 }
 
+/// The vector in a `vectors` value, if it was made by `model_version`
+/// from knowledge version `version`.
+fn decode_vector(bytes: &[u8], model_version: &str, version: u64) -> Option<Vec<f32>> {
+    let stored_version = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let len = u32::from_le_bytes(bytes.get(8..12)?.try_into().ok()?) as usize;
+    let model = bytes.get(12..12 + len)?;
+    if stored_version != version || model != model_version.as_bytes() {
+        return None;
+    }
+    let values = bytes.get(12 + len..)?;
+    Some(values.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn object(id: &str, text: &str) -> KnowledgeObject {
-        KnowledgeObject {
-            id: id.into(),
-            kind: 3,
-            title: "t".into(),
-            text: text.into(),
-            ..Default::default()
-        }
+        KnowledgeObject { id: id.into(), kind: 3, title: "t".into(), text: text.into(), ..Default::default() }
     }
 
     #[test]
     fn versions_tombstones_and_history() {
         let dir = tempfile::tempdir().unwrap();
         let store = KnowledgeStore::open(&dir.path().join("kb.redb")).unwrap();
-        let outcome = store
-            .upsert_batch(vec![object("a", "one"), object("b", "two")])
-            .unwrap();
-        assert_eq!(
-            outcome,
-            UpsertOutcome {
-                inserted: 2,
-                updated: 0,
-                unchanged: 0
-            }
-        );
-        let outcome = store
-            .upsert_batch(vec![object("a", "one"), object("b", "TWO")])
-            .unwrap();
-        assert_eq!(
-            outcome,
-            UpsertOutcome {
-                inserted: 0,
-                updated: 1,
-                unchanged: 1
-            }
-        );
+        let (outcome, _) = store.upsert_batch(vec![object("a", "one"), object("b", "two")]).unwrap();
+        assert_eq!(outcome, UpsertOutcome { inserted: 2, updated: 0, unchanged: 0 });
+        let (outcome, _) = store.upsert_batch(vec![object("a", "one"), object("b", "TWO")]).unwrap();
+        assert_eq!(outcome, UpsertOutcome { inserted: 0, updated: 1, unchanged: 1 });
         assert_eq!(store.get("b", 0, false).unwrap().version, 2);
         assert_eq!(store.get("b", 1, false).unwrap().text, "two");
         assert_eq!(store.delete("a").unwrap(), 2);
-        assert!(matches!(
-            store.get("a", 0, false),
-            Err(KbError::Deleted { version: 2, .. })
-        ));
+        assert!(matches!(store.get("a", 0, false), Err(KbError::Deleted { version: 2, .. })));
         assert_eq!(store.get("a", 1, false).unwrap().text, "one");
         assert_eq!(store.count_live().unwrap(), 1);
         drop(store);
         let store = KnowledgeStore::open(&dir.path().join("kb.redb")).unwrap();
         assert_eq!(store.get("b", 0, false).unwrap().text, "TWO");
+    }
+
+    #[test]
+    fn vectors_are_current_only_for_their_model_and_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KnowledgeStore::open(&dir.path().join("kb.redb")).unwrap();
+        store.upsert_batch(vec![object("a", "one"), object("b", "two")]).unwrap();
+        store.put_vectors("m@1", &[("a".into(), 1, vec![0.5, -0.25]), ("b".into(), 1, vec![1.0, 0.0])]).unwrap();
+        store.upsert_batch(vec![object("b", "changed")]).unwrap();
+        let found = store.objects_with_vectors("m@1").unwrap();
+        assert_eq!(found[0].1.as_deref(), Some(&[0.5, -0.25][..]));
+        assert_eq!(found[1].1, None, "b changed since it was embedded");
+        assert!(store.objects_with_vectors("m@2").unwrap().iter().all(|(_, v)| v.is_none()));
+        store.delete("a").unwrap();
+        assert_eq!(store.objects_with_vectors("m@1").unwrap().len(), 1);
     }
 }

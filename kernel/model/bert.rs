@@ -56,11 +56,7 @@ impl BertConfig {
                 config.hidden_act
             )));
         }
-        if config
-            .position_embedding_type
-            .as_deref()
-            .is_some_and(|p| p != "absolute")
-        {
+        if config.position_embedding_type.as_deref().is_some_and(|p| p != "absolute") {
             return Err(Error::InvalidArgument(format!(
                 "{}: only absolute position embeddings are supported",
                 path.display()
@@ -131,12 +127,7 @@ impl BertEncoder {
                 qkv: weights.linear(device, &qkv_names, h, h)?,
                 attention_out: weights.linear(device, &[&format!("{p}.attention.output.dense")], h, h)?,
                 attention_norm: norm(&format!("{p}.attention.output"))?,
-                ffn_in: weights.linear(
-                    device,
-                    &[&format!("{p}.intermediate.dense")],
-                    h,
-                    config.intermediate_size,
-                )?,
+                ffn_in: weights.linear(device, &[&format!("{p}.intermediate.dense")], h, config.intermediate_size)?,
                 ffn_out: weights.linear(device, &[&format!("{p}.output.dense")], config.intermediate_size, h)?,
                 output_norm: norm(&format!("{p}.output"))?,
             });
@@ -191,12 +182,8 @@ impl BertEncoder {
         for layer in &self.layers {
             let qkv = device.linear(&x, &layer.qkv.0, Some(&layer.qkv.1), Activation::None)?;
             let context = device.attention(&qkv, layout, shape)?;
-            let mut attended = device.linear(
-                &context,
-                &layer.attention_out.0,
-                Some(&layer.attention_out.1),
-                Activation::None,
-            )?;
+            let mut attended =
+                device.linear(&context, &layer.attention_out.0, Some(&layer.attention_out.1), Activation::None)?;
             device.add_layer_norm(
                 &mut attended,
                 Some(&x),
@@ -206,13 +193,7 @@ impl BertEncoder {
             )?;
             let inner = device.linear(&attended, &layer.ffn_in.0, Some(&layer.ffn_in.1), Activation::Gelu)?;
             let mut out = device.linear(&inner, &layer.ffn_out.0, Some(&layer.ffn_out.1), Activation::None)?;
-            device.add_layer_norm(
-                &mut out,
-                Some(&attended),
-                &layer.output_norm.gamma,
-                &layer.output_norm.beta,
-                eps,
-            )?;
+            device.add_layer_norm(&mut out, Some(&attended), &layer.output_norm.gamma, &layer.output_norm.beta, eps)?;
             x = out;
         }
         Ok(x)

@@ -77,10 +77,7 @@ impl SentenceEmbedder {
     pub fn load(device: &Device, dir: &Path) -> Result<Self> {
         let encoder = BertEncoder::load(device, dir)?;
         let modules: Vec<Module> = read_json(&dir.join("modules.json"))?.unwrap_or_default();
-        let pooling_dir = modules
-            .iter()
-            .find(|m| m.kind.ends_with("Pooling"))
-            .map_or("1_Pooling", |m| m.path.as_str());
+        let pooling_dir = modules.iter().find(|m| m.kind.ends_with("Pooling")).map_or("1_Pooling", |m| m.path.as_str());
         let pooling = match read_json::<PoolingConfig>(&dir.join(pooling_dir).join("config.json"))? {
             None => Pooling::Mean,
             Some(p) if p.pooling_mode_max_tokens || p.pooling_mode_mean_sqrt_len_tokens => {
@@ -117,14 +114,7 @@ impl SentenceEmbedder {
         // Batches are ragged: no padding, ever.
         tokenizer.with_padding(None);
         let version = model_version(dir)?;
-        Ok(SentenceEmbedder {
-            encoder,
-            tokenizer,
-            pooling,
-            normalize,
-            max_seq_length,
-            version,
-        })
+        Ok(SentenceEmbedder { encoder, tokenizer, pooling, normalize, max_seq_length, version })
     }
 
     /// `{folder name}@{first 12 hex digits of the weights' SHA-256}`: names
@@ -142,14 +132,9 @@ impl SentenceEmbedder {
     }
 
     pub fn tokenize(&self, text: &str) -> Result<Tokens> {
-        let encoding = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| Error::InvalidArgument(format!("tokenizer: {e}")))?;
-        Ok(Tokens {
-            ids: encoding.get_ids().to_vec(),
-            type_ids: encoding.get_type_ids().to_vec(),
-        })
+        let encoding =
+            self.tokenizer.encode(text, true).map_err(|e| Error::InvalidArgument(format!("tokenizer: {e}")))?;
+        Ok(Tokens { ids: encoding.get_ids().to_vec(), type_ids: encoding.get_type_ids().to_vec() })
     }
 
     /// Embeds one ragged batch; one vector per input, in input order.
@@ -207,9 +192,6 @@ fn model_version(dir: &Path) -> Result<String> {
     std::io::copy(&mut file, &mut hasher).map_err(|e| Error::Internal(format!("{}: {e}", weights.display())))?;
     let digest = hasher.finalize();
     let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     Ok(format!("{name}@{hex}"))
 }

@@ -24,10 +24,7 @@ impl SafetensorsFile {
         // operator error that at worst corrupts this model's weights.
         let map = unsafe { memmap2::Mmap::map(&file) }
             .map_err(|e| Error::Internal(format!("cannot map {}: {e}", path.display())))?;
-        let this = SafetensorsFile {
-            map,
-            path: path.display().to_string(),
-        };
+        let this = SafetensorsFile { map, path: path.display().to_string() };
         this.parse()?;
         Ok(this)
     }
@@ -39,9 +36,7 @@ impl SafetensorsFile {
 
     /// Every tensor name, for diagnostics.
     pub fn names(&self) -> Vec<String> {
-        self.parse()
-            .map(|t| t.names().into_iter().map(String::from).collect())
-            .unwrap_or_default()
+        self.parse().map(|t| t.names().into_iter().map(String::from).collect()).unwrap_or_default()
     }
 
     /// Loads `name` (or `{prefix}{name}` for a known prefix) as f32 values
@@ -54,18 +49,11 @@ impl SafetensorsFile {
             .ok_or_else(|| Error::InvalidArgument(format!("{} has no tensor {name:?}", self.path)))?;
         let bytes = view.data();
         let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
-                .collect(),
+            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::F16 => bytes.chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
+            Dtype::BF16 => {
+                bytes.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect()
+            }
             other => {
                 return Err(Error::InvalidArgument(format!(
                     "{}: tensor {name:?} has dtype {other:?}; f32, f16 and bf16 are supported",

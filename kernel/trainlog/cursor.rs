@@ -28,9 +28,7 @@ pub fn cursor_dir(log_dir: &Path) -> PathBuf {
 
 fn valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 impl Cursor {
@@ -49,11 +47,7 @@ impl Cursor {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 1,
             Err(e) => return Err(LogError::io(&path, e)),
         };
-        Ok(Cursor {
-            name: name.into(),
-            path,
-            next_sequence,
-        })
+        Ok(Cursor { name: name.into(), path, next_sequence })
     }
 
     pub fn name(&self) -> &str {
@@ -115,9 +109,6 @@ mod tests {
         cursor.commit(42).unwrap();
         assert_eq!(Cursor::open(dir.path(), "worker").unwrap().next_sequence(), 42);
         assert_eq!(Cursor::list(dir.path()).unwrap().len(), 1);
-        assert!(matches!(
-            Cursor::open(dir.path(), "../x"),
-            Err(LogError::InvalidCursorName(_))
-        ));
+        assert!(matches!(Cursor::open(dir.path(), "../x"), Err(LogError::InvalidCursorName(_))));
     }
 }

@@ -55,10 +55,7 @@ pub fn segment_header() -> [u8; SEGMENT_HEADER_LEN] {
 /// Checks a segment's first bytes; the error says what is wrong.
 pub fn check_segment_header(bytes: &[u8]) -> Result<(), String> {
     if bytes.len() < SEGMENT_HEADER_LEN {
-        return Err(format!(
-            "header is {} bytes, expected {SEGMENT_HEADER_LEN}",
-            bytes.len()
-        ));
+        return Err(format!("header is {} bytes, expected {SEGMENT_HEADER_LEN}", bytes.len()));
     }
     if bytes[..8] != SEGMENT_MAGIC {
         return Err("bad magic: not an aitl training-log segment".into());
@@ -127,10 +124,7 @@ pub fn read_frame(bytes: &[u8], at: usize) -> Frame {
         return Frame::Bad("frame checksum mismatch");
     }
     let start = at + FRAME_HEADER_LEN;
-    Frame::Valid {
-        payload: start..start + len,
-        next: start + len,
-    }
+    Frame::Valid { payload: start..start + len, next: start + len }
 }
 
 /// Whether a valid frame whose payload `accept`s starts after `offset`:
@@ -149,13 +143,9 @@ mod tests {
         let mut buf = Vec::new();
         push_frame(&mut buf, b"first record");
         push_frame(&mut buf, b"second");
-        let Frame::Valid { payload, next } = read_frame(&buf, 0) else {
-            panic!("first frame")
-        };
+        let Frame::Valid { payload, next } = read_frame(&buf, 0) else { panic!("first frame") };
         assert_eq!(&buf[payload], b"first record");
-        let Frame::Valid { payload, next: end } = read_frame(&buf, next) else {
-            panic!("second")
-        };
+        let Frame::Valid { payload, next: end } = read_frame(&buf, next) else { panic!("second") };
         assert_eq!(&buf[payload], b"second");
         assert!(matches!(read_frame(&buf, end), Frame::End));
 

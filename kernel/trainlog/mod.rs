@@ -42,10 +42,7 @@ pub enum LogError {
 
 impl LogError {
     pub(crate) fn io(path: impl Into<PathBuf>, err: io::Error) -> Self {
-        LogError::Io {
-            path: path.into(),
-            message: err.to_string(),
-        }
+        LogError::Io { path: path.into(), message: err.to_string() }
     }
 
     /// Classifies a failed append: a full disk is the operator's to fix and
@@ -53,10 +50,6 @@ impl LogError {
     pub(crate) fn from_write(err: &io::Error) -> Self {
         let full = err.kind() == io::ErrorKind::StorageFull
             || matches!(err.raw_os_error(), Some(28 /* ENOSPC */) | Some(122 /* EDQUOT */));
-        if full {
-            LogError::DiskFull(err.to_string())
-        } else {
-            LogError::WriteFailed(err.to_string())
-        }
+        if full { LogError::DiskFull(err.to_string()) } else { LogError::WriteFailed(err.to_string()) }
     }
 }

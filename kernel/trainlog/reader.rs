@@ -29,10 +29,7 @@ pub(crate) fn list_segments(dir: &Path) -> Result<Vec<Segment>, LogError> {
         let entry = entry.map_err(|e| LogError::io(dir, e))?;
         let name = entry.file_name();
         if let Some(first_sequence) = name.to_str().and_then(format::parse_segment_file_name) {
-            segments.push(Segment {
-                first_sequence,
-                path: entry.path(),
-            });
+            segments.push(Segment { first_sequence, path: entry.path() });
         }
     }
     segments.sort_by_key(|s| s.first_sequence);
@@ -62,11 +59,8 @@ pub(crate) struct ScannedSegment {
 pub(crate) fn scan_segment(segment: &Segment) -> Result<ScannedSegment, LogError> {
     let path = &segment.path;
     let bytes = fs::read(path).map_err(|e| LogError::io(path, e))?;
-    let corrupt = |offset: usize, reason: String| LogError::Corrupt {
-        path: path.clone(),
-        offset: offset as u64,
-        reason,
-    };
+    let corrupt =
+        |offset: usize, reason: String| LogError::Corrupt { path: path.clone(), offset: offset as u64, reason };
     format::check_segment_header(&bytes).map_err(|reason| corrupt(0, reason))?;
     let mut records = Vec::new();
     let mut at = format::SEGMENT_HEADER_LEN;
@@ -207,14 +201,11 @@ impl LogReader {
         }
         let path = self.dir.join(super::writer::WATERMARK_FILE);
         let bytes = fs::read(&path).map_err(|e| LogError::io(&path, e))?;
-        let bytes: [u8; 8] = bytes
-            .get(..8)
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| LogError::Corrupt {
-                path: path.clone(),
-                offset: 0,
-                reason: format!("watermark is {} bytes, expected 8", bytes.len()),
-            })?;
+        let bytes: [u8; 8] = bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| LogError::Corrupt {
+            path: path.clone(),
+            offset: 0,
+            reason: format!("watermark is {} bytes, expected 8", bytes.len()),
+        })?;
         Ok(Some(u64::from_le_bytes(bytes)))
     }
 
@@ -235,10 +226,7 @@ impl LogReader {
             for (sequence, range) in &scanned.records {
                 stats.first_sequence.get_or_insert(*sequence);
                 stats.last_sequence = Some(*sequence);
-                match LogRecord::decode(&scanned.bytes[range.clone()])
-                    .ok()
-                    .and_then(|r| r.body)
-                {
+                match LogRecord::decode(&scanned.bytes[range.clone()]).ok().and_then(|r| r.body) {
                     Some(Body::Interaction(_)) => stats.interactions += 1,
                     Some(Body::Annotation(_)) => stats.annotations += 1,
                     None => {}
@@ -258,7 +246,5 @@ impl LogReader {
 }
 
 fn header_pending(segment: &Segment) -> bool {
-    fs::metadata(&segment.path)
-        .map(|m| (m.len() as usize) < format::SEGMENT_HEADER_LEN)
-        .unwrap_or(false)
+    fs::metadata(&segment.path).map(|m| (m.len() as usize) < format::SEGMENT_HEADER_LEN).unwrap_or(false)
 }

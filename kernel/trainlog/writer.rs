@@ -37,11 +37,7 @@ pub struct LogOptions {
 
 impl Default for LogOptions {
     fn default() -> Self {
-        LogOptions {
-            segment_bytes: 64 << 20,
-            queue_capacity: 16_384,
-            max_batch_bytes: 8 << 20,
-        }
+        LogOptions { segment_bytes: 64 << 20, queue_capacity: 16_384, max_batch_bytes: 8 << 20 }
     }
 }
 
@@ -92,9 +88,7 @@ impl TrainingLog {
         let lock = take_writer_lock(dir)?;
         let (active, durable_len, report) = recover(dir)?;
         let watermark = DurableWatermark::create(dir).map_err(|e| LogError::io(dir, e))?;
-        watermark
-            .publish(report.next_sequence)
-            .map_err(|e| LogError::io(dir, e))?;
+        watermark.publish(report.next_sequence).map_err(|e| LogError::io(dir, e))?;
         let (health_tx, health) = watch::channel(LogHealth::Writable);
         let (queue, rx) = mpsc::sync_channel(options.queue_capacity);
         let faults = Arc::new(FaultInjector::default());
@@ -208,11 +202,7 @@ struct DurableWatermark(File);
 impl DurableWatermark {
     fn create(dir: &Path) -> std::io::Result<Self> {
         Ok(DurableWatermark(
-            OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(dir.join(WATERMARK_FILE))?,
+            OpenOptions::new().write(true).create(true).truncate(false).open(dir.join(WATERMARK_FILE))?,
         ))
     }
 
@@ -225,11 +215,7 @@ impl DurableWatermark {
 /// segment, its durable length and the report.
 fn recover(dir: &Path) -> Result<(File, u64, RecoveryReport), LogError> {
     let segments = list_segments(dir)?;
-    let mut report = RecoveryReport {
-        segments: segments.len(),
-        next_sequence: 1,
-        ..Default::default()
-    };
+    let mut report = RecoveryReport { segments: segments.len(), next_sequence: 1, ..Default::default() };
     let Some(last) = segments.last() else {
         let (file, len) = create_segment(dir, 1).map_err(|e| LogError::io(dir, e))?;
         report.segments = 1;
@@ -247,9 +233,7 @@ fn recover(dir: &Path) -> Result<(File, u64, RecoveryReport), LogError> {
                 ),
             });
         }
-        let len = fs::metadata(&segment.path)
-            .map_err(|e| LogError::io(&segment.path, e))?
-            .len();
+        let len = fs::metadata(&segment.path).map_err(|e| LogError::io(&segment.path, e))?.len();
         if is_last && (len as usize) < format::SEGMENT_HEADER_LEN {
             // Crashed while creating this segment: start it again.
             let (file, header_len) = create_segment(dir, segment.first_sequence).map_err(|e| LogError::io(dir, e))?;
@@ -275,16 +259,10 @@ fn recover(dir: &Path) -> Result<(File, u64, RecoveryReport), LogError> {
             report.truncated = Some((segment.path.clone(), offset as u64, dropped as u64));
         }
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&last.path)
-        .map_err(|e| LogError::io(&last.path, e))?;
+    let file = OpenOptions::new().read(true).write(true).open(&last.path).map_err(|e| LogError::io(&last.path, e))?;
     let durable_len = match &report.truncated {
         Some((_, offset, _)) => {
-            file.set_len(*offset)
-                .and_then(|()| file.sync_all())
-                .map_err(|e| LogError::io(&last.path, e))?;
+            file.set_len(*offset).and_then(|()| file.sync_all()).map_err(|e| LogError::io(&last.path, e))?;
             *offset
         }
         None => file.metadata().map_err(|e| LogError::io(&last.path, e))?.len(),
@@ -315,12 +293,7 @@ fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
 /// directory synced so the new name survives a crash.
 fn create_segment(dir: &Path, first_sequence: u64) -> std::io::Result<(File, u64)> {
     let path = dir.join(format::segment_file_name(first_sequence));
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)?;
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
     let header = format::segment_header();
     file.write_all_at(&header, 0)?;
     file.sync_all()?;

@@ -15,12 +15,19 @@ use aitl::{
 };
 use tonic::transport::Channel;
 
+/// A server without models: the spine alone.
 pub fn config(data_dir: &Path) -> Config {
-    Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: data_dir.to_path_buf(),
-        ..Config::default()
-    }
+    let mut config =
+        Config { listen: "127.0.0.1:0".parse().unwrap(), data_dir: data_dir.to_path_buf(), ..Config::default() };
+    config.models.embedder = "none".into();
+    config
+}
+
+/// A server with the default embedding model (from the shared test cache).
+pub fn config_with_embedder(data_dir: &Path) -> Config {
+    let mut config = config(data_dir);
+    config.models.embedder = default_embedder_dir().display().to_string();
+    config
 }
 
 pub async fn start(data_dir: &Path) -> RunningServer {
@@ -28,19 +35,12 @@ pub async fn start(data_dir: &Path) -> RunningServer {
 }
 
 pub async fn channel(server: &RunningServer) -> Channel {
-    Channel::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .expect("connects")
+    Channel::from_shared(format!("http://{}", server.addr)).unwrap().connect().await.expect("connects")
 }
 
 pub async fn clients(server: &RunningServer) -> (SupportServiceClient<Channel>, KnowledgeServiceClient<Channel>) {
     let channel = channel(server).await;
-    (
-        SupportServiceClient::new(channel.clone()),
-        KnowledgeServiceClient::new(channel),
-    )
+    (SupportServiceClient::new(channel.clone()), KnowledgeServiceClient::new(channel))
 }
 
 pub fn knowledge(id: &str, text: &str) -> KnowledgeObject {
@@ -73,18 +73,10 @@ pub fn generate_interaction(knowledge_ids: &[&str]) -> InteractionRecord {
         shown_knowledge: knowledge_ids
             .iter()
             .enumerate()
-            .map(|(i, id)| ShownKnowledge {
-                knowledge_id: id.to_string(),
-                version: 1,
-                score: 1.0,
-                rank: i as u32 + 1,
-            })
+            .map(|(i, id)| ShownKnowledge { knowledge_id: id.to_string(), version: 1, score: 1.0, rank: i as u32 + 1 })
             .collect(),
         candidates,
-        models: Some(ModelVersions {
-            generator: "test-generator@1".into(),
-            ..Default::default()
-        }),
+        models: Some(ModelVersions { generator: "test-generator@1".into(), ..Default::default() }),
         ..Default::default()
     }
 }

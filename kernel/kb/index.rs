@@ -1,0 +1,253 @@
+//! Vector search over the knowledge base. [`VectorIndex`] is the seam an
+//! approximate index can implement later; [`ExactIndex`] scores every
+//! vector (SIMD dot products of unit vectors, both cores) and keeps the
+//! top k, with kind and metadata filters applied during the scan.
+
+use std::{
+    cmp::Ordering,
+    collections::{BinaryHeap, HashMap},
+    sync::RwLock,
+};
+
+use rayon::prelude::*;
+
+use crate::proto::{KnowledgeFilter, KnowledgeObject};
+
+/// What the index keeps of an object: enough to filter and to cite.
+#[derive(Debug, Clone)]
+pub struct IndexEntry {
+    pub id: String,
+    pub version: u64,
+    pub kind: i32,
+    pub metadata: HashMap<String, String>,
+}
+
+impl IndexEntry {
+    pub fn of(object: &KnowledgeObject) -> Self {
+        IndexEntry {
+            id: object.id.clone(),
+            version: object.version,
+            kind: object.kind,
+            metadata: object.metadata.clone(),
+        }
+    }
+
+    fn matches(&self, filter: &KnowledgeFilter) -> bool {
+        (filter.kinds.is_empty() || filter.kinds.contains(&self.kind))
+            && filter.metadata.iter().all(|(k, v)| self.metadata.get(k) == Some(v))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hit {
+    pub id: String,
+    pub version: u64,
+    pub score: f32,
+}
+
+pub trait VectorIndex: Send + Sync {
+    fn dimension(&self) -> usize;
+    /// The embedding model the vectors come from.
+    fn model_version(&self) -> &str;
+    fn upsert(&self, entry: IndexEntry, vector: &[f32]);
+    fn remove(&self, id: &str);
+    /// The `k` best matches for a unit `query`, best first.
+    fn search(&self, query: &[f32], k: usize, filter: &KnowledgeFilter) -> Vec<Hit>;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Default)]
+struct Slots {
+    entries: Vec<Option<IndexEntry>>,
+    vectors: Vec<f32>,
+    by_id: HashMap<String, usize>,
+    free: Vec<usize>,
+}
+
+pub struct ExactIndex {
+    dimension: usize,
+    model_version: String,
+    slots: RwLock<Slots>,
+}
+
+/// Rows scored per parallel task.
+const ROWS_PER_TASK: usize = 4_096;
+
+#[derive(PartialEq)]
+struct Scored(f32, usize);
+
+impl Eq for Scored {}
+
+impl PartialOrd for Scored {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Reversed, so a BinaryHeap is a min-heap holding the best k; ties go to
+/// the lower slot so results are deterministic.
+impl Ord for Scored {
+    fn cmp(&self, other: &Self) -> Ordering {
+        other.0.total_cmp(&self.0).then(self.1.cmp(&other.1))
+    }
+}
+
+fn push_top(heap: &mut BinaryHeap<Scored>, k: usize, item: Scored) {
+    if heap.len() < k {
+        heap.push(item);
+    } else if heap.peek().is_some_and(|worst| item < *worst) {
+        heap.pop();
+        heap.push(item);
+    }
+}
+
+impl ExactIndex {
+    pub fn new(dimension: usize, model_version: impl Into<String>) -> Self {
+        ExactIndex { dimension, model_version: model_version.into(), slots: RwLock::default() }
+    }
+}
+
+impl VectorIndex for ExactIndex {
+    fn dimension(&self) -> usize {
+        self.dimension
+    }
+
+    fn model_version(&self) -> &str {
+        &self.model_version
+    }
+
+    fn upsert(&self, entry: IndexEntry, vector: &[f32]) {
+        assert_eq!(vector.len(), self.dimension, "vector dimension");
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        let dim = self.dimension;
+        let slot = match slots.by_id.get(&entry.id) {
+            Some(&slot) => slot,
+            None => match slots.free.pop() {
+                Some(slot) => slot,
+                None => {
+                    slots.entries.push(None);
+                    slots.vectors.extend(std::iter::repeat_n(0.0, dim));
+                    slots.entries.len() - 1
+                }
+            },
+        };
+        slots.vectors[slot * dim..(slot + 1) * dim].copy_from_slice(vector);
+        slots.by_id.insert(entry.id.clone(), slot);
+        slots.entries[slot] = Some(entry);
+    }
+
+    fn remove(&self, id: &str) {
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = slots.by_id.remove(id) {
+            slots.entries[slot] = None;
+            slots.free.push(slot);
+        }
+    }
+
+    fn search(&self, query: &[f32], k: usize, filter: &KnowledgeFilter) -> Vec<Hit> {
+        if k == 0 || query.len() != self.dimension {
+            return Vec::new();
+        }
+        let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        let dim = self.dimension;
+        let unfiltered = filter.kinds.is_empty() && filter.metadata.is_empty();
+        let heaps: Vec<BinaryHeap<Scored>> = slots
+            .vectors
+            .par_chunks(ROWS_PER_TASK * dim)
+            .enumerate()
+            .map(|(task, rows)| {
+                let mut scores = vec![0f32; rows.len() / dim];
+                crate::backend::dot_rows(query, rows, &mut scores);
+                let mut heap = BinaryHeap::with_capacity(k + 1);
+                for (i, score) in scores.into_iter().enumerate() {
+                    let slot = task * ROWS_PER_TASK + i;
+                    let live = match &slots.entries[slot] {
+                        Some(entry) => unfiltered || entry.matches(filter),
+                        None => false,
+                    };
+                    if live {
+                        push_top(&mut heap, k, Scored(score, slot));
+                    }
+                }
+                heap
+            })
+            .collect();
+        let mut best = BinaryHeap::with_capacity(k + 1);
+        for item in heaps.into_iter().flatten() {
+            push_top(&mut best, k, item);
+        }
+        best.into_sorted_vec()
+            .into_iter()
+            .filter_map(|Scored(score, slot)| {
+                slots.entries[slot].as_ref().map(|e| Hit { id: e.id.clone(), version: e.version, score })
+            })
+            .collect()
+    }
+
+    fn len(&self) -> usize {
+        self.slots.read().unwrap_or_else(|p| p.into_inner()).by_id.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(v: &[f32]) -> Vec<f32> {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter().map(|x| x / n).collect()
+    }
+
+    #[test]
+    fn exact_top_k_with_filters_updates_and_removals() {
+        let index = ExactIndex::new(3, "m@1");
+        let entry = |id: &str, kind: i32, team: &str| IndexEntry {
+            id: id.into(),
+            version: 1,
+            kind,
+            metadata: [("team".to_string(), team.to_string())].into(),
+        };
+        index.upsert(entry("a", 1, "x"), &unit(&[1.0, 0.0, 0.0]));
+        index.upsert(entry("b", 2, "x"), &unit(&[0.9, 0.1, 0.0]));
+        index.upsert(entry("c", 2, "y"), &unit(&[0.0, 1.0, 0.0]));
+        let q = unit(&[1.0, 0.05, 0.0]);
+        let ids = |hits: Vec<Hit>| hits.into_iter().map(|h| h.id).collect::<Vec<_>>();
+        assert_eq!(ids(index.search(&q, 2, &KnowledgeFilter::default())), ["a", "b"]);
+        assert_eq!(ids(index.search(&q, 10, &KnowledgeFilter { kinds: vec![2], ..Default::default() })), ["b", "c"]);
+        let team_y = KnowledgeFilter { metadata: [("team".to_string(), "y".to_string())].into(), ..Default::default() };
+        assert_eq!(ids(index.search(&q, 10, &team_y)), ["c"]);
+        index.remove("a");
+        index.upsert(entry("c", 2, "y"), &unit(&[1.0, 0.0, 0.0]));
+        assert_eq!(ids(index.search(&q, 10, &KnowledgeFilter::default())), ["c", "b"]);
+        index.upsert(entry("d", 1, "x"), &unit(&[0.0, 0.0, 1.0]));
+        assert_eq!(index.len(), 3, "a freed slot is reused");
+    }
+
+    #[test]
+    fn matches_brute_force_on_many_random_vectors() {
+        let dim = 24;
+        let index = ExactIndex::new(dim, "m@1");
+        let mut seed = 7u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        let vectors: Vec<Vec<f32>> = (0..10_000).map(|_| unit(&(0..dim).map(|_| next()).collect::<Vec<_>>())).collect();
+        for (i, v) in vectors.iter().enumerate() {
+            index.upsert(IndexEntry { id: i.to_string(), version: 1, kind: 1, metadata: HashMap::new() }, v);
+        }
+        let q = unit(&(0..dim).map(|_| next()).collect::<Vec<_>>());
+        let mut brute: Vec<(f32, usize)> =
+            vectors.iter().enumerate().map(|(i, v)| (v.iter().zip(&q).map(|(a, b)| a * b).sum(), i)).collect();
+        brute.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let hits = index.search(&q, 75, &KnowledgeFilter::default());
+        assert_eq!(hits.len(), 75);
+        for (hit, (score, i)) in hits.iter().zip(&brute) {
+            assert_eq!(hit.id, i.to_string());
+            assert!((hit.score - score).abs() < 1e-5);
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! Semantic retrieval over the knowledge base: the embedding engine, the
+//! vector index and the store kept in step. Vectors are stored beside their
+//! objects, tagged with the model version, so a restart loads them instead of
+//! re-embedding; objects without a current vector are embedded at start.
+
+use std::{sync::Arc, time::Instant};
+
+use super::{
+    KnowledgeStore,
+    index::{ExactIndex, Hit, IndexEntry, VectorIndex},
+};
+use crate::{
+    engine::{EmbeddingEngine, embedder::EmbedTimings},
+    error::{Error, Result},
+    proto::{ConversationTurn, KnowledgeFilter, KnowledgeObject},
+};
+
+/// How a Retrieve request becomes the text that is embedded.
+#[derive(Debug, Clone, Copy)]
+pub struct QueryComposition {
+    /// How many conversation turns before the question are prepended.
+    pub context_turns: usize,
+}
+
+impl QueryComposition {
+    /// The last `context_turns` turns and the question, joined with spaces
+    /// (the conversation usually names the entity the question is about).
+    pub fn compose(&self, query: &str, context: &[ConversationTurn]) -> String {
+        let skip = context.len().saturating_sub(self.context_turns);
+        let mut parts: Vec<&str> = context[skip..].iter().map(|t| t.text.trim()).collect();
+        parts.push(query.trim());
+        parts.join(" ")
+    }
+}
+
+/// Objects embedded per engine call while indexing.
+const INDEX_CHUNK: usize = 256;
+
+pub struct SemanticIndex {
+    engine: EmbeddingEngine,
+    index: Arc<dyn VectorIndex>,
+    kb: Arc<KnowledgeStore>,
+}
+
+impl SemanticIndex {
+    /// Loads stored vectors of the engine's model and embeds what is missing.
+    pub async fn open(engine: EmbeddingEngine, kb: Arc<KnowledgeStore>) -> Result<Self> {
+        let started = Instant::now();
+        let version = engine.version().to_string();
+        let objects = {
+            let kb = kb.clone();
+            let version = version.clone();
+            tokio::task::spawn_blocking(move || kb.objects_with_vectors(&version))
+                .await
+                .map_err(|e| Error::Internal(format!("loading vectors: {e}")))??
+        };
+        let index: Arc<dyn VectorIndex> = Arc::new(ExactIndex::new(engine.dimension(), version));
+        let mut stale = Vec::new();
+        for (object, vector) in objects {
+            match vector {
+                Some(vector) if vector.len() == engine.dimension() => index.upsert(IndexEntry::of(&object), &vector),
+                _ => stale.push(object),
+            }
+        }
+        let loaded = index.len();
+        let this = SemanticIndex { engine, index, kb };
+        if !stale.is_empty() {
+            tracing::info!(objects = stale.len(), "embedding knowledge objects without a current vector");
+        }
+        this.index_objects(&stale).await?;
+        tracing::info!(loaded, embedded = stale.len(), elapsed = ?started.elapsed(), "vector index ready");
+        Ok(this)
+    }
+
+    pub fn model_version(&self) -> &str {
+        self.engine.version()
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// Embeds objects, stores their vectors, and makes them searchable.
+    pub async fn index_objects(&self, objects: &[KnowledgeObject]) -> Result<()> {
+        for (i, chunk) in objects.chunks(INDEX_CHUNK).enumerate() {
+            let texts: Vec<&str> = chunk.iter().map(|o| o.text.as_str()).collect();
+            let (vectors, _) = self.engine.embed(&texts).await?;
+            let entries: Vec<(String, u64, Vec<f32>)> =
+                chunk.iter().zip(&vectors).map(|(o, v)| (o.id.clone(), o.version, v.clone())).collect();
+            let kb = self.kb.clone();
+            let version = self.engine.version().to_string();
+            tokio::task::spawn_blocking(move || kb.put_vectors(&version, &entries))
+                .await
+                .map_err(|e| Error::Internal(format!("storing vectors: {e}")))??;
+            for (object, vector) in chunk.iter().zip(&vectors) {
+                self.index.upsert(IndexEntry::of(object), vector);
+            }
+            if objects.len() > INDEX_CHUNK {
+                let done = ((i + 1) * INDEX_CHUNK).min(objects.len());
+                tracing::info!(done, total = objects.len(), "embedding knowledge");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn remove(&self, id: &str) {
+        self.index.remove(id);
+    }
+
+    /// Embeds `text` and returns the `k` nearest objects.
+    pub async fn search(&self, text: &str, k: usize, filter: &KnowledgeFilter) -> Result<(Vec<Hit>, EmbedTimings)> {
+        let (mut vectors, timings) = self.engine.embed(&[text]).await?;
+        let query = vectors.pop().ok_or_else(|| Error::Internal("the embedder returned no vector".into()))?;
+        let index = self.index.clone();
+        let filter = filter.clone();
+        let hits = tokio::task::spawn_blocking(move || index.search(&query, k, &filter))
+            .await
+            .map_err(|e| Error::Internal(format!("vector search: {e}")))?;
+        Ok((hits, timings))
+    }
+}
