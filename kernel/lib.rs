@@ -15,6 +15,7 @@ pub mod backend;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod feedback;
 pub mod kb;
 pub mod model;

@@ -20,6 +20,12 @@ struct Cli {
     /// Data directory (knowledge base and training log); overrides the config.
     #[arg(long, global = true, env = "AITL_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Embedding model: "default", "none", or a sentence-transformers folder; overrides the config.
+    #[arg(long, global = true, env = "AITL_EMBEDDER")]
+    embedder: Option<String>,
+    /// Where default models are unpacked (shared by data dirs); overrides the config.
+    #[arg(long, global = true, env = "AITL_MODEL_CACHE")]
+    model_cache: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,10 +54,32 @@ enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+    /// Evaluate against a labelled data set.
+    Eval {
+        #[command(subcommand)]
+        command: EvalCommand,
+    },
     /// Inspect the training log.
     Log {
         #[command(subcommand)]
         command: LogCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Recall@{5,10,20,75}, Precision@{1,5,8}, nDCG@10 and MRR of Retrieve on DSTC11 Track 5.
+    Retrieval {
+        /// The DSTC11 Track 5 folder (knowledge.json, val/).
+        #[arg(long, default_value = "../shared/data/dstc11-track5")]
+        dataset: PathBuf,
+        #[arg(long, value_enum, default_value = "eval")]
+        split: aitl::eval::dstc11::Split,
+        /// Conversation turns embedded with the question; default from the config.
+        #[arg(long)]
+        context_turns: Option<usize>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -99,6 +127,12 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(dir) = cli.data_dir {
         config.data_dir = dir;
     }
+    if let Some(embedder) = cli.embedder {
+        config.models.embedder = embedder;
+    }
+    if let Some(cache) = cli.model_cache {
+        config.models.cache_dir = cache;
+    }
     match cli.command {
         Command::Serve { listen } => {
             if let Some(listen) = listen {
@@ -107,6 +141,20 @@ fn run(cli: Cli) -> Result<()> {
             serve(config)
         }
         Command::Ingest { file, dstc11, batch } => ingest(&config, file, dstc11, batch),
+        Command::Eval { command: EvalCommand::Retrieval { dataset, split, context_turns, json } } => {
+            let turns = context_turns.unwrap_or(config.retrieve.context_turns);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))?;
+            let report = runtime.block_on(aitl::eval::retrieval::run_dstc11(&config, &dataset, split, turns))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+            } else {
+                println!("{report}");
+            }
+            Ok(())
+        }
         Command::Models { command: ModelsCommand::Fetch } => {
             let dir = aitl::provision::ensure(&aitl::provision::DEFAULT_EMBEDDER, &config.model_cache())?;
             println!("{} ready in {}", aitl::provision::DEFAULT_EMBEDDER.name, dir.display());
@@ -190,31 +238,21 @@ fn ingest(config: &Config, file: Option<PathBuf>, dstc11: Option<PathBuf>, batch
 /// the server starts with a complete index instead of embedding at start.
 fn embed_stale(config: &Config, store: &KnowledgeStore) -> Result<()> {
     let Some(dir) = config.embedder_dir()? else { return Ok(()) };
-    let device = aitl::backend::Device::Cpu;
-    let embedder = aitl::model::sentence::SentenceEmbedder::load(&device, &dir)?;
-    let stale: Vec<KnowledgeObject> = store
-        .objects_with_vectors(embedder.version())?
-        .into_iter()
-        .filter(|(_, v)| v.is_none())
-        .map(|(o, _)| o)
-        .collect();
-    if stale.is_empty() {
-        return Ok(());
-    }
-    let progress = indicatif::ProgressBar::new(stale.len() as u64).with_style(
+    let progress = indicatif::ProgressBar::hidden().with_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} embedded ({per_sec}, eta {eta})")
             .expect("static template"),
     );
+    progress.set_draw_target(indicatif::ProgressDrawTarget::stderr());
     let started = std::time::Instant::now();
-    for chunk in stale.chunks(256) {
-        let texts: Vec<&str> = chunk.iter().map(|o| o.text.as_str()).collect();
-        let vectors = embedder.embed(&device, &texts, config.models.embed_token_budget)?;
-        let entries: Vec<_> = chunk.iter().zip(vectors).map(|(o, v)| (o.id.clone(), o.version, v)).collect();
-        store.put_vectors(embedder.version(), &entries)?;
-        progress.inc(chunk.len() as u64);
-    }
+    let (embedded, version) =
+        aitl::kb::semantic::embed_stale(store, &dir, config.models.embed_token_budget, |done, total| {
+            progress.set_length(total as u64);
+            progress.set_position(done as u64);
+        })?;
     progress.finish_and_clear();
-    println!("embedded {} objects with {} in {:.1?}", stale.len(), embedder.version(), started.elapsed());
+    if embedded > 0 {
+        println!("embedded {embedded} objects with {version} in {:.1?}", started.elapsed());
+    }
     Ok(())
 }
 

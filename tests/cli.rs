@@ -17,6 +17,7 @@ fn aitl(data_dir: &Path, args: &[&str]) -> (bool, String, String) {
         .arg(data_dir)
         .args(args)
         .env("AITL_LOG", "warn")
+        .env("AITL_EMBEDDER", "none")
         .output()
         .unwrap();
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();

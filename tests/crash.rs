@@ -46,6 +46,7 @@ fn spawn_server(data_dir: &Path) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_aitl"))
         .args(["--data-dir", data_dir.to_str().unwrap(), "serve", "--listen", "127.0.0.1:0"])
         .env("AITL_LOG", "warn")
+        .env("AITL_EMBEDDER", "none")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

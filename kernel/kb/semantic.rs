@@ -123,3 +123,27 @@ impl SemanticIndex {
         Ok((hits, timings))
     }
 }
+
+/// Embeds, on this thread, every live object of `store` without a current
+/// vector from the model in `model_dir` (bulk ingestion, outside a server).
+/// Reports progress as (done, total); returns the count and model version.
+pub fn embed_stale(
+    store: &KnowledgeStore,
+    model_dir: &std::path::Path,
+    token_budget: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<(usize, String)> {
+    let device = crate::backend::Device::Cpu;
+    let embedder = crate::model::sentence::SentenceEmbedder::load(&device, model_dir)?;
+    let version = embedder.version().to_string();
+    let stale: Vec<KnowledgeObject> =
+        store.objects_with_vectors(&version)?.into_iter().filter(|(_, v)| v.is_none()).map(|(o, _)| o).collect();
+    for (i, chunk) in stale.chunks(INDEX_CHUNK).enumerate() {
+        let texts: Vec<&str> = chunk.iter().map(|o| o.text.as_str()).collect();
+        let vectors = embedder.embed(&device, &texts, token_budget)?;
+        let entries: Vec<_> = chunk.iter().zip(vectors).map(|(o, v)| (o.id.clone(), o.version, v)).collect();
+        store.put_vectors(&version, &entries)?;
+        progress(((i + 1) * INDEX_CHUNK).min(stale.len()), stale.len());
+    }
+    Ok((stale.len(), version))
+}

@@ -1,0 +1,158 @@
+//! `aitl eval retrieval`: a labelled data set's queries through the real
+//! Retrieve RPC (an in-process server on loopback over a scratch data dir
+//! that keeps the data set's knowledge base and vectors between runs).
+
+use std::{collections::HashSet, path::Path, time::Instant};
+
+use futures_util::StreamExt;
+use serde::Serialize;
+
+use super::{
+    dstc11::{self, LabelledQuery, Split},
+    metrics::{self, RankingMetrics},
+};
+use crate::{
+    config::Config,
+    error::{Error, Result},
+    kb::{self, KnowledgeStore},
+    proto::{RetrieveRequest, support_service_client::SupportServiceClient},
+};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RetrievalReport {
+    pub split: String,
+    pub context_turns: usize,
+    pub embedder: String,
+    pub metrics: RankingMetrics,
+    pub retrieve_p50_ms: f64,
+    pub retrieve_p99_ms: f64,
+}
+
+/// Calls in flight at once.
+const CONCURRENCY: usize = 8;
+
+pub async fn run_dstc11(
+    config: &Config,
+    dataset: &Path,
+    split: Split,
+    context_turns: usize,
+) -> Result<RetrievalReport> {
+    let queries = dstc11::read_queries(dataset, split)?;
+    let mut eval_config = config.clone();
+    eval_config.data_dir = config.data_dir.join("eval").join("dstc11");
+    eval_config.models.cache_dir = config.model_cache();
+    eval_config.listen = "127.0.0.1:0".parse().expect("literal address");
+    eval_config.retrieve.context_turns = context_turns;
+    if eval_config.embedder_dir()?.is_none() {
+        return Err(Error::InvalidArgument("retrieval evaluation needs an embedding model (models.embedder)".into()));
+    }
+    prepare_knowledge(&eval_config, dataset)?;
+    let server = crate::server::start(eval_config).await?;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .connect()
+        .await
+        .map_err(|e| Error::Unavailable(format!("eval server: {e}")))?;
+    let client = SupportServiceClient::new(channel);
+    let top_k = *metrics::RECALL_AT.iter().max().expect("non-empty") as u32;
+    let results: Vec<Result<(Vec<String>, f64, String)>> = futures_util::stream::iter(queries.iter())
+        .map(|q: &LabelledQuery| {
+            let mut client = client.clone();
+            async move {
+                let request =
+                    RetrieveRequest { query: q.query.clone(), context: q.context.clone(), top_k, ..Default::default() };
+                let started = Instant::now();
+                let answer =
+                    client.retrieve(request).await.map_err(|s| Error::Internal(format!("{}: {s}", q.id)))?.into_inner();
+                let ms = started.elapsed().as_secs_f64() * 1e3;
+                let ids = answer.results.into_iter().filter_map(|r| r.knowledge.map(|k| k.id)).collect();
+                Ok((ids, ms, answer.models.map(|m| m.embedder).unwrap_or_default()))
+            }
+        })
+        .buffered(CONCURRENCY)
+        .collect()
+        .await;
+    server.shutdown().await?;
+    let mut scores = Vec::with_capacity(queries.len());
+    let mut latencies = Vec::with_capacity(queries.len());
+    let mut embedder = String::new();
+    for (query, result) in queries.iter().zip(results) {
+        let (ids, ms, version) = result?;
+        let ranked: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let relevant: HashSet<&str> = query.relevant.iter().map(String::as_str).collect();
+        scores.push(metrics::score_query(&ranked, &relevant));
+        latencies.push(ms);
+        embedder = version;
+    }
+    latencies.sort_by(f64::total_cmp);
+    let pick = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Ok(RetrievalReport {
+        split: format!("{split:?}").to_lowercase(),
+        context_turns,
+        embedder,
+        metrics: metrics::average(&scores),
+        retrieve_p50_ms: pick(0.5),
+        retrieve_p99_ms: pick(0.99),
+    })
+}
+
+/// The data set's knowledge in the scratch knowledge base, with vectors.
+fn prepare_knowledge(config: &Config, dataset: &Path) -> Result<()> {
+    let objects = kb::read_dstc11(dataset)?;
+    let store = KnowledgeStore::open(&config.knowledge_path())?;
+    for chunk in objects.chunks(crate::api::convert::MAX_ITEMS) {
+        store.upsert_batch(chunk.to_vec())?;
+    }
+    if let Some(dir) = config.embedder_dir()? {
+        let mut last = 0;
+        let (embedded, _) =
+            kb::semantic::embed_stale(&store, &dir, config.models.embed_token_budget, |done, total| {
+                if done * 10 / total.max(1) != last * 10 / total.max(1) {
+                    eprintln!("embedding knowledge: {done}/{total}");
+                }
+                last = done;
+            })?;
+        if embedded > 0 {
+            eprintln!("embedded {embedded} knowledge objects");
+        }
+    }
+    Ok(())
+}
+
+impl std::fmt::Display for RetrievalReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = &self.metrics;
+        writeln!(
+            f,
+            "retrieval on DSTC11 {} split: {} queries, embedder {}, {} context turns",
+            self.split, m.queries, self.embedder, self.context_turns
+        )?;
+        let header: Vec<String> = m
+            .recall
+            .iter()
+            .map(|(k, _)| format!("R@{k}"))
+            .chain(m.precision.iter().map(|(k, _)| format!("P@{k}")))
+            .chain(["nDCG@10".to_string(), "MRR".to_string()])
+            .collect();
+        let values: Vec<String> = m
+            .recall
+            .iter()
+            .chain(&m.precision)
+            .map(|(_, v)| format!("{v:.3}"))
+            .chain([format!("{:.3}", m.ndcg_at_10), format!("{:.3}", m.mrr)])
+            .collect();
+        writeln!(f, "| {} |", header.join(" | "))?;
+        writeln!(f, "|{}", " --- |".repeat(header.len()))?;
+        writeln!(f, "| {} |", values.join(" | "))?;
+        write!(
+            f,
+            "Retrieve over gRPC: p50 {:.2} ms, p99 {:.2} ms ({CONCURRENCY} in flight)",
+            self.retrieve_p50_ms, self.retrieve_p99_ms
+        )
+    }
+}
