@@ -231,8 +231,27 @@ pub(super) fn embed(table: &[f32], ids: &[u32], extra: &[(&[f32], &[u32])], widt
     }
 }
 
-/// One head of one sequence: softmax(Q Kᵀ / √d) V, written into `out` rows.
 #[inline(always)]
+fn softmax_rows(scores: &mut [f32], len: usize, scale: f32) {
+    for row in scores.chunks_exact_mut(len) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut acc = [0f32; LANES];
+        for chunk in row.chunks_mut(LANES) {
+            for (a, s) in acc.iter_mut().zip(chunk.iter_mut()) {
+                *s = exp((*s - max) * scale);
+                *a += *s;
+            }
+        }
+        let inv = 1.0 / acc.iter().sum::<f32>();
+        for s in row.iter_mut() {
+            *s *= inv;
+        }
+    }
+}
+
+/// One head of one sequence: softmax(Q Kᵀ / √d) V as two small matrix
+/// products read in place from the fused QKV rows (strided), written into
+/// this head's columns of `out`.
 fn attend_head(
     qkv: &[f32],
     rows: std::ops::Range<usize>,
@@ -242,31 +261,62 @@ fn attend_head(
     out: &mut [f32],
 ) {
     let (d, hidden) = (shape.head_dim, shape.heads * shape.head_dim);
-    let stride = 3 * hidden;
+    let stride = (3 * hidden) as isize;
     let len = rows.len();
-    let scale = 1.0 / (d as f32).sqrt();
-    let q = |t: usize| &qkv[(rows.start + t) * stride + head * d..][..d];
-    let k = |t: usize| &qkv[(rows.start + t) * stride + hidden + head * d..][..d];
-    let v = |t: usize| &qkv[(rows.start + t) * stride + 2 * hidden + head * d..][..d];
-    scores.resize(len, 0.0);
-    for i in 0..len {
-        let qi = q(i);
-        let mut max = f32::NEG_INFINITY;
-        for (j, s) in scores.iter_mut().enumerate() {
-            *s = dot(qi, k(j)) * scale;
-            max = max.max(*s);
-        }
-        let mut sum = 0.0;
-        for s in scores.iter_mut() {
-            *s = exp(*s - max);
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        let o = &mut out[i * hidden + head * d..][..d];
-        o.fill(0.0);
-        for (j, s) in scores.iter().enumerate() {
-            axpy(o, s * inv, v(j));
-        }
+    let base = rows.start * 3 * hidden + head * d;
+    scores.resize(len * len, 0.0);
+    // SAFETY: every index gemm touches lies inside the slices: Q, K and V of
+    // this head are `len` rows of `d` values at row stride `stride` from
+    // `base`, `base + hidden`, `base + 2 hidden` (all within `qkv`, whose
+    // rows cover this sequence); `scores` is len×len; `out` holds this
+    // sequence's rows (len × hidden) and the head's columns start at head·d.
+    unsafe {
+        let q = qkv.as_ptr().add(base);
+        let k = qkv.as_ptr().add(base + hidden);
+        let v = qkv.as_ptr().add(base + 2 * hidden);
+        gemm::gemm(
+            len,
+            len,
+            d,
+            scores.as_mut_ptr(),
+            1,
+            len as isize,
+            false,
+            q,
+            1,
+            stride,
+            k,
+            stride,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+        dispatch!(softmax_rows(scores, len, 1.0 / (d as f32).sqrt()));
+        gemm::gemm(
+            len,
+            d,
+            len,
+            out.as_mut_ptr().add(head * d),
+            1,
+            hidden as isize,
+            false,
+            scores.as_ptr(),
+            1,
+            len as isize,
+            v,
+            1,
+            stride,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     }
 }
 
@@ -283,7 +333,7 @@ pub(super) fn attention(qkv: &[f32], layout: &SeqLayout, shape: AttentionShape, 
     per_seq.into_par_iter().for_each(|(seq, seq_out)| {
         let mut scores = Vec::new();
         for head in 0..shape.heads {
-            dispatch!(attend_head(qkv, layout.range(seq), head, shape, &mut scores, seq_out));
+            attend_head(qkv, layout.range(seq), head, shape, &mut scores, seq_out);
         }
     });
 }

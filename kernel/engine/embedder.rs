@@ -9,6 +9,7 @@ use std::{
     path::Path,
     sync::{
         Arc,
+        atomic::{AtomicU64, Ordering},
         mpsc::{self, SyncSender, TrySendError},
     },
     time::{Duration, Instant},
@@ -53,6 +54,16 @@ struct Shared {
     model: Arc<SentenceEmbedder>,
     queue: SyncSender<Job>,
     options: EmbedderOptions,
+    counters: Arc<Counters>,
+}
+
+/// What the worker has done, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub batches: AtomicU64,
+    pub texts: AtomicU64,
+    /// Requests skipped because their caller had gone before they ran.
+    pub dropped: AtomicU64,
 }
 
 /// Handle to the embedding worker; cheap to clone.
@@ -68,12 +79,14 @@ impl EmbeddingEngine {
         let (queue, jobs) = mpsc::sync_channel(options.queue_capacity);
         let worker_model = model.clone();
         let budget = options.token_budget;
+        let counters = Arc::new(Counters::default());
+        let worker_counters = counters.clone();
         std::thread::Builder::new()
             .name(format!("aitl-embed-{}", device.name()))
-            .spawn(move || run_worker(device, worker_model, jobs, budget))
+            .spawn(move || run_worker(device, worker_model, jobs, budget, &worker_counters))
             .map_err(|e| Error::Internal(format!("cannot start the embedding worker: {e}")))?;
         tracing::info!(model = model.version(), dimension = model.dimension(), "embedding model loaded");
-        Ok(EmbeddingEngine { shared: Arc::new(Shared { model, queue, options }) })
+        Ok(EmbeddingEngine { shared: Arc::new(Shared { model, queue, options, counters }) })
     }
 
     pub fn version(&self) -> &str {
@@ -82,6 +95,10 @@ impl EmbeddingEngine {
 
     pub fn dimension(&self) -> usize {
         self.shared.model.dimension()
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.shared.counters
     }
 
     pub fn tokenize(&self, text: &str) -> Result<Tokens> {
@@ -115,7 +132,13 @@ impl EmbeddingEngine {
     }
 }
 
-fn run_worker(device: Device, model: Arc<SentenceEmbedder>, jobs: mpsc::Receiver<Job>, budget: usize) {
+fn run_worker(
+    device: Device,
+    model: Arc<SentenceEmbedder>,
+    jobs: mpsc::Receiver<Job>,
+    budget: usize,
+    counters: &Counters,
+) {
     let mut pending: Option<Job> = None;
     loop {
         let first = match pending.take() {
@@ -142,7 +165,9 @@ fn run_worker(device: Device, model: Arc<SentenceEmbedder>, jobs: mpsc::Receiver
             }
         }
         // A caller that gave up (deadline, disconnect) costs no compute.
+        let queued = batch.len();
         batch.retain(|job| !job.reply.is_closed());
+        counters.dropped.fetch_add((queued - batch.len()) as u64, Ordering::Relaxed);
         if batch.is_empty() {
             continue;
         }
@@ -155,6 +180,8 @@ fn run_worker(device: Device, model: Arc<SentenceEmbedder>, jobs: mpsc::Receiver
         }
         refs.sort_by_key(|(_, _, text)| text.ids.len());
         let result = run_in_budget(&device, &model, &refs, budget);
+        counters.batches.fetch_add(1, Ordering::Relaxed);
+        counters.texts.fetch_add(refs.len() as u64, Ordering::Relaxed);
         let compute = started.elapsed();
         match result {
             Ok(vectors) => {
