@@ -57,14 +57,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     sum
 }
 
-/// `y += a · x`.
-#[inline(always)]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y = a.mul_add(*x, *y);
-    }
-}
-
 /// e^x for x ≤ 0 ranges used here (softmax, erf): Cody–Waite range
 /// reduction and a degree-6 polynomial; relative error below 2e-7.
 #[inline(always)]
@@ -124,6 +116,14 @@ fn activate_rows(out: &mut [f32], bias: Option<&[f32]>, act: Activation, n: usiz
                 }
             }
         }
+    }
+}
+
+/// Applies `act` in place (a matmul epilogue on one finished tile row).
+pub(super) fn activate(values: &mut [f32], act: Activation) {
+    if act != Activation::None {
+        let n = values.len();
+        dispatch!(activate_rows(values, None, act, n))
     }
 }
 
@@ -273,7 +273,6 @@ fn attend_head(
     unsafe {
         let q = qkv.as_ptr().add(base);
         let k = qkv.as_ptr().add(base + hidden);
-        let v = qkv.as_ptr().add(base + 2 * hidden);
         gemm::gemm(
             len,
             len,
@@ -295,7 +294,11 @@ fn attend_head(
             false,
             gemm::Parallelism::None,
         );
-        dispatch!(softmax_rows(scores, len, 1.0 / (d as f32).sqrt()));
+    }
+    dispatch!(softmax_rows(scores, len, 1.0 / (d as f32).sqrt()));
+    // SAFETY: as above; `out` has this sequence's len rows of `hidden`.
+    unsafe {
+        let v = qkv.as_ptr().add(base + 2 * hidden);
         gemm::gemm(
             len,
             d,

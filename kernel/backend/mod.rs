@@ -8,6 +8,7 @@
 //! sequence's offset, so no FLOP is spent on padding.
 
 mod cpu;
+mod packed;
 
 use crate::error::{Error, Result};
 
@@ -21,6 +22,11 @@ pub struct Tensor {
 #[derive(Debug, Clone)]
 enum Storage {
     Cpu(Vec<f32>),
+    /// A `[k, n]` weight, row-major and in the AVX-512 kernel's panel layout.
+    CpuPacked {
+        plain: Vec<f32>,
+        packed: packed::PackedWeights,
+    },
 }
 
 impl Tensor {
@@ -29,7 +35,7 @@ impl Tensor {
     }
 
     pub fn rows(&self) -> usize {
-        self.shape[0]
+        self.shape.first().copied().unwrap_or(1)
     }
 
     /// Size of the last dimension.
@@ -42,18 +48,22 @@ impl Tensor {
     pub fn to_host(&self) -> Vec<f32> {
         match &self.storage {
             Storage::Cpu(data) => data.clone(),
+            Storage::CpuPacked { plain, .. } => plain.clone(),
         }
     }
 
     fn cpu(&self) -> &[f32] {
         match &self.storage {
-            Storage::Cpu(data) => data,
+            Storage::Cpu(data) | Storage::CpuPacked { plain: data, .. } => data,
         }
     }
 
     fn cpu_mut(&mut self) -> &mut [f32] {
         match &mut self.storage {
             Storage::Cpu(data) => data,
+            // In-place ops take activations; a weight changed here would
+            // leave its packed copy stale.
+            Storage::CpuPacked { .. } => unreachable!("weights are never modified in place"),
         }
     }
 }
@@ -114,6 +124,9 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
+/// Up to this many rows, `linear` uses the pre-packed kernel.
+const PACKED_MAX_ROWS: usize = 64;
+
 /// The devices aitl runs on. Chosen at run time; model code is the same.
 #[derive(Debug, Clone)]
 pub enum Device {
@@ -139,6 +152,20 @@ impl Device {
         Ok(Tensor { shape: shape.to_vec(), storage: Storage::Cpu(data) })
     }
 
+    /// A `[k, n]` weight for [`Device::linear`], laid out once for the
+    /// fastest kernel this device has.
+    pub fn weight(&self, k: usize, n: usize, data: Vec<f32>) -> Result<Tensor> {
+        let plain = self.tensor(&[k, n], data)?;
+        match self {
+            Device::Cpu if packed::available() => {
+                let packed = packed::PackedWeights::pack(plain.cpu(), k, n);
+                let Storage::Cpu(plain) = plain.storage else { unreachable!("tensor() makes plain storage") };
+                Ok(Tensor { shape: vec![k, n], storage: Storage::CpuPacked { plain, packed } })
+            }
+            Device::Cpu => Ok(plain),
+        }
+    }
+
     /// `x[m, k] · w[k, n] + bias[n]`, then `act`. `w` is stored `[k, n]`.
     pub fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) -> Result<Tensor> {
         let (m, k, n) = (x.rows(), x.cols(), w.cols());
@@ -150,13 +177,18 @@ impl Device {
                 bias.map(|b| b.shape.clone())
             )));
         }
-        match self {
-            Device::Cpu => {
-                let mut out = vec![0f32; m * n];
-                cpu::linear(x.cpu(), w.cpu(), bias.map(|b| b.cpu()), act, m, k, n, &mut out);
-                self.tensor(&[m, n], out)
+        let mut out = vec![0f32; m * n];
+        match &w.storage {
+            // Few rows: the weight read dominates, and it is packed already.
+            Storage::CpuPacked { packed, .. } if m <= PACKED_MAX_ROWS => {
+                packed::matmul(x.cpu(), packed, bias.map(|b| b.cpu()), m, &mut out, &|tile| cpu::activate(tile, act));
+            }
+            // Many rows: the gemm crate's cache blocking wins (benches/matmul.rs).
+            Storage::Cpu(w) | Storage::CpuPacked { plain: w, .. } => {
+                cpu::linear(x.cpu(), w, bias.map(|b| b.cpu()), act, m, k, n, &mut out)
             }
         }
+        self.tensor(&[m, n], out)
     }
 
     /// `LayerNorm(x + residual)` over the last dimension, in place in `x`.

@@ -16,6 +16,9 @@ use crate::{
     error::{Error, Result},
 };
 
+/// Most tokens in one forward pass (see [`SentenceEmbedder::embed_tokens`]).
+pub const FORWARD_TOKENS: usize = 2048;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pooling {
     Mean,
@@ -137,8 +140,27 @@ impl SentenceEmbedder {
         Ok(Tokens { ids: encoding.get_ids().to_vec(), type_ids: encoding.get_type_ids().to_vec() })
     }
 
-    /// Embeds one ragged batch; one vector per input, in input order.
+    /// Embeds one ragged batch; one vector per input, in input order. Runs
+    /// forward passes of at most [`FORWARD_TOKENS`] tokens: activations stay
+    /// small enough for the allocator to recycle instead of mapping (and
+    /// faulting in) fresh pages for every op.
     pub fn embed_tokens(&self, device: &Device, batch: &[&Tokens]) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(batch.len());
+        let mut start = 0;
+        while start < batch.len() {
+            let mut end = start + 1;
+            let mut tokens = batch[start].ids.len();
+            while end < batch.len() && tokens + batch[end].ids.len() <= FORWARD_TOKENS {
+                tokens += batch[end].ids.len();
+                end += 1;
+            }
+            out.extend(self.forward(device, &batch[start..end])?);
+            start = end;
+        }
+        Ok(out)
+    }
+
+    fn forward(&self, device: &Device, batch: &[&Tokens]) -> Result<Vec<Vec<f32>>> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }

@@ -34,11 +34,6 @@ impl SafetensorsFile {
             .map_err(|e| Error::InvalidArgument(format!("{} is not a safetensors file: {e}", self.path)))
     }
 
-    /// Every tensor name, for diagnostics.
-    pub fn names(&self) -> Vec<String> {
-        self.parse().map(|t| t.names().into_iter().map(String::from).collect()).unwrap_or_default()
-    }
-
     /// Loads `name` (or `{prefix}{name}` for a known prefix) as f32 values
     /// with its shape.
     pub fn load(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
@@ -105,7 +100,7 @@ impl SafetensorsFile {
             }
             bias.extend(b);
         }
-        Ok((device.tensor(&[inputs, total], weight)?, device.tensor(&[total], bias)?))
+        Ok((device.weight(inputs, total, weight)?, device.tensor(&[total], bias)?))
     }
 }
 
