@@ -85,7 +85,7 @@ fn retrieve(c: &mut Criterion) {
             let mut channels = Vec::new();
             for _ in 0..clients {
                 let endpoint = tonic::transport::Channel::from_shared(format!("http://{}", server.addr)).unwrap();
-                channels.push(SupportServiceClient::new(endpoint.connect().await.unwrap()));
+                channels.push(SupportServiceClient::new(endpoint.tcp_nodelay(true).connect().await.unwrap()));
             }
             channels
         });
@@ -107,8 +107,17 @@ fn retrieve(c: &mut Criterion) {
                                     let request =
                                         RetrieveRequest { query: query.into(), top_k: 75, ..Default::default() };
                                     let t = Instant::now();
-                                    client.retrieve(request).await.unwrap();
+                                    let answer = client.retrieve(request).await.unwrap().into_inner();
                                     mine.push(t.elapsed());
+                                    if c == 0 && i == 0 {
+                                        let timings = answer.timings.unwrap_or_default();
+                                        println!(
+                                            "  server timings: embed queue {:.2} ms, embed compute {:.2} ms, total before logging {:.2} ms",
+                                            timings.queue_ns as f64 / 1e6,
+                                            timings.compute_ns as f64 / 1e6,
+                                            timings.total_ns as f64 / 1e6
+                                        );
+                                    }
                                 }
                                 latencies.lock().unwrap().extend(mine);
                             })

@@ -5,7 +5,6 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
@@ -120,7 +119,6 @@ pub async fn start(config: Config) -> Result<RunningServer> {
     let addr = listener.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .timeout(config.request_timeout())
         .concurrency_limit_per_connection(config.limits.concurrency_per_connection)
         .max_concurrent_streams(Some(config.limits.max_concurrent_streams))
@@ -133,7 +131,11 @@ pub async fn start(config: Config) -> Result<RunningServer> {
         .add_service(reflection_v1alpha)
         .add_service(support)
         .add_service(knowledge);
-    let task = tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+    // Accepted sockets need TCP_NODELAY set here: the builder's flag only
+    // covers listeners it binds itself, and without it a multi-frame response
+    // waits out the peer's delayed ACK (~40 ms).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = shutdown_rx.await;
     }));
     Ok(RunningServer { addr, state, shutdown: Some(shutdown_tx), task })
