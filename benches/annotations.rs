@@ -5,19 +5,18 @@
 //!
 //! `cargo bench --bench annotations`
 
+mod loopback;
+
 use std::{
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use aitl::{
     config::Config,
     feedback::new_interaction_id,
     kb::KnowledgeStore,
-    proto::{
-        self, Candidate, InteractionKind, InteractionRecord, SubmitAnnotationRequest,
-        support_service_client::SupportServiceClient,
-    },
+    proto::{self, Candidate, InteractionKind, InteractionRecord, SubmitAnnotationRequest},
 };
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
@@ -53,10 +52,6 @@ fn annotation(id: String, ix: &InteractionRecord) -> SubmitAnnotationRequest {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
-}
-
 fn submit_annotation(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     // On the working disk, not tmpfs: the point is to pay for real fsyncs.
@@ -72,56 +67,21 @@ fn submit_annotation(c: &mut Criterion) {
     let mut group = c.benchmark_group("submit_annotation");
     group.throughput(Throughput::Elements(1)).sample_size(10).measurement_time(Duration::from_secs(6));
     for clients in [1usize, 16, 64] {
-        let channels: Vec<_> = runtime.block_on(async {
-            let mut channels = Vec::new();
-            for _ in 0..clients {
-                let endpoint = tonic::transport::Channel::from_shared(format!("http://{}", server.addr)).unwrap();
-                channels.push(SupportServiceClient::new(endpoint.tcp_nodelay(true).connect().await.unwrap()));
-            }
-            channels
-        });
+        let connected = runtime.block_on(loopback::connect(server.addr, clients));
         let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
         group.bench_function(format!("{clients}_clients"), |b| {
             b.iter_custom(|iters| {
-                let per_client = iters.div_ceil(clients as u64);
-                runtime.block_on(async {
-                    let started = Instant::now();
-                    let tasks: Vec<_> = channels
-                        .iter()
-                        .map(|client| {
-                            let (mut client, ix, counter, latencies) =
-                                (client.clone(), ix.clone(), counter.clone(), latencies.clone());
-                            tokio::spawn(async move {
-                                let mut mine = Vec::with_capacity(per_client as usize);
-                                for _ in 0..per_client {
-                                    let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                    let request = annotation(format!("bench-{n}"), &ix);
-                                    let t = Instant::now();
-                                    client.submit_annotation(request).await.unwrap();
-                                    mine.push(t.elapsed());
-                                }
-                                latencies.lock().unwrap().extend(mine);
-                            })
-                        })
-                        .collect();
-                    for task in tasks {
-                        task.await.unwrap();
+                let (ix, counter) = (ix.clone(), counter.clone());
+                loopback::run_calls(&runtime, &connected, iters, &latencies, move |mut client, _, _| {
+                    let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let request = annotation(format!("bench-{n}"), &ix);
+                    async move {
+                        client.submit_annotation(request).await.unwrap();
                     }
-                    // Per annotation: the wall time spread over all clients' calls.
-                    started.elapsed().mul_f64(iters as f64 / (per_client * clients as u64) as f64)
                 })
             })
         });
-        let mut all = latencies.lock().unwrap().clone();
-        all.sort();
-        if !all.is_empty() {
-            println!(
-                "submit_annotation/{clients}_clients: {} calls, p50 {:.2?}, p99 {:.2?}",
-                all.len(),
-                percentile(&all, 0.50),
-                percentile(&all, 0.99)
-            );
-        }
+        loopback::print_percentiles(&format!("submit_annotation/{clients}_clients"), &latencies);
     }
     group.finish();
     runtime.block_on(server.shutdown()).unwrap();

@@ -7,6 +7,8 @@
 //!
 //! `cargo bench --bench retrieve`
 
+mod loopback;
+
 use std::{
     path::Path,
     sync::{Arc, Mutex},
@@ -17,16 +19,14 @@ use aitl::{
     config::Config,
     kb::KnowledgeStore,
     model::sentence::SentenceEmbedder,
-    proto::{KnowledgeKind, KnowledgeObject, RetrieveRequest, support_service_client::SupportServiceClient},
+    proto::{KnowledgeKind, KnowledgeObject, RetrieveRequest},
     provision,
 };
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 const OBJECTS: usize = 100_000;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
-}
+const QUERIES: [&str; 3] =
+    ["Can I get a refund for a damaged item?", "Is there free parking at the hotel?", "How do I reset my password?"];
 
 fn retrieve(c: &mut Criterion) {
     let model_dir = provision::ensure(
@@ -73,71 +73,30 @@ fn retrieve(c: &mut Criterion) {
     let server = runtime.block_on(aitl::server::start(config)).unwrap();
     println!("server start with {OBJECTS} stored vectors (model load + index load): {:.2?}", started.elapsed());
 
-    let queries = [
-        "Can I get a refund for a damaged item?",
-        "Is there free parking at the hotel?",
-        "How do I reset my password?",
-    ];
     let mut group = c.benchmark_group("retrieve_100k");
     group.throughput(Throughput::Elements(1)).sample_size(10).measurement_time(Duration::from_secs(8));
     for clients in [1usize, 16] {
-        let channels: Vec<_> = runtime.block_on(async {
-            let mut channels = Vec::new();
-            for _ in 0..clients {
-                let endpoint = tonic::transport::Channel::from_shared(format!("http://{}", server.addr)).unwrap();
-                channels.push(SupportServiceClient::new(endpoint.tcp_nodelay(true).connect().await.unwrap()));
-            }
-            channels
-        });
+        let connected = runtime.block_on(loopback::connect(server.addr, clients));
         let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
         group.bench_function(format!("{clients}_clients_top75"), |b| {
             b.iter_custom(|iters| {
-                let per_client = iters.div_ceil(clients as u64);
-                runtime.block_on(async {
-                    let started = Instant::now();
-                    let tasks: Vec<_> = channels
-                        .iter()
-                        .enumerate()
-                        .map(|(c, client)| {
-                            let (mut client, latencies) = (client.clone(), latencies.clone());
-                            tokio::spawn(async move {
-                                let mut mine = Vec::new();
-                                for i in 0..per_client {
-                                    let query = queries[(c + i as usize) % queries.len()];
-                                    let request =
-                                        RetrieveRequest { query: query.into(), top_k: 75, ..Default::default() };
-                                    let t = Instant::now();
-                                    let answer = client.retrieve(request).await.unwrap().into_inner();
-                                    mine.push(t.elapsed());
-                                    if c == 0 && i == 0 {
-                                        let timings = answer.timings.unwrap_or_default();
-                                        println!(
-                                            "  server timings: embed queue {:.2} ms, embed compute {:.2} ms, total before logging {:.2} ms",
-                                            timings.queue_ns as f64 / 1e6,
-                                            timings.compute_ns as f64 / 1e6,
-                                            timings.total_ns as f64 / 1e6
-                                        );
-                                    }
-                                }
-                                latencies.lock().unwrap().extend(mine);
-                            })
-                        })
-                        .collect();
-                    for task in tasks {
-                        task.await.unwrap();
+                loopback::run_calls(&runtime, &connected, iters, &latencies, move |mut client, c, i| async move {
+                    let query = QUERIES[(c + i as usize) % QUERIES.len()];
+                    let request = RetrieveRequest { query: query.into(), top_k: 75, ..Default::default() };
+                    let answer = client.retrieve(request).await.unwrap().into_inner();
+                    if c == 0 && i == 0 {
+                        let timings = answer.timings.unwrap_or_default();
+                        println!(
+                            "  server timings: embed queue {:.2} ms, embed compute {:.2} ms, total before logging {:.2} ms",
+                            timings.queue_ns as f64 / 1e6,
+                            timings.compute_ns as f64 / 1e6,
+                            timings.total_ns as f64 / 1e6
+                        );
                     }
-                    started.elapsed().mul_f64(iters as f64 / (per_client * clients as u64) as f64)
                 })
             })
         });
-        let mut all = latencies.lock().unwrap().clone();
-        all.sort();
-        println!(
-            "retrieve_100k/{clients}_clients: {} calls, p50 {:.2?}, p99 {:.2?}",
-            all.len(),
-            percentile(&all, 0.5),
-            percentile(&all, 0.99)
-        );
+        loopback::print_percentiles(&format!("retrieve_100k/{clients}_clients"), &latencies);
     }
     group.finish();
     runtime.block_on(server.shutdown()).unwrap();

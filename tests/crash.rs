@@ -4,9 +4,7 @@
 mod common;
 
 use std::{
-    collections::HashMap,
     io::{BufRead, BufReader},
-    ops::ControlFlow,
     path::Path,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
@@ -16,10 +14,8 @@ use std::{
 use aitl::{
     feedback::InteractionBook,
     kb::KnowledgeStore,
-    proto::{
-        InteractionRecord, SubmitAnnotationRequest, log_record::Body, support_service_client::SupportServiceClient,
-    },
-    trainlog::{LogOptions, LogReader, TrainingLog},
+    proto::{InteractionRecord, SubmitAnnotationRequest, support_service_client::SupportServiceClient},
+    trainlog::{LogOptions, TrainingLog},
 };
 use common::*;
 
@@ -99,15 +95,7 @@ async fn kill_9_loses_no_acknowledged_annotation() {
     let (mut child, _) = spawn_server(dir.path());
     child.kill().unwrap();
     child.wait().unwrap();
-    let mut counts: HashMap<String, usize> = HashMap::new();
-    LogReader::new(dir.path().join("log"))
-        .read_from(1, |record| {
-            if let Some(Body::Annotation(a)) = record.body {
-                *counts.entry(a.annotation.unwrap().annotation_id).or_default() += 1;
-            }
-            ControlFlow::Continue(())
-        })
-        .unwrap();
+    let counts = annotation_counts(&dir.path().join("log"));
     let acked = acked.lock().unwrap();
     let lost = acked.iter().filter(|id| !counts.contains_key(*id)).count();
     let repeated = counts.values().filter(|&&n| n > 1).count();

@@ -4,11 +4,11 @@
 
 mod common;
 
-use std::{collections::HashMap, ops::ControlFlow, time::Duration};
+use std::time::Duration;
 
 use aitl::{
-    proto::{SubmitAnnotationRequest, UpsertKnowledgeRequest, log_record::Body},
-    trainlog::{Fault, LogReader},
+    proto::{SubmitAnnotationRequest, UpsertKnowledgeRequest},
+    trainlog::Fault,
 };
 use common::*;
 use tonic::Code;
@@ -72,15 +72,7 @@ async fn failing_disk_is_reported_and_recovered_from_without_loss() {
     }
     server.shutdown().await.unwrap();
 
-    let mut counts: HashMap<String, usize> = HashMap::new();
-    LogReader::new(dir.path().join("log"))
-        .read_from(1, |record| {
-            if let Some(Body::Annotation(a)) = record.body {
-                *counts.entry(a.annotation.unwrap().annotation_id).or_default() += 1;
-            }
-            ControlFlow::Continue(())
-        })
-        .unwrap();
+    let counts = annotation_counts(&dir.path().join("log"));
     for id in &acked {
         assert_eq!(counts.get(id), Some(&1), "{id}");
     }

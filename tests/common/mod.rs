@@ -120,3 +120,17 @@ pub fn default_embedder_dir() -> std::path::PathBuf {
     let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-models");
     aitl::provision::ensure(&aitl::provision::DEFAULT_EMBEDDER, &cache).expect("default embedding model is available")
 }
+
+/// How often each annotation_id appears in the training log at `log_dir`.
+pub fn annotation_counts(log_dir: &Path) -> std::collections::HashMap<String, usize> {
+    let mut counts = std::collections::HashMap::new();
+    aitl::trainlog::LogReader::new(log_dir)
+        .read_from(1, |record| {
+            if let Some(proto::log_record::Body::Annotation(a)) = record.body {
+                *counts.entry(a.annotation.unwrap_or_default().annotation_id).or_default() += 1;
+            }
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    counts
+}
