@@ -383,14 +383,8 @@ async fn annotations_of_all_kinds_are_validated_deduplicated_and_logged() {
 async fn idempotency_holds_under_concurrency_and_across_restart() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path()).await;
-    let (support, mut kb) = clients(&server).await;
-    kb.upsert_knowledge(tokio_stream::iter(vec![UpsertKnowledgeRequest {
-        objects: vec![knowledge("k1", "Refunds.")],
-    }]))
-    .await
-    .unwrap();
-    let ix = generate_interaction(&["k1"]);
-    server.state.interactions.record(ix.clone()).await.unwrap();
+    let (support, _) = clients(&server).await;
+    let ix = seed_generate(&server, vec![knowledge("k1", "Refunds.")]).await;
     let calls = (0..16).map(|_| {
         let mut support = support.clone();
         let request = SubmitAnnotationRequest { annotation: Some(preference("same", &ix, "r")) };

@@ -6,10 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use aitl::{
-    proto::{SubmitAnnotationRequest, UpsertKnowledgeRequest},
-    trainlog::Fault,
-};
+use aitl::{proto::SubmitAnnotationRequest, trainlog::Fault};
 use common::*;
 use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
@@ -22,15 +19,9 @@ async fn status_of(health: &mut HealthClient<tonic::transport::Channel>, service
 async fn failing_disk_is_reported_and_recovered_from_without_loss() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path()).await;
-    let (mut support, mut kb) = clients(&server).await;
+    let (mut support, _) = clients(&server).await;
     let mut health = HealthClient::new(channel(&server).await);
-    kb.upsert_knowledge(tokio_stream::iter(vec![UpsertKnowledgeRequest {
-        objects: vec![knowledge("k1", "Refunds.")],
-    }]))
-    .await
-    .unwrap();
-    let ix = generate_interaction(&["k1"]);
-    server.state.interactions.record(ix.clone()).await.unwrap();
+    let ix = seed_generate(&server, vec![knowledge("k1", "Refunds.")]).await;
     let submit = |id: &str| SubmitAnnotationRequest { annotation: Some(preference(id, &ix, "")) };
 
     let mut acked = Vec::new();

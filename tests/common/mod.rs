@@ -92,6 +92,17 @@ pub fn shown_at() -> SystemTime {
     *SHOWN_AT.get_or_init(|| SystemTime::now() - std::time::Duration::from_secs(10))
 }
 
+/// Upserts `objects` through the API, then records a Generate interaction
+/// that showed them (as the decoder engine will).
+pub async fn seed_generate(server: &RunningServer, objects: Vec<KnowledgeObject>) -> InteractionRecord {
+    let (_, mut kb) = clients(server).await;
+    let ids: Vec<String> = objects.iter().map(|o| o.id.clone()).collect();
+    kb.upsert_knowledge(tokio_stream::iter(vec![proto::UpsertKnowledgeRequest { objects }])).await.unwrap();
+    let record = generate_interaction(&ids.iter().map(String::as_str).collect::<Vec<_>>());
+    server.state.interactions.record(record.clone()).await.unwrap();
+    record
+}
+
 /// A valid pairwise preference about a seeded interaction.
 pub fn preference(annotation_id: &str, record: &InteractionRecord, rationale: &str) -> proto::Annotation {
     let shown_at = shown_at();
