@@ -76,7 +76,7 @@ impl AnnotationIntake {
         let sha256: [u8; 32] = Sha256::digest(annotation.encode_to_vec()).into();
         // A retry of an acknowledged annotation is answered before validation,
         // so it stays OK even if what it refers to changed since.
-        let validated = match self.durable_sequence(&annotation.annotation_id, &sha256) {
+        let delay = match self.durable_sequence(&annotation.annotation_id, &sha256) {
             Some(sequence) => {
                 return Ok(Accepted { sequence, duplicate: true, delay: delay_of(&annotation)? });
             }
@@ -86,7 +86,7 @@ impl AnnotationIntake {
             let done_tx = match self.slots.entry(annotation.annotation_id.clone()) {
                 Entry::Occupied(slot) => match slot.get() {
                     Slot::Durable { sha256: seen, sequence } if *seen == sha256 => {
-                        return Ok(Accepted { sequence: *sequence, duplicate: true, delay: validated });
+                        return Ok(Accepted { sequence: *sequence, duplicate: true, delay });
                     }
                     Slot::Durable { .. } => {
                         return Err(Error::AlreadyExists(format!(
@@ -113,7 +113,7 @@ impl AnnotationIntake {
             let record = AnnotationRecord {
                 annotation: Some(annotation.clone()),
                 received_at: Some(SystemTime::now().into()),
-                delay: prost_types::Duration::try_from(validated).ok(),
+                delay: prost_types::Duration::try_from(delay).ok(),
                 content_sha256: sha256.to_vec(),
             };
             // Spawned so that a client that gives up mid-write cannot leave
@@ -129,7 +129,7 @@ impl AnnotationIntake {
                 result
             });
             let sequence = write.await.map_err(|e| Error::Internal(format!("annotation write task: {e}")))??;
-            return Ok(Accepted { sequence, duplicate: false, delay: validated });
+            return Ok(Accepted { sequence, duplicate: false, delay });
         }
     }
 
