@@ -46,7 +46,18 @@ impl KnowledgeService for Knowledge {
             let (outcome, written) = blocking(move || Ok(kb.upsert_batch(batch.objects)?)).await.map_err(committed)?;
             if let Some(semantic) = &self.state.semantic {
                 // Searchable before the call returns: a Retrieve right after sees it.
-                semantic.index_objects(&written).await.map_err(committed)?;
+                semantic.index_objects(&written).await.map_err(|e| {
+                    let status = Status::from(e);
+                    Status::new(
+                        status.code(),
+                        format!(
+                            "batch {n} was stored but could not be embedded: {} ({} batches committed); \
+                             it becomes searchable when the server next starts and embeds what it missed",
+                            status.message(),
+                            n + 1
+                        ),
+                    )
+                })?;
             }
             totals.inserted += outcome.inserted;
             totals.updated += outcome.updated;

@@ -132,6 +132,56 @@ fn rows_per_task(width: usize) -> usize {
     (16_384 / width.max(1)).max(1)
 }
 
+/// A matrix in memory: element (i, j) is at `ptr + i·row_stride + j·col_stride`.
+#[derive(Clone, Copy)]
+struct Strided<P> {
+    ptr: P,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+fn row_major<P>(ptr: P, cols: usize) -> Strided<P> {
+    Strided { ptr, row_stride: cols, col_stride: 1 }
+}
+
+/// `dst[m, n] = lhs[m, k] · rhs[k, n]` through the gemm crate.
+///
+/// # Safety
+/// Every element the three views address for these sizes must lie inside
+/// live allocations, and `dst` must not overlap `lhs` or `rhs`.
+unsafe fn strided_matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: Strided<*mut f32>,
+    lhs: Strided<*const f32>,
+    rhs: Strided<*const f32>,
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.ptr,
+            dst.col_stride as isize,
+            dst.row_stride as isize,
+            false,
+            lhs.ptr,
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.ptr,
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn linear(
     x: &[f32],
@@ -145,27 +195,13 @@ pub(super) fn linear(
 ) {
     let parallelism = if m * n * k >= 1 << 18 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
     // SAFETY: slices are row-major with the stated sizes (checked by the
-    // caller): x is m×k, w is k×n, out is m×n; strides follow from them.
+    // caller): x is m×k, w is k×n, out is m×n.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
+        strided_matmul(
+            (m, n, k),
+            row_major(out.as_mut_ptr(), n),
+            row_major(x.as_ptr(), k),
+            row_major(w.as_ptr(), n),
             parallelism,
         );
     }
@@ -261,63 +297,32 @@ fn attend_head(
     out: &mut [f32],
 ) {
     let (d, hidden) = (shape.head_dim, shape.heads * shape.head_dim);
-    let stride = (3 * hidden) as isize;
+    let stride = 3 * hidden;
     let len = rows.len();
     let base = rows.start * 3 * hidden + head * d;
     scores.resize(len * len, 0.0);
-    // SAFETY: every index gemm touches lies inside the slices: Q, K and V of
-    // this head are `len` rows of `d` values at row stride `stride` from
-    // `base`, `base + hidden`, `base + 2 hidden` (all within `qkv`, whose
-    // rows cover this sequence); `scores` is len×len; `out` holds this
-    // sequence's rows (len × hidden) and the head's columns start at head·d.
+    let in_qkv = |offset: usize| Strided { ptr: qkv[offset..].as_ptr(), row_stride: stride, col_stride: 1 };
+    // SAFETY: Q, K and V of this head are `len` rows of `d` values at row
+    // stride `stride` from `base`, `base + hidden`, `base + 2·hidden`, all
+    // inside `qkv` (whose rows cover this sequence); `scores` is len×len;
+    // `out` holds this sequence's len rows of `hidden`, and the head's
+    // columns start at head·d.
     unsafe {
-        let q = qkv.as_ptr().add(base);
-        let k = qkv.as_ptr().add(base + hidden);
-        gemm::gemm(
-            len,
-            len,
-            d,
-            scores.as_mut_ptr(),
-            1,
-            len as isize,
-            false,
-            q,
-            1,
-            stride,
-            k,
-            stride,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+        // Kᵀ: element (j, t) of the transposed view is K[t, j].
+        let keys = in_qkv(base + hidden);
+        let keys_t = Strided { ptr: keys.ptr, row_stride: 1, col_stride: stride };
+        let scores_view = row_major(scores.as_mut_ptr(), len);
+        strided_matmul((len, len, d), scores_view, in_qkv(base), keys_t, gemm::Parallelism::None);
     }
     dispatch!(softmax_rows(scores, len, 1.0 / (d as f32).sqrt()));
-    // SAFETY: as above; `out` has this sequence's len rows of `hidden`.
+    // SAFETY: as above.
     unsafe {
-        let v = qkv.as_ptr().add(base + 2 * hidden);
-        gemm::gemm(
-            len,
-            d,
-            len,
-            out.as_mut_ptr().add(head * d),
-            1,
-            hidden as isize,
-            false,
-            scores.as_ptr(),
-            1,
-            len as isize,
-            v,
-            1,
-            stride,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
+        let dst = Strided { ptr: out[head * d..].as_mut_ptr(), row_stride: hidden, col_stride: 1 };
+        strided_matmul(
+            (len, d, len),
+            dst,
+            row_major(scores.as_ptr(), len),
+            in_qkv(base + 2 * hidden),
             gemm::Parallelism::None,
         );
     }
