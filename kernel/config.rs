@@ -40,6 +40,16 @@ pub struct ModelsConfig {
     pub embed_token_budget: usize,
     /// Embedding requests waiting beyond this are refused (RESOURCE_EXHAUSTED).
     pub embed_queue_capacity: usize,
+    /// `"similarity"` (cold start: the embedding model's cosine similarity),
+    /// `"none"` (Rank answers UNAVAILABLE), or the path of a cross-encoder
+    /// folder (BertForSequenceClassification, as sentence-transformers'
+    /// CrossEncoder saves it).
+    pub ranker: String,
+    /// Overrides the cross-encoder's saved activation: "sigmoid", "identity"
+    /// or "softmax"; empty keeps the folder's.
+    pub ranker_activation: String,
+    /// With several labels, which one's score ranks; unset means the last.
+    pub ranker_label: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,6 +68,9 @@ impl Default for ModelsConfig {
             cache_dir: PathBuf::new(),
             embed_token_budget: 8_192,
             embed_queue_capacity: 1_024,
+            ranker: "similarity".into(),
+            ranker_activation: String::new(),
+            ranker_label: None,
         }
     }
 }
@@ -66,6 +79,14 @@ impl Default for RetrieveConfig {
     fn default() -> Self {
         RetrieveConfig { context_turns: 3, default_top_k: 10 }
     }
+}
+
+/// Which ranker the server serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RankerChoice {
+    None,
+    Similarity,
+    CrossEncoder(PathBuf),
 }
 
 /// Which embedding model the server loads.
@@ -173,6 +194,9 @@ impl Config {
         if self.models.embed_token_budget < 512 || self.models.embed_queue_capacity == 0 {
             return bad("models", "embed_token_budget must be at least 512 and embed_queue_capacity at least 1");
         }
+        if !self.models.ranker_activation.is_empty() {
+            crate::model::cross_encoder::ScoreActivation::parse(&self.models.ranker_activation)?;
+        }
         if self.retrieve.context_turns > 64 || !(1..=1000).contains(&self.retrieve.default_top_k) {
             return bad("retrieve", "context_turns is at most 64 and default_top_k 1 to 1000");
         }
@@ -193,6 +217,23 @@ impl Config {
             "default" => EmbedderChoice::Default,
             path => EmbedderChoice::Folder(PathBuf::from(path)),
         }
+    }
+
+    pub fn ranker(&self) -> RankerChoice {
+        match self.models.ranker.as_str() {
+            "none" | "" => RankerChoice::None,
+            "similarity" => RankerChoice::Similarity,
+            path => RankerChoice::CrossEncoder(PathBuf::from(path)),
+        }
+    }
+
+    /// How the configured cross-encoder folder is read.
+    pub fn cross_encoder_options(&self) -> Result<crate::model::cross_encoder::CrossEncoderOptions> {
+        let activation = match self.models.ranker_activation.as_str() {
+            "" => None,
+            name => Some(crate::model::cross_encoder::ScoreActivation::parse(name)?),
+        };
+        Ok(crate::model::cross_encoder::CrossEncoderOptions { activation, label: self.models.ranker_label })
     }
 
     pub fn model_cache(&self) -> PathBuf {

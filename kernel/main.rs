@@ -23,6 +23,9 @@ struct Cli {
     /// Embedding model: "default", "none", or a sentence-transformers folder; overrides the config.
     #[arg(long, global = true, env = "AITL_EMBEDDER")]
     embedder: Option<String>,
+    /// Ranker: "similarity" (cold start), "none", or a cross-encoder folder; overrides the config.
+    #[arg(long, global = true, env = "AITL_RANKER")]
+    ranker: Option<String>,
     /// Where default models are unpacked (shared by data dirs); overrides the config.
     #[arg(long, global = true, env = "AITL_MODEL_CACHE")]
     model_cache: Option<PathBuf>,
@@ -68,7 +71,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum EvalCommand {
-    /// Recall@{5,10,20,75}, Precision@{1,5,8}, nDCG@10 and MRR of Retrieve on DSTC11 Track 5.
+    /// Recall@{5,10,20,75}, Precision@{1,5,8}, nDCG@10 and MRR of Retrieve on DSTC11 Track 5, then
+    /// of Rank over the top 75 retrieved (the configured ranker; --ranker to pick one).
     Retrieval {
         /// The DSTC11 Track 5 folder (knowledge.json, val/).
         #[arg(long, default_value = "../shared/data/dstc11-track5")]
@@ -78,6 +82,9 @@ enum EvalCommand {
         /// Conversation turns embedded with the question; default from the config.
         #[arg(long)]
         context_turns: Option<usize>,
+        /// Skip the second pass through Rank (retrieval-only numbers).
+        #[arg(long)]
+        no_rank: bool,
         #[arg(long)]
         json: bool,
     },
@@ -131,6 +138,9 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(embedder) = cli.embedder {
         config.models.embedder = embedder;
     }
+    if let Some(ranker) = cli.ranker {
+        config.models.ranker = ranker;
+    }
     if let Some(cache) = cli.model_cache {
         config.models.cache_dir = cache;
     }
@@ -142,13 +152,14 @@ fn run(cli: Cli) -> Result<()> {
             serve(config)
         }
         Command::Ingest { file, dstc11, batch } => ingest(&config, file, dstc11, batch),
-        Command::Eval { command: EvalCommand::Retrieval { dataset, split, context_turns, json } } => {
+        Command::Eval { command: EvalCommand::Retrieval { dataset, split, context_turns, no_rank, json } } => {
             let turns = context_turns.unwrap_or(config.retrieve.context_turns);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))?;
-            let report = runtime.block_on(aitl::eval::retrieval::run_dstc11(&config, &dataset, split, turns))?;
+            let report =
+                runtime.block_on(aitl::eval::retrieval::run_dstc11(&config, &dataset, split, turns, !no_rank))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report).expect("json"));
             } else {

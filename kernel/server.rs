@@ -10,8 +10,8 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     api::{AppState, Knowledge, Support},
     backend::Device,
-    config::Config,
-    engine::{EmbedderOptions, EmbeddingEngine},
+    config::{Config, RankerChoice},
+    engine::{EmbeddingEngine, EncoderOptions, Ranker, RankerSlot},
     error::{Error, Result},
     feedback::{self, AnnotationIntake, InteractionBook},
     kb::KnowledgeStore,
@@ -82,12 +82,14 @@ pub async fn start(config: Config) -> Result<RunningServer> {
         Some(engine) => Some(Arc::new(SemanticIndex::open(engine, kb.clone()).await?)),
         None => None,
     };
+    let ranker = load_ranker(&config, semantic.as_ref()).await?;
     let state = Arc::new(AppState {
         kb,
         log,
         interactions,
         annotations,
         semantic,
+        ranker: RankerSlot::new(ranker),
         query_composition: QueryComposition { context_turns: config.retrieve.context_turns },
         default_top_k: config.retrieve.default_top_k,
     });
@@ -150,14 +152,41 @@ async fn load_embedder(config: &Config) -> Result<Option<EmbeddingEngine>> {
             tracing::warn!("no embedding model configured: Retrieve answers UNAVAILABLE");
             return Ok(None);
         };
-        let options = EmbedderOptions {
+        let options = EncoderOptions {
             token_budget: config.models.embed_token_budget,
             queue_capacity: config.models.embed_queue_capacity,
         };
-        EmbeddingEngine::start(Device::Cpu, &dir, options).map(Some)
+        EmbeddingEngine::load(Device::Cpu, &dir, options).map(Some)
     })
     .await
     .map_err(|e| Error::Internal(format!("loading the embedding model: {e}")))?
+}
+
+/// Starts the configured ranker: a cross-encoder folder, or the embedding
+/// model's similarity (cold start) when one is loaded.
+async fn load_ranker(config: &Config, semantic: Option<&Arc<SemanticIndex>>) -> Result<Option<Ranker>> {
+    match config.ranker() {
+        RankerChoice::None => {
+            tracing::warn!("no ranker configured: Rank answers UNAVAILABLE");
+            Ok(None)
+        }
+        RankerChoice::Similarity => {
+            if semantic.is_none() {
+                tracing::warn!("the similarity ranker needs an embedding model: Rank answers UNAVAILABLE");
+            }
+            Ok(semantic.map(|s| Ranker::similarity(s.clone())))
+        }
+        RankerChoice::CrossEncoder(dir) => {
+            let model = config.cross_encoder_options()?;
+            let options = EncoderOptions {
+                token_budget: config.models.embed_token_budget,
+                queue_capacity: config.models.embed_queue_capacity,
+            };
+            tokio::task::spawn_blocking(move || Ranker::cross_encoder(Device::Cpu, &dir, &model, options).map(Some))
+                .await
+                .map_err(|e| Error::Internal(format!("loading the cross-encoder: {e}")))?
+        }
+    }
 }
 
 /// Publishes the log's state as gRPC health: while the log cannot write, the

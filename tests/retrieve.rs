@@ -139,13 +139,33 @@ async fn retrieve_searches_logs_and_accepts_annotations_on_what_it_showed() {
     let status = support.submit_annotation(relevance("rel-2", &[&not_shown])).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
 
-    // Rank accepts the Retrieve interaction (and then names its missing model).
+    // Cold start: Rank scores with the embedding model's similarity and says
+    // so; on what Retrieve showed it keeps Retrieve's order and scores.
     let rank = RankRequest {
         query: request.query.clone(),
         candidates: Some(proto::rank_request::Candidates::RetrieveInteractionId(answer.interaction_id.clone())),
         ..Default::default()
     };
-    assert_eq!(support.rank(rank).await.unwrap_err().code(), Code::Unavailable);
+    let ranked = support.rank(rank).await.unwrap().into_inner();
+    let ranked_models = ranked.models.unwrap();
+    assert_eq!(ranked_models.ranker, format!("similarity:{}", models.embedder));
+    assert_eq!(ranked_models.embedder, models.embedder);
+    let ranked_ids: Vec<&str> =
+        ranked.items.iter().map(|i| i.knowledge.as_ref().unwrap().knowledge.as_ref().unwrap().id.as_str()).collect();
+    assert_eq!(ranked_ids, ids(&answer));
+    for (item, retrieved) in ranked.items.iter().zip(&answer.results) {
+        assert!((item.score - retrieved.score).abs() <= 1e-5, "{} vs {}", item.score, retrieved.score);
+    }
+    // Raw passages are embedded on the spot.
+    let passages = RankRequest {
+        query: request.query.clone(),
+        candidates: Some(proto::rank_request::Candidates::Passages(proto::Passages {
+            texts: vec!["Breakfast is served from seven.".into(), "Refunds go back to your card.".into()],
+        })),
+        ..Default::default()
+    };
+    let by_text = support.rank(passages).await.unwrap().into_inner();
+    assert_eq!(by_text.items[0].passage_index, 1);
 
     // Deleted objects leave the results.
     kb.delete_knowledge(DeleteKnowledgeRequest { id: "refund".into() }).await.unwrap();

@@ -12,6 +12,7 @@ pub use knowledge::Knowledge;
 pub use support::Support;
 
 use crate::{
+    engine::RankerSlot,
     feedback::{AnnotationIntake, InteractionBook},
     kb::{KnowledgeStore, QueryComposition, SemanticIndex},
     trainlog::TrainingLog,
@@ -25,6 +26,8 @@ pub struct AppState {
     pub annotations: AnnotationIntake,
     /// None when no embedding model is configured.
     pub semantic: Option<Arc<SemanticIndex>>,
+    /// None inside when Rank has no model (see `models.ranker`).
+    pub ranker: RankerSlot,
     pub query_composition: QueryComposition,
     pub default_top_k: u32,
 }

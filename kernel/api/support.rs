@@ -1,6 +1,7 @@
 //! SupportService: the copilot calls and agents' feedback. Until a model
 //! engine is loaded, Retrieve, Rank and Generate validate their input (and
 //! the ids it refers to) and answer UNAVAILABLE naming the missing model.
+//! Every served call is recorded as an interaction before it is answered.
 
 use std::{
     pin::Pin,
@@ -13,14 +14,15 @@ use tonic::{Request, Response, Status};
 
 use super::{AppState, blocking, convert};
 use crate::{
+    engine::ranker::Passage,
     error::{Error, Result},
     feedback::new_interaction_id,
     kb::KbError,
     proto::{
         GenerateEvent, GenerateRequest, GenerateResponse, InteractionKind, InteractionRecord, KnowledgeObject,
-        ModelVersions, RankRequest, RankResponse, RetrieveRequest, RetrieveResponse, ScoredKnowledge, ShownKnowledge,
-        SubmitAnnotationRequest, SubmitAnnotationResponse, Timings, generate_request::Grounding, interaction_record,
-        rank_request::Candidates, support_service_server::SupportService,
+        ModelVersions, RankRequest, RankResponse, RankedItem, RetrieveRequest, RetrieveResponse, ScoredKnowledge,
+        ShownKnowledge, SubmitAnnotationRequest, SubmitAnnotationResponse, Timings, generate_request::Grounding,
+        interaction_record, rank_request::Candidates, support_service_server::SupportService,
     },
 };
 
@@ -104,6 +106,112 @@ impl Support {
         Ok(RetrieveResponse { interaction_id, results, models: Some(models), timings: Some(timings) })
     }
 
+    /// What a Rank request asks to score: knowledge objects (the latest
+    /// version of each id, or exactly what a Retrieve interaction showed,
+    /// even if changed or deleted since), or raw passages (no object).
+    async fn rank_candidates_of(&self, req: &RankRequest) -> Result<Vec<(Option<KnowledgeObject>, String)>> {
+        let (field, wanted): (&'static str, Vec<(String, u64)>) = match &req.candidates {
+            Some(Candidates::Passages(p)) => return Ok(p.texts.iter().map(|t| (None, t.clone())).collect()),
+            Some(Candidates::KnowledgeIds(ids)) => {
+                ("knowledge_ids.ids", ids.ids.iter().map(|id| (id.clone(), 0)).collect())
+            }
+            Some(Candidates::RetrieveInteractionId(id)) => {
+                self.check_interaction("retrieve_interaction_id", id, &[InteractionKind::Retrieve])?;
+                let shown =
+                    self.state.interactions.get(id).ok_or_else(|| Error::NotFound(format!("interaction {id}")))?;
+                ("retrieve_interaction_id", shown.knowledge.clone())
+            }
+            None => return Err(Error::invalid("candidates", "is required")),
+        };
+        let kb = self.state.kb.clone();
+        let objects: Vec<KnowledgeObject> = blocking(move || {
+            wanted
+                .iter()
+                .enumerate()
+                .map(|(i, (id, version))| {
+                    kb.get(id, *version, *version != 0).map_err(|e| match e {
+                        KbError::NotFound(_) | KbError::Deleted { .. } => Error::NotFound(format!("{field}[{i}]: {e}")),
+                        other => other.into(),
+                    })
+                })
+                .collect()
+        })
+        .await?;
+        Ok(objects
+            .into_iter()
+            .map(|o| {
+                let text = o.text.clone();
+                (Some(o), text)
+            })
+            .collect())
+    }
+
+    /// Scores the candidates against the question (with its recent context),
+    /// orders them, and records the interaction before answering.
+    async fn rank_candidates(&self, req: RankRequest) -> Result<RankResponse> {
+        let started = Instant::now();
+        convert::check_rank(&req)?;
+        let candidates = self.rank_candidates_of(&req).await?;
+        let ranker = self
+            .state
+            .ranker
+            .get()
+            .ok_or_else(|| missing_model("Rank", "ranker (cross-encoder, or an embedding model for similarity)"))?;
+        let query = self.state.query_composition.compose(&req.query, &req.context);
+        let passages: Vec<Passage> = candidates
+            .iter()
+            .map(|(object, text)| Passage { text, knowledge: object.as_ref().map(|o| (o.id.as_str(), o.version)) })
+            .collect();
+        let (scores, encode) = ranker.score(&query, &passages).await?;
+        let mut order: Vec<usize> = (0..candidates.len()).collect();
+        // Stable: equal scores keep the order they were given in.
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+        let keep = if req.top_n == 0 { order.len() } else { (req.top_n as usize).min(order.len()) };
+        let mut candidates: Vec<Option<(Option<KnowledgeObject>, String)>> = candidates.into_iter().map(Some).collect();
+        let items: Vec<RankedItem> = order[..keep]
+            .iter()
+            .enumerate()
+            .map(|(position, &i)| {
+                let (object, _) = candidates[i].take().expect("each index once");
+                let (rank, score) = (position as u32 + 1, scores[i]);
+                match object {
+                    Some(knowledge) => RankedItem {
+                        knowledge: Some(ScoredKnowledge { knowledge: Some(knowledge), score, rank }),
+                        passage_index: 0,
+                        score,
+                        rank,
+                    },
+                    None => RankedItem { knowledge: None, passage_index: i as u32, score, rank },
+                }
+            })
+            .collect();
+        let models = ModelVersions {
+            ranker: ranker.version().into(),
+            embedder: ranker.embedder_version().unwrap_or_default().into(),
+            ..Default::default()
+        };
+        let timings = Timings {
+            queue_ns: encode.queue.as_nanos() as u64,
+            compute_ns: encode.compute.as_nanos() as u64,
+            total_ns: started.elapsed().as_nanos() as u64,
+        };
+        let shown_results: Vec<ScoredKnowledge> = items.iter().filter_map(|item| item.knowledge.clone()).collect();
+        let interaction_id = new_interaction_id();
+        let record = InteractionRecord {
+            interaction_id: interaction_id.clone(),
+            kind: InteractionKind::Rank as i32,
+            created_at: Some(SystemTime::now().into()),
+            request_context: req.request_context.clone(),
+            shown_knowledge: shown(&shown_results),
+            models: Some(models.clone()),
+            timings: Some(timings),
+            request: Some(interaction_record::Request::Rank(req)),
+            ..Default::default()
+        };
+        self.state.interactions.record(record).await?;
+        Ok(RankResponse { interaction_id, items, models: Some(models), timings: Some(timings) })
+    }
+
     fn check_generate(&self, req: &GenerateRequest) -> Result<()> {
         convert::check_generate(req)?;
         match &req.grounding {
@@ -149,16 +257,7 @@ impl SupportService for Support {
     }
 
     async fn rank(&self, request: Request<RankRequest>) -> Result<Response<RankResponse>, Status> {
-        let req = request.get_ref();
-        convert::check_rank(req)?;
-        match &req.candidates {
-            Some(Candidates::KnowledgeIds(ids)) => self.check_knowledge_exist("knowledge_ids.ids", &ids.ids)?,
-            Some(Candidates::RetrieveInteractionId(id)) => {
-                self.check_interaction("retrieve_interaction_id", id, &[InteractionKind::Retrieve])?
-            }
-            _ => {}
-        }
-        Err(missing_model("Rank", "ranker (cross-encoder) or embedding model").into())
+        Ok(Response::new(self.rank_candidates(request.into_inner()).await?))
     }
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {

@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use super::{Activation, AttentionShape, SeqLayout};
+use super::{Activation, AttentionShape, SeqLayout, quant};
 
 /// Calls `$generic` through a copy compiled for AVX-512 or AVX2+FMA when the
 /// processor has it, else the baseline build. The generic bodies are
@@ -235,6 +235,32 @@ fn layer_norm_rows(x: &mut [f32], residual: Option<&[f32]>, gamma: &[f32], beta:
         let inv = 1.0 / (acc.iter().sum::<f32>() / width as f32 + eps).sqrt();
         for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
             *v = ((*v - mean) * inv).mul_add(*g, *b);
+        }
+    }
+}
+
+/// Outputs per parallel task of a quantized product: a few rows of weights,
+/// enough to amortise the task.
+const QUANT_ROWS_PER_TASK: usize = 64;
+
+pub(super) fn linear_quantized(x: &[f32], w: &super::QuantMatrix, m: usize, out: &mut [f32]) {
+    let (k, n) = w.dims();
+    let row_bytes = w.dtype.row_bytes(k);
+    let activations: Vec<_> = x.chunks_exact(k).map(|row| quant::quantize_activations(w.dtype, row)).collect();
+    // Weight-row major: each weight row is read once for all m activation rows.
+    let mut transposed = vec![0f32; n * m];
+    transposed.par_chunks_mut(QUANT_ROWS_PER_TASK * m).enumerate().for_each(|(task, chunk)| {
+        for (r, outputs) in chunk.chunks_exact_mut(m).enumerate() {
+            let j = task * QUANT_ROWS_PER_TASK + r;
+            let row = &w.bytes[j * row_bytes..(j + 1) * row_bytes];
+            for (o, a) in outputs.iter_mut().zip(&activations) {
+                *o = quant::vec_dot(w.dtype, row, a);
+            }
+        }
+    });
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = transposed[j * m + i];
         }
     }
 }

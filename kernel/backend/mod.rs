@@ -9,8 +9,40 @@
 
 mod cpu;
 mod packed;
+pub mod quant;
+
+use quant::GgmlType;
 
 use crate::error::{Error, Result};
+
+/// A weight matrix kept in a ggml block format: `n` rows (outputs) of `k`
+/// values (inputs), each row whole blocks. `linear_quantized` reads it in place.
+#[derive(Debug, Clone)]
+pub struct QuantMatrix {
+    dtype: GgmlType,
+    k: usize,
+    n: usize,
+    bytes: Vec<u8>,
+}
+
+impl QuantMatrix {
+    pub fn dtype(&self) -> GgmlType {
+        self.dtype
+    }
+
+    /// (inputs, outputs)
+    pub fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+
+    /// Row `j` expanded to f32 (embedding lookups read rows this way).
+    pub fn dequantize_row(&self, j: usize) -> Vec<f32> {
+        let row = self.dtype.row_bytes(self.k);
+        let mut out = vec![0f32; self.k];
+        quant::dequantize_row(self.dtype, &self.bytes[j * row..(j + 1) * row], &mut out);
+        out
+    }
+}
 
 /// A dense row-major f32 tensor on a device.
 #[derive(Debug, Clone)]
@@ -164,6 +196,36 @@ impl Device {
             }
             Device::Cpu => Ok(plain),
         }
+    }
+
+    /// Keeps `bytes` (`n` rows of `k` values of `dtype`) as a weight for
+    /// [`Device::linear_quantized`].
+    pub fn quant_matrix(&self, dtype: GgmlType, k: usize, n: usize, bytes: Vec<u8>) -> Result<QuantMatrix> {
+        if !k.is_multiple_of(dtype.block_values()) || bytes.len() != n * dtype.row_bytes(k) {
+            return Err(Error::Internal(format!(
+                "quantized matrix {n}×{k} of {dtype:?} does not fit {} bytes",
+                bytes.len()
+            )));
+        }
+        Ok(QuantMatrix { dtype, k, n, bytes })
+    }
+
+    /// `x[m, k] · wᵀ` for a block-quantized `w` of `n` rows: activations are
+    /// quantized per row as ggml does for that weight type, then each output
+    /// is one block dot product (both cores split the outputs).
+    pub fn linear_quantized(&self, x: &Tensor, w: &QuantMatrix) -> Result<Tensor> {
+        let (m, k) = (x.rows(), x.cols());
+        if k != w.k {
+            return Err(Error::Internal(format!(
+                "linear_quantized: x {:?} does not fit {}×{} weights",
+                x.shape, w.n, w.k
+            )));
+        }
+        let mut out = vec![0f32; m * w.n];
+        match self {
+            Device::Cpu => cpu::linear_quantized(x.cpu(), w, m, &mut out),
+        }
+        self.tensor(&[m, w.n], out)
     }
 
     /// `x[m, k] · w[k, n] + bias[n]`, then `act`. `w` is stored `[k, n]`.

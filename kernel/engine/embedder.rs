@@ -1,231 +1,46 @@
-//! The embedding engine: one OS thread owns the device and the model; async
-//! callers enqueue tokenized texts and await their vectors. The worker takes
-//! whatever is queued up to a token budget, drops requests whose caller has
-//! gone, orders the batch by length and runs it as one ragged batch (no
-//! padding). A full queue is refused (RESOURCE_EXHAUSTED) rather than grown.
-//! Follows text-embeddings-inference's queue/infer split.
+//! The embedding engine: the encoder worker running a sentence embedder.
 
-use std::{
-    path::Path,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-        mpsc::{self, SyncSender, TrySendError},
-    },
-    time::{Duration, Instant},
-};
+use std::path::Path;
 
-use tokio::sync::oneshot;
-
+use super::encoder::{EncodeTimings, EncoderEngine, EncoderModel, EncoderOptions};
 use crate::{
     backend::Device,
-    error::{Error, Result},
+    error::Result,
     model::sentence::{SentenceEmbedder, Tokens},
 };
 
-#[derive(Debug, Clone)]
-pub struct EmbedderOptions {
-    /// Most tokens in one forward pass.
-    pub token_budget: usize,
-    /// Requests waiting beyond this are refused.
-    pub queue_capacity: usize,
-}
+pub type EmbeddingEngine = EncoderEngine<SentenceEmbedder>;
 
-impl Default for EmbedderOptions {
-    fn default() -> Self {
-        EmbedderOptions { token_budget: 8_192, queue_capacity: 1_024 }
+impl EncoderModel for SentenceEmbedder {
+    fn run(&self, device: &Device, batch: &[&Tokens]) -> Result<Vec<Vec<f32>>> {
+        self.embed_tokens(device, batch)
+    }
+
+    fn version(&self) -> &str {
+        SentenceEmbedder::version(self)
     }
 }
 
-/// What one embed call spent, for interaction timings.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct EmbedTimings {
-    pub queue: Duration,
-    pub compute: Duration,
-}
-
-struct Job {
-    texts: Vec<Tokens>,
-    enqueued: Instant,
-    reply: oneshot::Sender<Result<(Vec<Vec<f32>>, EmbedTimings)>>,
-}
-
-struct Shared {
-    model: Arc<SentenceEmbedder>,
-    queue: SyncSender<Job>,
-    options: EmbedderOptions,
-    counters: Arc<Counters>,
-}
-
-/// What the worker has done, for metrics and tests.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub batches: AtomicU64,
-    pub texts: AtomicU64,
-    /// Requests skipped because their caller had gone before they ran.
-    pub dropped: AtomicU64,
-}
-
-/// Handle to the embedding worker; cheap to clone.
-#[derive(Clone)]
-pub struct EmbeddingEngine {
-    shared: Arc<Shared>,
-}
-
-impl EmbeddingEngine {
+impl EncoderEngine<SentenceEmbedder> {
     /// Loads the model from a sentence-transformers folder and starts its worker.
-    pub fn start(device: Device, dir: &Path, options: EmbedderOptions) -> Result<Self> {
-        let model = Arc::new(SentenceEmbedder::load(&device, dir)?);
-        let (queue, jobs) = mpsc::sync_channel(options.queue_capacity);
-        let worker_model = model.clone();
-        let budget = options.token_budget;
-        let counters = Arc::new(Counters::default());
-        let worker_counters = counters.clone();
-        std::thread::Builder::new()
-            .name(format!("aitl-embed-{}", device.name()))
-            .spawn(move || run_worker(device, worker_model, jobs, budget, &worker_counters))
-            .map_err(|e| Error::Internal(format!("cannot start the embedding worker: {e}")))?;
-        tracing::info!(model = model.version(), dimension = model.dimension(), "embedding model loaded");
-        Ok(EmbeddingEngine { shared: Arc::new(Shared { model, queue, options, counters }) })
-    }
-
-    pub fn version(&self) -> &str {
-        self.shared.model.version()
+    pub fn load(device: Device, dir: &Path, options: EncoderOptions) -> Result<Self> {
+        let model = SentenceEmbedder::load(&device, dir)?;
+        let engine = EncoderEngine::start(device, model, options, "embedding")?;
+        tracing::info!(model = engine.version(), dimension = engine.dimension(), "embedding model loaded");
+        Ok(engine)
     }
 
     pub fn dimension(&self) -> usize {
-        self.shared.model.dimension()
-    }
-
-    pub fn counters(&self) -> &Counters {
-        &self.shared.counters
+        self.model().dimension()
     }
 
     pub fn tokenize(&self, text: &str) -> Result<Tokens> {
-        self.shared.model.tokenize(text)
+        self.model().tokenize(text)
     }
 
     /// Embeds texts; vectors come back in input order.
-    pub async fn embed(&self, texts: &[&str]) -> Result<(Vec<Vec<f32>>, EmbedTimings)> {
+    pub async fn embed(&self, texts: &[&str]) -> Result<(Vec<Vec<f32>>, EncodeTimings)> {
         let tokens = texts.iter().map(|t| self.tokenize(t)).collect::<Result<Vec<_>>>()?;
-        self.embed_tokens(tokens).await
+        self.run(tokens).await
     }
-
-    pub async fn embed_tokens(&self, texts: Vec<Tokens>) -> Result<(Vec<Vec<f32>>, EmbedTimings)> {
-        if texts.is_empty() {
-            return Ok((Vec::new(), EmbedTimings::default()));
-        }
-        let (reply, answer) = oneshot::channel();
-        match self.shared.queue.try_send(Job { texts, enqueued: Instant::now(), reply }) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                return Err(Error::ResourceExhausted(format!(
-                    "the embedding queue is full ({} requests waiting); retry with backoff",
-                    self.shared.options.queue_capacity
-                )));
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(Error::Unavailable("the embedding worker has stopped".into()));
-            }
-        }
-        answer.await.map_err(|_| Error::Unavailable("the embedding worker has stopped".into()))?
-    }
-}
-
-fn run_worker(
-    device: Device,
-    model: Arc<SentenceEmbedder>,
-    jobs: mpsc::Receiver<Job>,
-    budget: usize,
-    counters: &Counters,
-) {
-    let mut pending: Option<Job> = None;
-    loop {
-        let first = match pending.take() {
-            Some(job) => job,
-            None => match jobs.recv() {
-                Ok(job) => job,
-                Err(_) => return,
-            },
-        };
-        let mut batch = vec![first];
-        let mut tokens: usize = batch[0].texts.iter().map(|t| t.ids.len()).sum();
-        while tokens < budget {
-            match jobs.try_recv() {
-                Ok(job) => {
-                    let size: usize = job.texts.iter().map(|t| t.ids.len()).sum();
-                    if tokens + size > budget {
-                        pending = Some(job);
-                        break;
-                    }
-                    tokens += size;
-                    batch.push(job);
-                }
-                Err(_) => break,
-            }
-        }
-        // A caller that gave up (deadline, disconnect) costs no compute.
-        let queued = batch.len();
-        batch.retain(|job| !job.reply.is_closed());
-        counters.dropped.fetch_add((queued - batch.len()) as u64, Ordering::Relaxed);
-        if batch.is_empty() {
-            continue;
-        }
-        let started = Instant::now();
-        let mut refs: Vec<(usize, usize, &Tokens)> = Vec::new();
-        for (j, job) in batch.iter().enumerate() {
-            for (t, text) in job.texts.iter().enumerate() {
-                refs.push((j, t, text));
-            }
-        }
-        refs.sort_by_key(|(_, _, text)| text.ids.len());
-        let result = run_in_budget(&device, &model, &refs, budget);
-        counters.batches.fetch_add(1, Ordering::Relaxed);
-        counters.texts.fetch_add(refs.len() as u64, Ordering::Relaxed);
-        let compute = started.elapsed();
-        match result {
-            Ok(vectors) => {
-                let mut per_job: Vec<Vec<Vec<f32>>> =
-                    batch.iter().map(|job| vec![Vec::new(); job.texts.len()]).collect();
-                for ((j, t, _), vector) in refs.iter().zip(vectors) {
-                    per_job[*j][*t] = vector;
-                }
-                for (job, vectors) in batch.into_iter().zip(per_job) {
-                    let timings = EmbedTimings { queue: started.duration_since(job.enqueued), compute };
-                    let _ = job.reply.send(Ok((vectors, timings)));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "embedding batch failed");
-                let message = e.to_string();
-                for job in batch {
-                    let _ = job.reply.send(Err(Error::Internal(format!("embedding failed: {message}"))));
-                }
-            }
-        }
-    }
-}
-
-/// Runs length-sorted texts in forward passes of at most `budget` tokens
-/// (one job larger than the budget is split, never refused).
-fn run_in_budget(
-    device: &Device,
-    model: &SentenceEmbedder,
-    refs: &[(usize, usize, &Tokens)],
-    budget: usize,
-) -> Result<Vec<Vec<f32>>> {
-    let mut out = Vec::with_capacity(refs.len());
-    let mut start = 0;
-    while start < refs.len() {
-        let mut end = start;
-        let mut used = 0;
-        while end < refs.len() && (end == start || used + refs[end].2.ids.len() <= budget) {
-            used += refs[end].2.ids.len();
-            end += 1;
-        }
-        let chunk: Vec<&Tokens> = refs[start..end].iter().map(|r| r.2).collect();
-        out.extend(model.embed_tokens(device, &chunk)?);
-        start = end;
-    }
-    Ok(out)
 }

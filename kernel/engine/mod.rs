@@ -2,5 +2,9 @@
 //! and the batchers that feed them.
 
 pub mod embedder;
+pub mod encoder;
+pub mod ranker;
 
-pub use embedder::{EmbedderOptions, EmbeddingEngine};
+pub use embedder::EmbeddingEngine;
+pub use encoder::{EncodeTimings, EncoderEngine, EncoderOptions};
+pub use ranker::{Ranker, RankerSlot};

@@ -1,6 +1,7 @@
 //! `aitl eval retrieval`: a labelled data set's queries through the real
 //! Retrieve RPC (an in-process server on loopback over a scratch data dir
-//! that keeps the data set's knowledge base and vectors between runs).
+//! that keeps the data set's knowledge base and vectors between runs), then
+//! the top 75 of each through Rank, scored before and after ranking.
 
 use std::{collections::HashSet, path::Path, time::Instant};
 
@@ -15,7 +16,7 @@ use crate::{
     config::Config,
     error::{Error, Result},
     kb::{self, KnowledgeStore},
-    proto::{RetrieveRequest, support_service_client::SupportServiceClient},
+    proto::{RankRequest, RetrieveRequest, rank_request::Candidates, support_service_client::SupportServiceClient},
 };
 
 #[derive(Debug, Clone, Serialize)]
@@ -26,6 +27,24 @@ pub struct RetrievalReport {
     pub metrics: RankingMetrics,
     pub retrieve_p50_ms: f64,
     pub retrieve_p99_ms: f64,
+    /// The same queries after Rank reordered the retrieved objects.
+    pub ranked: Option<RankedReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RankedReport {
+    pub ranker: String,
+    pub metrics: RankingMetrics,
+    pub rank_p50_ms: f64,
+    pub rank_p99_ms: f64,
+}
+
+/// One query's answers: retrieved ids, ranked ids, latencies, versions.
+struct Answered {
+    retrieved: Vec<String>,
+    retrieve_ms: f64,
+    embedder: String,
+    ranked: Option<(Vec<String>, f64, String)>,
 }
 
 /// Calls in flight at once.
@@ -36,6 +55,7 @@ pub async fn run_dstc11(
     dataset: &Path,
     split: Split,
     context_turns: usize,
+    rank: bool,
 ) -> Result<RetrievalReport> {
     let queries = dstc11::read_queries(dataset, split)?;
     let mut eval_config = config.clone();
@@ -54,19 +74,40 @@ pub async fn run_dstc11(
         .await
         .map_err(|e| Error::Unavailable(format!("eval server: {e}")))?;
     let client = SupportServiceClient::new(channel);
+    let rank = rank && server.state.ranker.get().is_some();
     let top_k = *metrics::RECALL_AT.iter().max().expect("non-empty") as u32;
-    let results: Vec<Result<(Vec<String>, f64, String)>> = futures_util::stream::iter(queries.iter())
+    let results: Vec<Result<Answered>> = futures_util::stream::iter(queries.iter())
         .map(|q: &LabelledQuery| {
             let mut client = client.clone();
             async move {
+                let failed = |s: tonic::Status| Error::Internal(format!("{}: {s}", q.id));
                 let request =
                     RetrieveRequest { query: q.query.clone(), context: q.context.clone(), top_k, ..Default::default() };
                 let started = Instant::now();
-                let answer =
-                    client.retrieve(request).await.map_err(|s| Error::Internal(format!("{}: {s}", q.id)))?.into_inner();
-                let ms = started.elapsed().as_secs_f64() * 1e3;
-                let ids = answer.results.into_iter().filter_map(|r| r.knowledge.map(|k| k.id)).collect();
-                Ok((ids, ms, answer.models.map(|m| m.embedder).unwrap_or_default()))
+                let answer = client.retrieve(request).await.map_err(failed)?.into_inner();
+                let retrieve_ms = started.elapsed().as_secs_f64() * 1e3;
+                let retrieved = answer.results.into_iter().filter_map(|r| r.knowledge.map(|k| k.id)).collect();
+                let embedder = answer.models.map(|m| m.embedder).unwrap_or_default();
+                let ranked = if rank {
+                    let request = RankRequest {
+                        query: q.query.clone(),
+                        context: q.context.clone(),
+                        candidates: Some(Candidates::RetrieveInteractionId(answer.interaction_id)),
+                        ..Default::default()
+                    };
+                    let started = Instant::now();
+                    let answer = client.rank(request).await.map_err(failed)?.into_inner();
+                    let ms = started.elapsed().as_secs_f64() * 1e3;
+                    let ids = answer
+                        .items
+                        .into_iter()
+                        .filter_map(|i| i.knowledge.and_then(|k| k.knowledge).map(|k| k.id))
+                        .collect();
+                    Some((ids, ms, answer.models.map(|m| m.ranker).unwrap_or_default()))
+                } else {
+                    None
+                };
+                Ok(Answered { retrieved, retrieve_ms, embedder, ranked })
             }
         })
         .buffered(CONCURRENCY)
@@ -74,31 +115,47 @@ pub async fn run_dstc11(
         .await;
     server.shutdown().await?;
     let mut scores = Vec::with_capacity(queries.len());
+    let mut ranked_scores = Vec::with_capacity(queries.len());
     let mut latencies = Vec::with_capacity(queries.len());
-    let mut embedder = String::new();
+    let mut rank_latencies = Vec::with_capacity(queries.len());
+    let (mut embedder, mut ranker) = (String::new(), String::new());
     for (query, result) in queries.iter().zip(results) {
-        let (ids, ms, version) = result?;
-        let ranked: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let answered = result?;
         let relevant: HashSet<&str> = query.relevant.iter().map(String::as_str).collect();
+        let ranked: Vec<&str> = answered.retrieved.iter().map(String::as_str).collect();
         scores.push(metrics::score_query(&ranked, &relevant));
-        latencies.push(ms);
-        embedder = version;
+        latencies.push(answered.retrieve_ms);
+        embedder = answered.embedder;
+        if let Some((ids, ms, version)) = &answered.ranked {
+            let reordered: Vec<&str> = ids.iter().map(String::as_str).collect();
+            ranked_scores.push(metrics::score_query(&reordered, &relevant));
+            rank_latencies.push(*ms);
+            ranker.clone_from(version);
+        }
     }
-    latencies.sort_by(f64::total_cmp);
-    let pick = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0.0)
-    };
+    let (retrieve_p50_ms, retrieve_p99_ms) = percentiles(&mut latencies);
+    let ranked = rank.then(|| {
+        let (rank_p50_ms, rank_p99_ms) = percentiles(&mut rank_latencies);
+        RankedReport { ranker, metrics: metrics::average(&ranked_scores), rank_p50_ms, rank_p99_ms }
+    });
     Ok(RetrievalReport {
         split: format!("{split:?}").to_lowercase(),
         context_turns,
         embedder,
         metrics: metrics::average(&scores),
-        retrieve_p50_ms: pick(0.5),
-        retrieve_p99_ms: pick(0.99),
+        retrieve_p50_ms,
+        retrieve_p99_ms,
+        ranked,
     })
+}
+
+/// (p50, p99) in place.
+fn percentiles(values: &mut [f64]) -> (f64, f64) {
+    values.sort_by(f64::total_cmp);
+    let pick = |p: f64| {
+        values.get(((values.len() as f64 * p) as usize).min(values.len().saturating_sub(1))).copied().unwrap_or(0.0)
+    };
+    (pick(0.5), pick(0.99))
 }
 
 /// The data set's knowledge in the scratch knowledge base, with vectors.
@@ -132,27 +189,45 @@ impl std::fmt::Display for RetrievalReport {
             "retrieval on DSTC11 {} split: {} queries, embedder {}, {} context turns",
             self.split, m.queries, self.embedder, self.context_turns
         )?;
-        let header: Vec<String> = m
-            .recall
-            .iter()
-            .map(|(k, _)| format!("R@{k}"))
-            .chain(m.precision.iter().map(|(k, _)| format!("P@{k}")))
-            .chain(["nDCG@10".to_string(), "MRR".to_string()])
-            .collect();
-        let values: Vec<String> = m
-            .recall
-            .iter()
-            .chain(&m.precision)
-            .map(|(_, v)| format!("{v:.3}"))
-            .chain([format!("{:.3}", m.ndcg_at_10), format!("{:.3}", m.mrr)])
-            .collect();
-        writeln!(f, "| {} |", header.join(" | "))?;
-        writeln!(f, "|{}", " --- |".repeat(header.len()))?;
-        writeln!(f, "| {} |", values.join(" | "))?;
+        let columns = |m: &RankingMetrics| -> (Vec<String>, Vec<String>) {
+            let header = m
+                .recall
+                .iter()
+                .map(|(k, _)| format!("R@{k}"))
+                .chain(m.precision.iter().map(|(k, _)| format!("P@{k}")))
+                .chain(["nDCG@10".to_string(), "MRR".to_string()])
+                .collect();
+            let values = m
+                .recall
+                .iter()
+                .chain(&m.precision)
+                .map(|(_, v)| format!("{v:.3}"))
+                .chain([format!("{:.3}", m.ndcg_at_10), format!("{:.3}", m.mrr)])
+                .collect();
+            (header, values)
+        };
+        let (header, values) = columns(m);
+        writeln!(f, "| stage | {} |", header.join(" | "))?;
+        writeln!(f, "| --- |{}", " --- |".repeat(header.len()))?;
+        writeln!(f, "| retrieved | {} |", values.join(" | "))?;
+        if let Some(ranked) = &self.ranked {
+            writeln!(f, "| ranked | {} |", columns(&ranked.metrics).1.join(" | "))?;
+        }
         write!(
             f,
             "Retrieve over gRPC: p50 {:.2} ms, p99 {:.2} ms ({CONCURRENCY} in flight)",
             self.retrieve_p50_ms, self.retrieve_p99_ms
-        )
+        )?;
+        if let Some(ranked) = &self.ranked {
+            write!(
+                f,
+                "\nranked: the top {} retrieved, reordered by Rank with {}; Rank over gRPC: p50 {:.2} ms, p99 {:.2} ms",
+                metrics::RECALL_AT.iter().max().expect("non-empty"),
+                ranked.ranker,
+                ranked.rank_p50_ms,
+                ranked.rank_p99_ms
+            )?;
+        }
+        Ok(())
     }
 }

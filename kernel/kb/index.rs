@@ -53,6 +53,8 @@ pub trait VectorIndex: Send + Sync {
     fn remove(&self, id: &str);
     /// The `k` best matches for a unit `query`, best first.
     fn search(&self, query: &[f32], k: usize, filter: &KnowledgeFilter) -> Vec<Hit>;
+    /// The stored vector of `id` if the index holds exactly `version` of it.
+    fn vector(&self, id: &str, version: u64) -> Option<Vec<f32>>;
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -137,6 +139,13 @@ impl VectorIndex for ExactIndex {
         slots.vectors[slot * dim..(slot + 1) * dim].copy_from_slice(vector);
         slots.by_id.insert(entry.id.clone(), slot);
         slots.entries[slot] = Some(entry);
+    }
+
+    fn vector(&self, id: &str, version: u64) -> Option<Vec<f32>> {
+        let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        let slot = *slots.by_id.get(id)?;
+        let current = slots.entries[slot].as_ref().is_some_and(|e| e.version == version);
+        current.then(|| slots.vectors[slot * self.dimension..(slot + 1) * self.dimension].to_vec())
     }
 
     fn remove(&self, id: &str) {

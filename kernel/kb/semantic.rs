@@ -10,7 +10,7 @@ use super::{
     index::{ExactIndex, Hit, IndexEntry, VectorIndex},
 };
 use crate::{
-    engine::{EmbeddingEngine, embedder::EmbedTimings},
+    engine::{EmbeddingEngine, EncodeTimings},
     error::{Error, Result},
     proto::{ConversationTurn, KnowledgeFilter, KnowledgeObject},
 };
@@ -76,6 +76,15 @@ impl SemanticIndex {
         self.engine.version()
     }
 
+    pub fn engine(&self) -> &EmbeddingEngine {
+        &self.engine
+    }
+
+    /// The indexed vector of exactly this version of an object, if any.
+    pub fn stored_vector(&self, id: &str, version: u64) -> Option<Vec<f32>> {
+        self.index.vector(id, version)
+    }
+
     pub fn len(&self) -> usize {
         self.index.len()
     }
@@ -112,7 +121,7 @@ impl SemanticIndex {
     }
 
     /// Embeds `text` and returns the `k` nearest objects.
-    pub async fn search(&self, text: &str, k: usize, filter: &KnowledgeFilter) -> Result<(Vec<Hit>, EmbedTimings)> {
+    pub async fn search(&self, text: &str, k: usize, filter: &KnowledgeFilter) -> Result<(Vec<Hit>, EncodeTimings)> {
         let (mut vectors, timings) = self.engine.embed(&[text]).await?;
         let query = vectors.pop().ok_or_else(|| Error::Internal("the embedder returned no vector".into()))?;
         let index = self.index.clone();

@@ -62,7 +62,7 @@ impl BertConfig {
                 path.display()
             )));
         }
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
             return Err(Error::InvalidArgument(format!(
                 "{}: hidden_size must divide into num_attention_heads",
                 path.display()
@@ -86,12 +86,55 @@ struct Layer {
     output_norm: Norm,
 }
 
+/// One sequence as token ids (a text, or a query–passage pair).
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+}
+
+/// Most tokens in one forward pass: activations stay small enough for the
+/// allocator to recycle instead of mapping (and faulting in) fresh pages for
+/// every op.
+pub const FORWARD_TOKENS: usize = 2048;
+
+/// Splits a batch into consecutive runs of at most [`FORWARD_TOKENS`] tokens
+/// (a longer single sequence is a run of its own).
+pub fn forward_chunks<'a, 'b>(batch: &'a [&'b Tokens]) -> impl Iterator<Item = &'a [&'b Tokens]> {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        if start >= batch.len() {
+            return None;
+        }
+        let mut end = start + 1;
+        let mut tokens = batch[start].ids.len();
+        while end < batch.len() && tokens + batch[end].ids.len() <= FORWARD_TOKENS {
+            tokens += batch[end].ids.len();
+            end += 1;
+        }
+        let chunk = &batch[start..end];
+        start = end;
+        Some(chunk)
+    })
+}
+
 /// Token ids of a ragged batch, ready for the encoder.
 #[derive(Debug, Clone)]
 pub struct EncoderInput {
     pub ids: Vec<u32>,
     pub type_ids: Vec<u32>,
     pub layout: SeqLayout,
+}
+
+impl EncoderInput {
+    pub fn of(batch: &[&Tokens]) -> Self {
+        let lengths: Vec<usize> = batch.iter().map(|t| t.ids.len()).collect();
+        EncoderInput {
+            ids: batch.iter().flat_map(|t| t.ids.iter().copied()).collect(),
+            type_ids: batch.iter().flat_map(|t| t.type_ids.iter().copied()).collect(),
+            layout: SeqLayout::from_lengths(&lengths),
+        }
+    }
 }
 
 pub struct BertEncoder {

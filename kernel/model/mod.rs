@@ -1,5 +1,8 @@
 //! Model architectures, each written once against the backend's ops.
 
 pub mod bert;
+pub mod cross_encoder;
+pub mod gguf;
+pub mod hf_folder;
 pub mod sentence;
 pub mod weights;

@@ -7,29 +7,22 @@
 use std::path::Path;
 
 use serde::Deserialize;
-use sha2::Digest;
-use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::Tokenizer;
 
-use super::bert::{BertEncoder, EncoderInput};
+pub use super::bert::Tokens;
+use super::{
+    bert::{BertEncoder, EncoderInput, forward_chunks},
+    hf_folder::{self, read_json},
+};
 use crate::{
-    backend::{Device, SeqLayout},
+    backend::Device,
     error::{Error, Result},
 };
-
-/// Most tokens in one forward pass (see [`SentenceEmbedder::embed_tokens`]).
-pub const FORWARD_TOKENS: usize = 2048;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pooling {
     Mean,
     Cls,
-}
-
-/// One text as token ids.
-#[derive(Debug, Clone)]
-pub struct Tokens {
-    pub ids: Vec<u32>,
-    pub type_ids: Vec<u32>,
 }
 
 pub struct SentenceEmbedder {
@@ -66,16 +59,6 @@ struct Module {
     path: String,
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::Internal(format!("cannot read {}: {e}", path.display()))),
-    }
-}
-
 impl SentenceEmbedder {
     pub fn load(device: &Device, dir: &Path) -> Result<Self> {
         let encoder = BertEncoder::load(device, dir)?;
@@ -104,19 +87,8 @@ impl SentenceEmbedder {
             .and_then(|c| c.max_seq_length)
             .unwrap_or(512)
             .min(max_positions);
-        let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
-            .map_err(|e| Error::InvalidArgument(format!("{}/tokenizer.json: {e}", dir.display())))?;
-        tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length: max_seq_length,
-                strategy: TruncationStrategy::LongestFirst,
-                stride: 0,
-                direction: TruncationDirection::Right,
-            }))
-            .map_err(|e| Error::InvalidArgument(format!("tokenizer truncation: {e}")))?;
-        // Batches are ragged: no padding, ever.
-        tokenizer.with_padding(None);
-        let version = model_version(dir)?;
+        let tokenizer = hf_folder::tokenizer(dir, Some(max_seq_length))?;
+        let version = hf_folder::model_version(dir)?;
         Ok(SentenceEmbedder { encoder, tokenizer, pooling, normalize, max_seq_length, version })
     }
 
@@ -140,22 +112,11 @@ impl SentenceEmbedder {
         Ok(Tokens { ids: encoding.get_ids().to_vec(), type_ids: encoding.get_type_ids().to_vec() })
     }
 
-    /// Embeds one ragged batch; one vector per input, in input order. Runs
-    /// forward passes of at most [`FORWARD_TOKENS`] tokens: activations stay
-    /// small enough for the allocator to recycle instead of mapping (and
-    /// faulting in) fresh pages for every op.
+    /// Embeds one ragged batch; one vector per input, in input order.
     pub fn embed_tokens(&self, device: &Device, batch: &[&Tokens]) -> Result<Vec<Vec<f32>>> {
         let mut out = Vec::with_capacity(batch.len());
-        let mut start = 0;
-        while start < batch.len() {
-            let mut end = start + 1;
-            let mut tokens = batch[start].ids.len();
-            while end < batch.len() && tokens + batch[end].ids.len() <= FORWARD_TOKENS {
-                tokens += batch[end].ids.len();
-                end += 1;
-            }
-            out.extend(self.forward(device, &batch[start..end])?);
-            start = end;
+        for chunk in forward_chunks(batch) {
+            out.extend(self.forward(device, chunk)?);
         }
         Ok(out)
     }
@@ -164,12 +125,7 @@ impl SentenceEmbedder {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let lengths: Vec<usize> = batch.iter().map(|t| t.ids.len()).collect();
-        let input = EncoderInput {
-            ids: batch.iter().flat_map(|t| t.ids.iter().copied()).collect(),
-            type_ids: batch.iter().flat_map(|t| t.type_ids.iter().copied()).collect(),
-            layout: SeqLayout::from_lengths(&lengths),
-        };
+        let input = EncoderInput::of(batch);
         let hidden = self.encoder.forward(device, &input)?;
         let mut pooled = match self.pooling {
             Pooling::Mean => device.mean_pool(&hidden, &input.layout)?,
@@ -205,15 +161,4 @@ impl SentenceEmbedder {
         }
         Ok(out)
     }
-}
-
-fn model_version(dir: &Path) -> Result<String> {
-    let weights = dir.join("model.safetensors");
-    let mut file = std::fs::File::open(&weights).map_err(|e| Error::NotFound(format!("{}: {e}", weights.display())))?;
-    let mut hasher = sha2::Sha256::new();
-    std::io::copy(&mut file, &mut hasher).map_err(|e| Error::Internal(format!("{}: {e}", weights.display())))?;
-    let digest = hasher.finalize();
-    let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-    Ok(format!("{name}@{hex}"))
 }
