@@ -75,7 +75,7 @@ fn long_pairs_cut_the_passage_and_never_the_query() {
     let long = model.tokenize_pairs(query, &[&passage]).unwrap().remove(0);
     assert_eq!(long.ids.len(), limit, "the pair fills the model's limit exactly");
     // [CLS] query [SEP] comes through whole; the passage segment is what was cut.
-    let query_part = alone.ids.len() - 2;
+    let query_part = alone.type_ids.iter().filter(|&&t| t == 0).count();
     assert_eq!(long.ids[..query_part], alone.ids[..query_part]);
     assert_eq!(long.type_ids.iter().filter(|&&t| t == 0).count(), query_part);
     assert_eq!(long.ids.last(), alone.ids.last(), "the pair still ends with [SEP]");
