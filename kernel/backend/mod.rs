@@ -8,8 +8,10 @@
 //! sequence's offset, so no FLOP is spent on padding.
 
 mod cpu;
+mod cpu_decode;
 mod packed;
 pub mod quant;
+mod quant_x86;
 
 use quant::GgmlType;
 
@@ -84,6 +86,16 @@ impl Tensor {
         }
     }
 
+    /// A copy of rows `range` of a 2-D tensor.
+    pub fn slice_rows(&self, range: std::ops::Range<usize>) -> Result<Tensor> {
+        let width = self.cols();
+        if self.shape.len() != 2 || range.end > self.rows() || range.start > range.end {
+            return Err(Error::Internal(format!("slice_rows: {range:?} of {:?}", self.shape)));
+        }
+        let data = self.cpu()[range.start * width..range.end * width].to_vec();
+        Ok(Tensor { shape: vec![range.len(), width], storage: Storage::Cpu(data) })
+    }
+
     fn cpu(&self) -> &[f32] {
         match &self.storage {
             Storage::Cpu(data) | Storage::CpuPacked { plain: data, .. } => data,
@@ -97,6 +109,49 @@ impl Tensor {
             // leave its packed copy stale.
             Storage::CpuPacked { .. } => unreachable!("weights are never modified in place"),
         }
+    }
+}
+
+/// One layer's keys and values for one sequence, `[positions, width]` each,
+/// grown as tokens are appended. Owned by whoever schedules the sequence.
+#[derive(Debug, Clone, Default)]
+pub struct KvLayer {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    width: usize,
+    len: usize,
+}
+
+impl KvLayer {
+    pub fn new(width: usize) -> Self {
+        KvLayer { k: Vec::new(), v: Vec::new(), width, len: 0 }
+    }
+
+    /// Positions stored.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends the rows of `k` and `v` (`[new, width]`).
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
+        if k.cols() != self.width || v.shape != k.shape {
+            return Err(Error::Internal("kv cache: rows do not fit".into()));
+        }
+        self.k.extend_from_slice(k.cpu());
+        self.v.extend_from_slice(v.cpu());
+        self.len += k.rows();
+        Ok(())
+    }
+
+    /// Drops positions from `len` on (a candidate forking from a shared prefix).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+        self.k.truncate(self.len * self.width);
+        self.v.truncate(self.len * self.width);
     }
 }
 
@@ -154,6 +209,15 @@ pub enum Activation {
 pub struct AttentionShape {
     pub heads: usize,
     pub head_dim: usize,
+}
+
+/// How rotary embeddings pair a head's dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs (2i, 2i+1): llama.cpp's Llama layout (GGUF permutes Q/K for it).
+    Normal,
+    /// Halves (i, i + d/2): Hugging Face's `rotate_half`.
+    Neox,
 }
 
 /// Up to this many rows, `linear` uses the pre-packed kernel.
@@ -331,6 +395,80 @@ impl Device {
             out.extend_from_slice(&x.cpu()[row * width..(row + 1) * width]);
         }
         self.tensor(&[layout.len(), width], out)
+    }
+
+    /// `x / rms(x) · gamma` per row.
+    pub fn rms_norm(&self, x: &Tensor, gamma: &Tensor, eps: f32) -> Result<Tensor> {
+        if gamma.cols() != x.cols() {
+            return Err(Error::Internal("rms_norm: shapes do not fit".into()));
+        }
+        let mut out = vec![0f32; x.cpu().len()];
+        match self {
+            Device::Cpu => cpu_decode::rms_norm(x.cpu(), gamma.cpu(), eps, &mut out),
+        }
+        self.tensor(x.shape(), out)
+    }
+
+    /// Rotary position embeddings in place; row `t` of `x` (`heads` heads of
+    /// `head_dim`) is at `positions[t]`.
+    pub fn rope(&self, x: &mut Tensor, positions: &[u32], head_dim: usize, base: f32, style: RopeStyle) -> Result<()> {
+        if x.rows() != positions.len() || !x.cols().is_multiple_of(head_dim) || !head_dim.is_multiple_of(2) {
+            return Err(Error::Internal(format!("rope: {:?} does not fit {} positions", x.shape, positions.len())));
+        }
+        let heads = x.cols() / head_dim;
+        match self {
+            Device::Cpu => cpu_decode::rope(x.cpu_mut(), positions, heads, head_dim, base, style),
+        }
+        Ok(())
+    }
+
+    /// `gate ← silu(gate) · up` (SwiGLU), in place.
+    pub fn silu_mul(&self, gate: &mut Tensor, up: &Tensor) -> Result<()> {
+        if gate.shape != up.shape {
+            return Err(Error::Internal("silu_mul: shapes do not fit".into()));
+        }
+        match self {
+            Device::Cpu => cpu_decode::silu_mul(gate.cpu_mut(), up.cpu()),
+        }
+        Ok(())
+    }
+
+    /// `x += y`.
+    pub fn add(&self, x: &mut Tensor, y: &Tensor) -> Result<()> {
+        if x.shape != y.shape {
+            return Err(Error::Internal("add: shapes do not fit".into()));
+        }
+        match self {
+            Device::Cpu => x.cpu_mut().iter_mut().zip(y.cpu()).for_each(|(a, b)| *a += b),
+        }
+        Ok(())
+    }
+
+    /// Causal grouped-query attention of `q` (`[new, heads · head_dim]`, at
+    /// positions `past..past + new`) over a sequence's KV cache, whose first
+    /// `past + new` rows are filled.
+    pub fn cached_attention(
+        &self,
+        q: &Tensor,
+        cache: &KvLayer,
+        past: usize,
+        shape: AttentionShape,
+        kv_heads: usize,
+    ) -> Result<Tensor> {
+        let new = q.rows();
+        if q.cols() != shape.heads * shape.head_dim
+            || kv_heads == 0
+            || !shape.heads.is_multiple_of(kv_heads)
+            || cache.width != kv_heads * shape.head_dim
+            || cache.len < past + new
+        {
+            return Err(Error::Internal(format!("cached_attention: q {:?} does not fit the cache", q.shape)));
+        }
+        let mut out = vec![0f32; q.cpu().len()];
+        match self {
+            Device::Cpu => cpu_decode::cached_attention(q.cpu(), &cache.k, &cache.v, past, shape, kv_heads, &mut out),
+        }
+        self.tensor(q.shape(), out)
     }
 
     /// Scales each row to unit L2 norm, in place.

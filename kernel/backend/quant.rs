@@ -257,6 +257,24 @@ fn dot_i8(a: impl Iterator<Item = i32>, b: &[i8]) -> i32 {
 /// `row · x` for one weight row (`dtype`, whole blocks) and activations
 /// quantized for that type.
 pub fn vec_dot(dtype: GgmlType, row: &[u8], x: &QuantizedActivations) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::quant_x86::available()
+        && let QuantizedActivations::Q8 { d, s, q } = x
+        && row.len() == d.len() * dtype.block_bytes()
+        && q.len() == d.len() * QK
+    {
+        match dtype {
+            // SAFETY: the instructions are present and the lengths were checked above.
+            GgmlType::Q4_1 => return unsafe { super::quant_x86::dot_q4_1(row, d, s, q) },
+            GgmlType::Q8_0 => return unsafe { super::quant_x86::dot_q8_0(row, d, q) },
+            _ => {}
+        }
+    }
+    vec_dot_portable(dtype, row, x)
+}
+
+/// The reference block dot products (any processor).
+pub fn vec_dot_portable(dtype: GgmlType, row: &[u8], x: &QuantizedActivations) -> f32 {
     let bytes = dtype.block_bytes();
     match (dtype, x) {
         (GgmlType::F32, QuantizedActivations::Plain(x)) => {
@@ -445,6 +463,24 @@ mod tests {
                     let bound: f64 = wj.iter().map(|a| a.abs() as f64).sum::<f64>() * step * 0.51 + 1e-4 * magnitude;
                     assert!((value - f32_ref).abs() <= bound.max(1e-5), "{dtype:?}: {value} vs f32 {f32_ref}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_products_equal_the_portable_ones() {
+        let mut seed = 7;
+        let k = 576;
+        for dtype in ALL {
+            for _ in 0..20 {
+                let row = random_row(dtype, k, &mut seed);
+                let x: Vec<f32> = (0..k).map(|_| noise(&mut seed) * 3.0).collect();
+                let a = quantize_activations(dtype, &x);
+                let (fast, reference) = (vec_dot(dtype, &row, &a), vec_dot_portable(dtype, &row, &a));
+                assert!(
+                    (fast - reference).abs() <= 1e-5 * reference.abs().max(1.0),
+                    "{dtype:?}: {fast} vs {reference}"
+                );
             }
         }
     }

@@ -3,7 +3,9 @@
 
 pub mod embedder;
 pub mod encoder;
+pub mod grounding;
 pub mod ranker;
+pub mod sampler;
 
 pub use embedder::EmbeddingEngine;
 pub use encoder::{EncodeTimings, EncoderEngine, EncoderOptions};

@@ -291,3 +291,109 @@ impl GgufFile {
         Ok(&self.map[start..start + info.bytes])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF file as llama.cpp's writer lays it out.
+    struct Writer(Vec<u8>);
+
+    impl Writer {
+        fn string(&mut self, s: &str) {
+            self.0.extend((s.len() as u64).to_le_bytes());
+            self.0.extend(s.as_bytes());
+        }
+        fn key(&mut self, key: &str, kind: u32) {
+            self.string(key);
+            self.0.extend(kind.to_le_bytes());
+        }
+    }
+
+    fn sample_file(corrupt: impl FnOnce(&mut Vec<u8>)) -> (tempfile::NamedTempFile, Vec<u8>) {
+        let mut w = Writer(Vec::new());
+        w.0.extend(b"GGUF");
+        w.0.extend(3u32.to_le_bytes());
+        w.0.extend(2u64.to_le_bytes()); // tensors
+        w.0.extend(5u64.to_le_bytes()); // metadata
+        w.key("general.architecture", 8);
+        w.string("llama");
+        w.key("llama.block_count", 4);
+        w.0.extend(30u32.to_le_bytes());
+        w.key("llama.rope.freq_base", 6);
+        w.0.extend(100000f32.to_le_bytes());
+        w.key("tokenizer.ggml.merges", 9);
+        w.0.extend(8u32.to_le_bytes());
+        w.0.extend(2u64.to_le_bytes());
+        w.string("Ġ t");
+        w.string("i n");
+        w.key("tokenizer.ggml.add_bos_token", 7);
+        w.0.push(0);
+        // Tensors: a 4×2 f32 matrix at 0, one Q8_0 block at 32.
+        w.string("norm");
+        w.0.extend(2u32.to_le_bytes());
+        w.0.extend(4u64.to_le_bytes());
+        w.0.extend(2u64.to_le_bytes());
+        w.0.extend(0u32.to_le_bytes());
+        w.0.extend(0u64.to_le_bytes());
+        w.string("q8");
+        w.0.extend(1u32.to_le_bytes());
+        w.0.extend(32u64.to_le_bytes());
+        w.0.extend(8u32.to_le_bytes());
+        w.0.extend(32u64.to_le_bytes());
+        while !w.0.len().is_multiple_of(32) {
+            w.0.push(0);
+        }
+        w.0.extend((0..8).flat_map(|i| (i as f32).to_le_bytes()));
+        let mut q8 = crate::model::weights::f32_to_f16(0.5).to_le_bytes().to_vec();
+        q8.extend((0..32).map(|i| i as u8));
+        w.0.extend(&q8);
+        corrupt(&mut w.0);
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut file, &w.0).unwrap();
+        (file, q8)
+    }
+
+    #[test]
+    fn reads_metadata_tensor_table_and_bytes_in_place() {
+        let (file, q8) = sample_file(|_| {});
+        let gguf = GgufFile::open(file.path()).unwrap();
+        assert_eq!(gguf.version, 3);
+        assert_eq!(gguf.meta_str("general.architecture").unwrap(), "llama");
+        assert_eq!(gguf.meta_u64("llama.block_count").unwrap(), 30);
+        assert_eq!(gguf.meta_f64("llama.rope.freq_base").unwrap(), 100000.0);
+        assert_eq!(gguf.meta("tokenizer.ggml.add_bos_token"), Some(&MetaValue::Bool(false)));
+        let merges = gguf.meta("tokenizer.ggml.merges").and_then(MetaValue::as_array).unwrap();
+        assert_eq!(merges[1].as_str(), Some("i n"));
+        let norm = gguf.info("norm").unwrap();
+        assert_eq!((norm.dims.as_slice(), norm.dtype, norm.bytes), (&[4, 2][..], GgmlType::F32, 32));
+        let values: Vec<f32> =
+            gguf.bytes("norm").unwrap().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        assert_eq!(values, (0..8).map(|i| i as f32).collect::<Vec<_>>());
+        assert_eq!(gguf.bytes("q8").unwrap(), q8.as_slice());
+        assert!(gguf.meta_u64("llama.missing").unwrap_err().to_string().contains("llama.missing"));
+    }
+
+    #[test]
+    fn refuses_corrupt_files_with_the_reason() {
+        type Corruption = fn(&mut Vec<u8>);
+        let cases: [(Corruption, &str); 4] = [
+            (|b| b[0] = b'X', "bad magic"),
+            (|b| b.truncate(60), "truncated"),
+            // The Q8_0 tensor's type id becomes 99.
+            (
+                |b| {
+                    let at = b.windows(2).rposition(|w| w == b"q8").unwrap() + 2 + 4 + 8;
+                    b[at..at + 4].copy_from_slice(&99u32.to_le_bytes());
+                },
+                "ggml type 99",
+            ),
+            (|b| b.truncate(b.len() - 10), "outside the file"),
+        ];
+        for (corrupt, reason) in cases {
+            let (file, _) = sample_file(corrupt);
+            let err = GgufFile::open(file.path()).err().expect("refused");
+            assert!(err.to_string().contains(reason), "{err} should say {reason}");
+        }
+    }
+}

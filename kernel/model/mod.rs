@@ -1,8 +1,10 @@
 //! Model architectures, each written once against the backend's ops.
 
 pub mod bert;
+pub mod chat;
 pub mod cross_encoder;
 pub mod gguf;
 pub mod hf_folder;
+pub mod llama;
 pub mod sentence;
 pub mod weights;

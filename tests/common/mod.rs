@@ -132,6 +132,14 @@ pub fn default_embedder_dir() -> std::path::PathBuf {
     aitl::provision::ensure(&aitl::provision::DEFAULT_EMBEDDER, &cache).expect("default embedding model is available")
 }
 
+/// The default generator's GGUF file (SmolLM2-135M-Instruct Q4_1), fetched
+/// into the shared test cache on first use.
+pub fn default_generator_gguf() -> std::path::PathBuf {
+    let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-models");
+    let model = aitl::provision::DEFAULT_GENERATOR;
+    aitl::provision::ensure(&model, &cache).expect("default generator is available").join(model.weights)
+}
+
 /// How often each annotation_id appears in the training log at `log_dir`.
 pub fn annotation_counts(log_dir: &Path) -> std::collections::HashMap<String, usize> {
     let mut counts = std::collections::HashMap::new();
