@@ -56,7 +56,9 @@ fn submit_annotation(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     // On the working disk, not tmpfs: the point is to pay for real fsyncs.
     let dir = tempfile::tempdir_in(std::env::current_dir().unwrap().join("target")).unwrap();
-    let config = Config { listen: "127.0.0.1:0".parse().unwrap(), data_dir: dir.path().into(), ..Config::default() };
+    let mut config =
+        Config { listen: "127.0.0.1:0".parse().unwrap(), data_dir: dir.path().into(), ..Config::default() };
+    config.models.generator = "none".into();
     KnowledgeStore::open(&config.knowledge_path()).unwrap();
     let server = runtime.block_on(aitl::server::start(config)).unwrap();
     let ix = interaction();

@@ -115,6 +115,7 @@ fn rank(c: &mut Criterion) {
     let dir = tempfile::tempdir_in(Path::new(env!("CARGO_MANIFEST_DIR")).join("target")).unwrap();
     let mut config =
         Config { listen: "127.0.0.1:0".parse().unwrap(), data_dir: dir.path().into(), ..Config::default() };
+    config.models.generator = "none".into();
     config.models.embedder = "none".into();
     config.models.ranker = model_dir.display().to_string();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();

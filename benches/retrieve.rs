@@ -38,6 +38,7 @@ fn retrieve(c: &mut Criterion) {
     let dir = tempfile::tempdir_in(Path::new(env!("CARGO_MANIFEST_DIR")).join("target")).unwrap();
     let mut config =
         Config { listen: "127.0.0.1:0".parse().unwrap(), data_dir: dir.path().into(), ..Config::default() };
+    config.models.generator = "none".into();
     config.models.embedder = model_dir.display().to_string();
     {
         let store = KnowledgeStore::open(&config.knowledge_path()).unwrap();

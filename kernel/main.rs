@@ -23,6 +23,9 @@ struct Cli {
     /// Embedding model: "default", "none", or a sentence-transformers folder; overrides the config.
     #[arg(long, global = true, env = "AITL_EMBEDDER")]
     embedder: Option<String>,
+    /// Generator: "default", "none", or a llama-family GGUF file; overrides the config.
+    #[arg(long, global = true, env = "AITL_GENERATOR")]
+    generator: Option<String>,
     /// Ranker: "similarity" (cold start), "none", or a cross-encoder folder; overrides the config.
     #[arg(long, global = true, env = "AITL_RANKER")]
     ranker: Option<String>,
@@ -138,6 +141,9 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(embedder) = cli.embedder {
         config.models.embedder = embedder;
     }
+    if let Some(generator) = cli.generator {
+        config.models.generator = generator;
+    }
     if let Some(ranker) = cli.ranker {
         config.models.ranker = ranker;
     }
@@ -168,8 +174,10 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Models { command: ModelsCommand::Fetch } => {
-            let dir = aitl::provision::ensure(&aitl::provision::DEFAULT_EMBEDDER, &config.model_cache())?;
-            println!("{} ready in {}", aitl::provision::DEFAULT_EMBEDDER.name, dir.display());
+            for model in [aitl::provision::DEFAULT_EMBEDDER, aitl::provision::DEFAULT_GENERATOR] {
+                let dir = aitl::provision::ensure(&model, &config.model_cache())?;
+                println!("{} ready in {}", model.name, dir.display());
+            }
             Ok(())
         }
         Command::Log { command: LogCommand::Stats { json } } => log_stats(&config, json),

@@ -11,7 +11,7 @@ use crate::{
     api::{AppState, Knowledge, Support},
     backend::Device,
     config::{Config, RankerChoice},
-    engine::{EmbeddingEngine, EncoderOptions, Ranker, RankerSlot},
+    engine::{EmbeddingEngine, EncoderOptions, GeneratorEngine, GeneratorOptions, Ranker, RankerSlot},
     error::{Error, Result},
     feedback::{self, AnnotationIntake, InteractionBook},
     kb::KnowledgeStore,
@@ -83,6 +83,7 @@ pub async fn start(config: Config) -> Result<RunningServer> {
         None => None,
     };
     let ranker = load_ranker(&config, semantic.as_ref()).await?;
+    let generator = load_generator(&config).await?;
     let state = Arc::new(AppState {
         kb,
         log,
@@ -90,6 +91,8 @@ pub async fn start(config: Config) -> Result<RunningServer> {
         annotations,
         semantic,
         ranker: RankerSlot::new(ranker),
+        generator,
+        default_max_new_tokens: config.models.default_max_new_tokens,
         query_composition: QueryComposition { context_turns: config.retrieve.context_turns },
         default_top_k: config.retrieve.default_top_k,
     });
@@ -160,6 +163,24 @@ async fn load_embedder(config: &Config) -> Result<Option<EmbeddingEngine>> {
     })
     .await
     .map_err(|e| Error::Internal(format!("loading the embedding model: {e}")))?
+}
+
+/// Starts the configured generator (fetching the default on first use).
+async fn load_generator(config: &Config) -> Result<Option<GeneratorEngine>> {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || {
+        let Some(gguf) = config.generator_gguf()? else {
+            tracing::warn!("no generator configured: Generate answers UNAVAILABLE");
+            return Ok(None);
+        };
+        let options = GeneratorOptions {
+            queue_capacity: config.models.generate_queue_capacity,
+            max_sequences: config.models.max_decoding_sequences,
+        };
+        GeneratorEngine::load(Device::Cpu, &gguf, options).map(Some)
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("loading the generator: {e}")))?
 }
 
 /// Starts the configured ranker: a cross-encoder folder, or the embedding

@@ -18,6 +18,7 @@ fn aitl(data_dir: &Path, args: &[&str]) -> (bool, String, String) {
         .args(args)
         .env("AITL_LOG", "warn")
         .env("AITL_EMBEDDER", "none")
+        .env("AITL_GENERATOR", "none")
         .output()
         .unwrap();
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();

@@ -43,6 +43,7 @@ fn spawn_server(data_dir: &Path) -> (Child, String) {
         .args(["--data-dir", data_dir.to_str().unwrap(), "serve", "--listen", "127.0.0.1:0"])
         .env("AITL_LOG", "warn")
         .env("AITL_EMBEDDER", "none")
+        .env("AITL_GENERATOR", "none")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

@@ -2,6 +2,7 @@
 //! call into the stores and engines, and map errors in one place (status.rs).
 
 pub mod convert;
+mod generate;
 mod knowledge;
 mod status;
 mod support;
@@ -12,7 +13,7 @@ pub use knowledge::Knowledge;
 pub use support::Support;
 
 use crate::{
-    engine::RankerSlot,
+    engine::{GeneratorEngine, RankerSlot},
     feedback::{AnnotationIntake, InteractionBook},
     kb::{KnowledgeStore, QueryComposition, SemanticIndex},
     trainlog::TrainingLog,
@@ -28,6 +29,9 @@ pub struct AppState {
     pub semantic: Option<Arc<SemanticIndex>>,
     /// None inside when Rank has no model (see `models.ranker`).
     pub ranker: RankerSlot,
+    /// None when no generator is configured.
+    pub generator: Option<GeneratorEngine>,
+    pub default_max_new_tokens: u32,
     pub query_composition: QueryComposition,
     pub default_top_k: u32,
 }

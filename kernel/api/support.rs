@@ -21,8 +21,9 @@ use crate::{
     proto::{
         GenerateEvent, GenerateRequest, GenerateResponse, InteractionKind, InteractionRecord, KnowledgeObject,
         ModelVersions, RankRequest, RankResponse, RankedItem, RetrieveRequest, RetrieveResponse, ScoredKnowledge,
-        ShownKnowledge, SubmitAnnotationRequest, SubmitAnnotationResponse, Timings, generate_request::Grounding,
-        interaction_record, rank_request::Candidates, support_service_server::SupportService,
+        ShownKnowledge, SubmitAnnotationRequest, SubmitAnnotationResponse, Timings, generate_event,
+        generate_request::Grounding, interaction_record, rank_request::Candidates,
+        support_service_server::SupportService,
     },
 };
 
@@ -242,7 +243,7 @@ fn shown(results: &[ScoredKnowledge]) -> Vec<ShownKnowledge> {
         .collect()
 }
 
-fn missing_model(call: &str, model: &str) -> Error {
+pub(super) fn missing_model(call: &str, model: &str) -> Error {
     Error::Unavailable(format!(
         "{call} needs a {model} and none is loaded in this server; configure one and restart, then retry"
     ))
@@ -262,14 +263,44 @@ impl SupportService for Support {
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
         self.check_generate(request.get_ref())?;
-        Err(missing_model("Generate", "generator (decoder LLM)").into())
+        Ok(Response::new(super::generate::unary(self.state.clone(), request.into_inner()).await?))
     }
 
     type GenerateStreamStream = EventStream;
 
     async fn generate_stream(&self, request: Request<GenerateRequest>) -> Result<Response<EventStream>, Status> {
         self.check_generate(request.get_ref())?;
-        Err(missing_model("Generate", "generator (decoder LLM)").into())
+        let mut generation = super::generate::start(&self.state, request.into_inner()).await?;
+        let state = self.state.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<GenerateEvent, Status>>(64);
+        tokio::spawn(async move {
+            if tx.send(Ok(generation.started_event())).await.is_err() {
+                return;
+            }
+            let mut done = Vec::new();
+            while done.len() < generation.candidate_ids.len() {
+                let event = match generation.next().await {
+                    Some(Ok((event, finished))) => {
+                        done.extend(finished);
+                        Ok(GenerateEvent { event: Some(event) })
+                    }
+                    Some(Err(e)) => Err(Status::from(e)),
+                    None => Err(Status::unavailable("the decoding worker stopped mid-request")),
+                };
+                let failed = event.is_err();
+                // A caller that went away drops `generation`, which frees its
+                // candidates' decoding slots at the engine's next step.
+                if tx.send(event).await.is_err() || failed {
+                    return;
+                }
+            }
+            let last = match generation.record(&state, done).await {
+                Ok((_, timings)) => Ok(GenerateEvent { event: Some(generate_event::Event::Done(timings)) }),
+                Err(e) => Err(Status::from(e)),
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
     async fn submit_annotation(

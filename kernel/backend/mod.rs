@@ -37,6 +37,19 @@ impl QuantMatrix {
         (self.k, self.n)
     }
 
+    /// Stacks matrices of the same type and width into one (their outputs
+    /// side by side): one pass computes Q, K and V, or gate and up.
+    pub fn concat_outputs(parts: Vec<QuantMatrix>) -> Result<QuantMatrix> {
+        let first = parts.first().ok_or_else(|| Error::Internal("concat_outputs: no matrices".into()))?;
+        let (dtype, k) = (first.dtype, first.k);
+        if parts.iter().any(|p| p.dtype != dtype || p.k != k) {
+            return Err(Error::Internal("concat_outputs: matrices differ in type or width".into()));
+        }
+        let n = parts.iter().map(|p| p.n).sum();
+        let bytes = parts.into_iter().flat_map(|p| p.bytes).collect();
+        Ok(QuantMatrix { dtype, k, n, bytes })
+    }
+
     /// Row `j` expanded to f32 (embedding lookups read rows this way).
     pub fn dequantize_row(&self, j: usize) -> Vec<f32> {
         let row = self.dtype.row_bytes(self.k);
@@ -84,6 +97,24 @@ impl Tensor {
             Storage::Cpu(data) => data.clone(),
             Storage::CpuPacked { plain, .. } => plain.clone(),
         }
+    }
+
+    /// Copies of consecutive column groups of a 2-D tensor, `widths` wide.
+    pub fn split_columns(&self, widths: &[usize]) -> Result<Vec<Tensor>> {
+        let cols = self.cols();
+        if self.shape.len() != 2 || widths.iter().sum::<usize>() != cols {
+            return Err(Error::Internal(format!("split_columns: {widths:?} of {:?}", self.shape)));
+        }
+        let mut start = 0;
+        Ok(widths
+            .iter()
+            .map(|&w| {
+                let data: Vec<f32> =
+                    self.cpu().chunks_exact(cols).flat_map(|row| row[start..start + w].iter().copied()).collect();
+                start += w;
+                Tensor { shape: vec![self.rows(), w], storage: Storage::Cpu(data) }
+            })
+            .collect())
     }
 
     /// A copy of rows `range` of a 2-D tensor.

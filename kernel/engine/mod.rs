@@ -3,10 +3,12 @@
 
 pub mod embedder;
 pub mod encoder;
+pub mod generator;
 pub mod grounding;
 pub mod ranker;
 pub mod sampler;
 
 pub use embedder::EmbeddingEngine;
 pub use encoder::{EncodeTimings, EncoderEngine, EncoderOptions};
+pub use generator::{GeneratorEngine, GeneratorOptions};
 pub use ranker::{Ranker, RankerSlot};

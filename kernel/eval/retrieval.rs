@@ -61,6 +61,8 @@ pub async fn run_dstc11(
     let mut eval_config = config.clone();
     eval_config.data_dir = config.data_dir.join("eval").join("dstc11");
     eval_config.models.cache_dir = config.model_cache();
+    // Retrieval and ranking need no decoder.
+    eval_config.models.generator = "none".into();
     eval_config.listen = "127.0.0.1:0".parse().expect("literal address");
     eval_config.retrieve.context_turns = context_turns;
     if eval_config.embedder_dir()?.is_none() {

@@ -22,6 +22,8 @@ pub struct ChatTokenizer {
     tokenizer: Tokenizer,
     pub bos: Option<u32>,
     pub eos: u32,
+    /// The template's end-of-turn token (`<|im_end|>`), which also ends a reply.
+    end_of_turn: Option<u32>,
     template: ChatTemplate,
 }
 
@@ -98,10 +100,12 @@ impl ChatTokenizer {
         if !template_text.contains("<|im_start|>") {
             return Err(bad("only ChatML chat templates (<|im_start|> … <|im_end|>) are supported".into()));
         }
+        let end_of_turn = tokenizer.token_to_id("<|im_end|>");
         Ok(ChatTokenizer {
             tokenizer,
             bos: if add_bos { id("tokenizer.ggml.bos_token_id") } else { None },
             eos,
+            end_of_turn,
             template: ChatTemplate::ChatMl,
         })
     }
@@ -118,6 +122,10 @@ impl ChatTokenizer {
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer.decode(ids, true).map_err(|e| Error::Internal(format!("tokenizer: {e}")))
+    }
+
+    pub fn is_end_of_turn(&self, token: u32) -> bool {
+        self.end_of_turn == Some(token)
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {

@@ -39,12 +39,15 @@ pub fn tokenizer(dir: &Path, max_length: Option<usize>) -> Result<Tokenizer> {
 /// `{folder name}@{first 12 hex digits of the weights' SHA-256}`: names the
 /// exact weights, so annotations are attributed to what served them.
 pub fn model_version(dir: &Path) -> Result<String> {
-    let weights = dir.join("model.safetensors");
-    let mut file = std::fs::File::open(&weights).map_err(|e| Error::NotFound(format!("{}: {e}", weights.display())))?;
-    let mut hasher = sha2::Sha256::new();
-    std::io::copy(&mut file, &mut hasher).map_err(|e| Error::Internal(format!("{}: {e}", weights.display())))?;
-    let digest = hasher.finalize();
-    let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    let hex = digest_prefix(&dir.join("model.safetensors"))?;
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     Ok(format!("{name}@{hex}"))
+}
+
+/// The first 12 hex digits of a file's SHA-256.
+pub fn digest_prefix(path: &Path) -> Result<String> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::NotFound(format!("{}: {e}", path.display())))?;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+    Ok(hasher.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect())
 }

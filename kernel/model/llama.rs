@@ -70,15 +70,46 @@ impl LlamaConfig {
     }
 }
 
+/// Several projections of the same input: one stacked matrix when they
+/// share a type (one pass over the input, one fork-join), else apart.
+enum Projection {
+    Fused { matrix: QuantMatrix, widths: Vec<usize> },
+    Apart(Vec<QuantMatrix>),
+}
+
+impl Projection {
+    fn new(parts: Vec<QuantMatrix>) -> Result<Self> {
+        if parts.windows(2).all(|p| p[0].dtype() == p[1].dtype()) {
+            let widths = parts.iter().map(|p| p.dims().1).collect();
+            Ok(Projection::Fused { matrix: QuantMatrix::concat_outputs(parts)?, widths })
+        } else {
+            Ok(Projection::Apart(parts))
+        }
+    }
+
+    fn apply(&self, device: &Device, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Projection::Fused { matrix, widths } => device.linear_quantized(x, matrix)?.split_columns(widths),
+            Projection::Apart(parts) => parts.iter().map(|p| device.linear_quantized(x, p)).collect(),
+        }
+    }
+
+    fn dtype(&self) -> GgmlType {
+        match self {
+            Projection::Fused { matrix, .. } => matrix.dtype(),
+            Projection::Apart(parts) => parts[0].dtype(),
+        }
+    }
+}
+
 struct Attention {
-    q: QuantMatrix,
-    k: QuantMatrix,
-    v: QuantMatrix,
+    /// Q, K, V.
+    qkv: Projection,
     o: QuantMatrix,
 }
 
 enum FeedForward {
-    Dense { gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix },
+    Dense { gate_up: Projection, down: QuantMatrix },
 }
 
 struct Block {
@@ -166,15 +197,19 @@ impl Llama {
                 Ok(Block {
                     attention_norm: vector(device, file, &name("attn_norm"), h)?,
                     attention: Attention {
-                        q: matrix(device, file, &name("attn_q"), h, h)?,
-                        k: matrix(device, file, &name("attn_k"), h, kv)?,
-                        v: matrix(device, file, &name("attn_v"), h, kv)?,
+                        qkv: Projection::new(vec![
+                            matrix(device, file, &name("attn_q"), h, h)?,
+                            matrix(device, file, &name("attn_k"), h, kv)?,
+                            matrix(device, file, &name("attn_v"), h, kv)?,
+                        ])?,
                         o: matrix(device, file, &name("attn_output"), h, h)?,
                     },
                     ffn_norm: vector(device, file, &name("ffn_norm"), h)?,
                     ffn: FeedForward::Dense {
-                        gate: matrix(device, file, &name("ffn_gate"), h, config.ffn)?,
-                        up: matrix(device, file, &name("ffn_up"), h, config.ffn)?,
+                        gate_up: Projection::new(vec![
+                            matrix(device, file, &name("ffn_gate"), h, config.ffn)?,
+                            matrix(device, file, &name("ffn_up"), h, config.ffn)?,
+                        ])?,
                         down: matrix(device, file, &name("ffn_down"), config.ffn, h)?,
                     },
                 })
@@ -236,9 +271,10 @@ impl Llama {
         let shape = AttentionShape { heads: c.heads, head_dim: c.head_dim };
         for (l, block) in self.blocks.iter().enumerate() {
             let normed = device.rms_norm(&x, &block.attention_norm, c.rms_eps)?;
-            let mut q = device.linear_quantized(&normed, &block.attention.q)?;
-            let mut k = device.linear_quantized(&normed, &block.attention.k)?;
-            let v = device.linear_quantized(&normed, &block.attention.v)?;
+            let mut qkv = block.attention.qkv.apply(device, &normed)?.into_iter();
+            let (Some(mut q), Some(mut k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
+                return Err(Error::Internal("the QKV projection gave fewer than three parts".into()));
+            };
             device.rope(&mut q, &positions, c.head_dim, c.rope_base, c.rope_style)?;
             device.rope(&mut k, &positions, c.head_dim, c.rope_base, c.rope_style)?;
             let mut attended = Vec::with_capacity(ids.len() * c.hidden);
@@ -257,9 +293,11 @@ impl Llama {
             device.add(&mut x, &projected)?;
             let normed = device.rms_norm(&x, &block.ffn_norm, c.rms_eps)?;
             let ffn_out = match &block.ffn {
-                FeedForward::Dense { gate, up, down } => {
-                    let mut g = device.linear_quantized(&normed, gate)?;
-                    let u = device.linear_quantized(&normed, up)?;
+                FeedForward::Dense { gate_up, down } => {
+                    let mut parts = gate_up.apply(device, &normed)?.into_iter();
+                    let (Some(mut g), Some(u)) = (parts.next(), parts.next()) else {
+                        return Err(Error::Internal("the gate/up projection gave fewer than two parts".into()));
+                    };
                     device.silu_mul(&mut g, &u)?;
                     device.linear_quantized(&g, down)?
                 }
@@ -281,6 +319,6 @@ impl Llama {
 
     /// The weight type most of the model is stored in (for versions and logs).
     pub fn main_type(&self) -> GgmlType {
-        self.blocks.first().map_or(self.embeddings.dtype(), |b| b.attention.q.dtype())
+        self.blocks.first().map_or(self.embeddings.dtype(), |b| b.attention.qkv.dtype())
     }
 }

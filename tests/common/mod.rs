@@ -20,6 +20,7 @@ pub fn config(data_dir: &Path) -> Config {
     let mut config =
         Config { listen: "127.0.0.1:0".parse().unwrap(), data_dir: data_dir.to_path_buf(), ..Config::default() };
     config.models.embedder = "none".into();
+    config.models.generator = "none".into();
     config
 }
 

@@ -1,0 +1,264 @@
+//! Generate and GenerateStream: the grounded prompt from the conversation and
+//! the ranked knowledge, N candidates from one prefill on the decoding
+//! engine, citations read back, and the interaction (with every candidate's
+//! text) recorded before the caller gets the final answer.
+
+use std::{
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
+
+use tokio::sync::mpsc;
+
+use super::{AppState, blocking};
+use crate::{
+    engine::{
+        generator::{Finish, GenerateEvent as EngineEvent, GenerateJob},
+        grounding,
+        sampler::SamplingConfig,
+    },
+    error::{Error, Result},
+    feedback::new_interaction_id,
+    kb::KbError,
+    proto::{
+        Candidate, FinishReason, GenerateEvent, GenerateRequest, GenerateResponse, InteractionKind, InteractionRecord,
+        KnowledgeObject, ModelVersions, ScoredKnowledge, ShownKnowledge, Timings, generate_event,
+        generate_request::Grounding, interaction_record,
+    },
+};
+
+/// Grounding objects put in the prompt when a request leaves max_grounding at 0.
+const DEFAULT_GROUNDING: usize = 8;
+/// Candidates when a request leaves num_candidates at 0: the agent compares two.
+const DEFAULT_CANDIDATES: usize = 2;
+
+/// Sampling when a request sends none: varied enough that two candidates differ.
+fn default_sampling() -> SamplingConfig {
+    SamplingConfig { temperature: 0.7, top_k: 0, top_p: 0.95, repetition_penalty: 1.1, seed: 0 }
+}
+
+/// A request accepted by the engine, with what its response will carry.
+pub(super) struct Generation {
+    pub interaction_id: String,
+    pub candidate_ids: Vec<String>,
+    pub grounding: Vec<ScoredKnowledge>,
+    pub models: ModelVersions,
+    pub prompt_tokens: usize,
+    pub started: Instant,
+    pub request: GenerateRequest,
+    pub events: mpsc::UnboundedReceiver<EngineEvent>,
+}
+
+/// The grounding objects in prompt order (exactly the versions a Rank or
+/// Retrieve interaction showed, or the latest of each id).
+async fn grounding_of(state: &AppState, req: &GenerateRequest) -> Result<Vec<ScoredKnowledge>> {
+    let limit = if req.max_grounding == 0 { DEFAULT_GROUNDING } else { req.max_grounding as usize };
+    let (field, wanted): (&'static str, Vec<(String, u64, f32)>) = match &req.grounding {
+        None => return Ok(Vec::new()),
+        Some(Grounding::KnowledgeIds(ids)) => {
+            ("knowledge_ids.ids", ids.ids.iter().take(limit).map(|id| (id.clone(), 0, 0.0)).collect())
+        }
+        Some(Grounding::GroundingInteractionId(id)) => {
+            let shown = state
+                .interactions
+                .get(id)
+                .ok_or_else(|| Error::NotFound(format!("grounding_interaction_id: interaction {id:?} is unknown")))?;
+            if !matches!(shown.kind, InteractionKind::Retrieve | InteractionKind::Rank) {
+                return Err(Error::invalid("grounding_interaction_id", "must name a Retrieve or Rank interaction"));
+            }
+            let scores = shown.knowledge.iter().take(limit).map(|(id, v)| (id.clone(), *v, 0.0)).collect();
+            ("grounding_interaction_id", scores)
+        }
+    };
+    let kb = state.kb.clone();
+    let objects: Vec<KnowledgeObject> = blocking(move || {
+        wanted
+            .iter()
+            .enumerate()
+            .map(|(i, (id, version, _))| {
+                kb.get(id, *version, *version != 0).map_err(|e| match e {
+                    KbError::NotFound(_) | KbError::Deleted { .. } => Error::NotFound(format!("{field}[{i}]: {e}")),
+                    other => other.into(),
+                })
+            })
+            .collect()
+    })
+    .await?;
+    Ok(objects
+        .into_iter()
+        .enumerate()
+        .map(|(i, knowledge)| ScoredKnowledge { knowledge: Some(knowledge), score: 0.0, rank: i as u32 + 1 })
+        .collect())
+}
+
+pub(super) async fn start(state: &AppState, req: GenerateRequest) -> Result<Generation> {
+    let started = Instant::now();
+    let generator =
+        state.generator.clone().ok_or_else(|| super::support::missing_model("Generate", "generator (decoder LLM)"))?;
+    let grounding = grounding_of(state, &req).await?;
+    let objects: Vec<KnowledgeObject> = grounding.iter().filter_map(|g| g.knowledge.clone()).collect();
+    let system =
+        if req.system_prompt.trim().is_empty() { grounding::DEFAULT_SYSTEM_PROMPT } else { &req.system_prompt };
+    let messages = grounding::messages(system, &objects, &req.conversation);
+    let as_refs: Vec<_> = messages.iter().map(|(role, text)| (*role, text.as_str())).collect();
+    let prompt = generator.tokenizer().encode(&generator.tokenizer().render(&as_refs))?;
+    let sampling_params = req.sampling.clone().unwrap_or_default();
+    let max_new_tokens = match sampling_params.max_new_tokens {
+        0 => state.default_max_new_tokens as usize,
+        n => n as usize,
+    };
+    if prompt.len() + 1 >= generator.context() {
+        return Err(Error::invalid(
+            "conversation",
+            format!(
+                "the prompt is {} tokens with its grounding; the generator's context is {}: send fewer turns or less grounding",
+                prompt.len(),
+                generator.context()
+            ),
+        ));
+    }
+    let mut sampling = match &req.sampling {
+        None => default_sampling(),
+        Some(s) => SamplingConfig {
+            temperature: s.temperature,
+            top_k: s.top_k as usize,
+            top_p: s.top_p,
+            repetition_penalty: s.repetition_penalty,
+            seed: s.seed,
+        },
+    };
+    if sampling.seed == 0 {
+        sampling.seed = uuid::Uuid::now_v7().as_u64_pair().1;
+    }
+    let candidates = if req.num_candidates == 0 { DEFAULT_CANDIDATES } else { req.num_candidates as usize };
+    let interaction_id = new_interaction_id();
+    let candidate_ids = (0..candidates).map(|c| format!("{interaction_id}/c{c}")).collect();
+    let (events_tx, events) = mpsc::unbounded_channel();
+    generator.submit(GenerateJob {
+        prompt: prompt.clone(),
+        candidates,
+        sampling,
+        max_new_tokens,
+        stop: sampling_params.stop.clone(),
+        events: events_tx,
+    })?;
+    let models = ModelVersions { generator: generator.version().into(), ..Default::default() };
+    Ok(Generation {
+        interaction_id,
+        candidate_ids,
+        grounding,
+        models,
+        prompt_tokens: prompt.len(),
+        started,
+        request: req,
+        events,
+    })
+}
+
+fn finish_reason(finish: Finish) -> FinishReason {
+    match finish {
+        Finish::Stop => FinishReason::Stop,
+        Finish::Length => FinishReason::Length,
+        Finish::StopSequence => FinishReason::StopSequence,
+    }
+}
+
+impl Generation {
+    /// The next engine event turned into what the API reports, and the
+    /// finished candidate when one completed.
+    pub(super) async fn next(&mut self) -> Option<Result<(generate_event::Event, Option<Candidate>)>> {
+        let event = self.events.recv().await?;
+        Some(match event {
+            EngineEvent::Delta { candidate, text } => Ok((
+                generate_event::Event::Delta(generate_event::Delta {
+                    candidate_id: self.candidate_ids[candidate].clone(),
+                    text,
+                }),
+                None,
+            )),
+            EngineEvent::Finished { candidate, text, finish, completion_tokens } => {
+                let ids: Vec<String> =
+                    self.grounding.iter().filter_map(|g| g.knowledge.as_ref().map(|k| k.id.clone())).collect();
+                let done = Candidate {
+                    candidate_id: self.candidate_ids[candidate].clone(),
+                    cited_knowledge_ids: grounding::citations(&text, &ids),
+                    text,
+                    finish_reason: finish_reason(finish) as i32,
+                    prompt_tokens: self.prompt_tokens as u32,
+                    completion_tokens: completion_tokens as u32,
+                    model_version: self.models.generator.clone(),
+                };
+                Ok((generate_event::Event::Finished(done.clone()), Some(done)))
+            }
+            EngineEvent::Failed(why) => Err(Error::Internal(format!("generation failed: {why}"))),
+        })
+    }
+
+    pub(super) fn started_event(&self) -> GenerateEvent {
+        GenerateEvent {
+            event: Some(generate_event::Event::Started(generate_event::Started {
+                interaction_id: self.interaction_id.clone(),
+                candidate_ids: self.candidate_ids.clone(),
+                grounding: self.grounding.clone(),
+                models: Some(self.models.clone()),
+            })),
+        }
+    }
+
+    /// Records the interaction with its candidates (in candidate order);
+    /// returns the timings reported to the caller.
+    pub(super) async fn record(
+        &self,
+        state: &AppState,
+        mut candidates: Vec<Candidate>,
+    ) -> Result<(Vec<Candidate>, Timings)> {
+        candidates.sort_by_key(|c| self.candidate_ids.iter().position(|id| *id == c.candidate_id));
+        let timings = Timings { queue_ns: 0, compute_ns: 0, total_ns: self.started.elapsed().as_nanos() as u64 };
+        let record = InteractionRecord {
+            interaction_id: self.interaction_id.clone(),
+            kind: InteractionKind::Generate as i32,
+            created_at: Some(SystemTime::now().into()),
+            request_context: self.request.request_context.clone(),
+            shown_knowledge: self
+                .grounding
+                .iter()
+                .filter_map(|g| {
+                    g.knowledge.as_ref().map(|k| ShownKnowledge {
+                        knowledge_id: k.id.clone(),
+                        version: k.version,
+                        score: g.score,
+                        rank: g.rank,
+                    })
+                })
+                .collect(),
+            candidates: candidates.clone(),
+            models: Some(self.models.clone()),
+            timings: Some(timings),
+            request: Some(interaction_record::Request::Generate(self.request.clone())),
+        };
+        state.interactions.record(record).await?;
+        Ok((candidates, timings))
+    }
+}
+
+/// Generate: waits for every candidate, records, answers.
+pub(super) async fn unary(state: Arc<AppState>, req: GenerateRequest) -> Result<GenerateResponse> {
+    let mut generation = start(&state, req).await?;
+    let mut done = Vec::new();
+    while done.len() < generation.candidate_ids.len() {
+        match generation.next().await {
+            Some(Ok((_, Some(candidate)))) => done.push(candidate),
+            Some(Ok((_, None))) => {}
+            Some(Err(e)) => return Err(e),
+            None => return Err(Error::Unavailable("the decoding worker stopped mid-request".into())),
+        }
+    }
+    let (candidates, timings) = generation.record(&state, done).await?;
+    Ok(GenerateResponse {
+        interaction_id: generation.interaction_id.clone(),
+        candidates,
+        grounding: generation.grounding.clone(),
+        models: Some(generation.models.clone()),
+        timings: Some(timings),
+    })
+}

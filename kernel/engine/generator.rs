@@ -1,0 +1,314 @@
+//! The decoding engine: one OS thread owns the decoder, its KV caches and
+//! the queue. Requests are admitted between steps (continuous batching):
+//! each request's prompt is prefilled once, its candidates fork that cache,
+//! and every active candidate of every request advances together in one
+//! forward step. A request whose caller has gone is dropped at the next step;
+//! a full queue answers RESOURCE_EXHAUSTED.
+
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        mpsc::{self, Receiver, SyncSender, TrySendError},
+    },
+    time::Instant,
+};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::sampler::{Sampler, SamplingConfig};
+use crate::{
+    backend::Device,
+    error::{Error, Result},
+    model::{
+        chat::ChatTokenizer,
+        gguf::GgufFile,
+        llama::{KvCache, Llama, Step},
+    },
+};
+
+#[derive(Debug, Clone)]
+pub struct GeneratorOptions {
+    /// Requests waiting beyond this are refused.
+    pub queue_capacity: usize,
+    /// Most candidates decoded together.
+    pub max_sequences: usize,
+}
+
+impl Default for GeneratorOptions {
+    fn default() -> Self {
+        GeneratorOptions { queue_capacity: 64, max_sequences: 16 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// The model ended its turn.
+    Stop,
+    /// `max_new_tokens` reached (or the context is full).
+    Length,
+    /// A stop string matched; it is not part of the text.
+    StopSequence,
+}
+
+/// What the engine reports about a request, per candidate.
+#[derive(Debug, Clone)]
+pub enum GenerateEvent {
+    Delta { candidate: usize, text: String },
+    Finished { candidate: usize, text: String, finish: Finish, completion_tokens: usize },
+    Failed(String),
+}
+
+pub struct GenerateJob {
+    pub prompt: Vec<u32>,
+    pub candidates: usize,
+    /// Candidate `c` samples with `seed + c`.
+    pub sampling: SamplingConfig,
+    pub max_new_tokens: usize,
+    pub stop: Vec<String>,
+    pub events: UnboundedSender<GenerateEvent>,
+}
+
+struct Shared {
+    queue: SyncSender<GenerateJob>,
+    tokenizer: Arc<ChatTokenizer>,
+    version: String,
+    context: usize,
+    options: GeneratorOptions,
+}
+
+/// Handle to the decoding worker; cheap to clone.
+#[derive(Clone)]
+pub struct GeneratorEngine {
+    shared: Arc<Shared>,
+}
+
+impl GeneratorEngine {
+    /// Loads a llama-family GGUF file and starts its worker.
+    pub fn load(device: Device, gguf: &Path, options: GeneratorOptions) -> Result<Self> {
+        let file = GgufFile::open(gguf)?;
+        let model = Llama::from_gguf(&device, &file)?;
+        let tokenizer = Arc::new(ChatTokenizer::from_gguf(&file)?);
+        let version = format!(
+            "{}@{}",
+            gguf.file_stem().map_or_else(|| "generator".into(), |s| s.to_string_lossy().into_owned()),
+            crate::model::hf_folder::digest_prefix(gguf)?
+        );
+        let context = model.config().context;
+        let (queue, jobs) = mpsc::sync_channel(options.queue_capacity);
+        let worker_tokenizer = tokenizer.clone();
+        let max_sequences = options.max_sequences;
+        std::thread::Builder::new()
+            .name(format!("aitl-decode-{}", device.name()))
+            .spawn(move || Worker { device, model, tokenizer: worker_tokenizer, max_sequences }.run(jobs))
+            .map_err(|e| Error::Internal(format!("cannot start the decoding worker: {e}")))?;
+        tracing::info!(model = %version, context, "generator loaded");
+        Ok(GeneratorEngine { shared: Arc::new(Shared { queue, tokenizer, version, context, options }) })
+    }
+
+    pub fn version(&self) -> &str {
+        &self.shared.version
+    }
+
+    pub fn tokenizer(&self) -> &ChatTokenizer {
+        &self.shared.tokenizer
+    }
+
+    /// Positions the model attends over: prompt plus new tokens.
+    pub fn context(&self) -> usize {
+        self.shared.context
+    }
+
+    /// Queues a request; its events arrive on `job.events`.
+    pub fn submit(&self, job: GenerateJob) -> Result<()> {
+        match self.shared.queue.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(Error::ResourceExhausted(format!(
+                "the generation queue is full ({} requests waiting); retry with backoff",
+                self.shared.options.queue_capacity
+            ))),
+            Err(TrySendError::Disconnected(_)) => Err(Error::Unavailable("the decoding worker has stopped".into())),
+        }
+    }
+}
+
+/// One candidate being decoded.
+struct Sequence {
+    job: usize,
+    candidate: usize,
+    cache: KvCache,
+    sampler: Sampler,
+    history: Vec<u32>,
+    generated: Vec<u32>,
+    /// Text already sent as deltas.
+    sent: usize,
+    /// The token to feed next (sampled, not yet checked or cached).
+    next: u32,
+}
+
+struct Worker {
+    device: Device,
+    model: Llama,
+    tokenizer: Arc<ChatTokenizer>,
+    max_sequences: usize,
+}
+
+impl Worker {
+    fn run(self, jobs: Receiver<GenerateJob>) {
+        let mut requests: Vec<Option<GenerateJob>> = Vec::new();
+        let mut active: Vec<Sequence> = Vec::new();
+        loop {
+            // Admit what fits; block only when there is nothing to decode.
+            while active.len() < self.max_sequences {
+                let job = if active.is_empty() {
+                    match jobs.recv() {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    }
+                } else {
+                    match jobs.try_recv() {
+                        Ok(job) => job,
+                        Err(_) => break,
+                    }
+                };
+                if job.events.is_closed() {
+                    continue;
+                }
+                let index = requests.len();
+                match self.prefill(&job, index) {
+                    Ok(sequences) => active.extend(sequences),
+                    Err(e) => {
+                        let _ = job.events.send(GenerateEvent::Failed(e.to_string()));
+                        continue;
+                    }
+                }
+                requests.push(Some(job));
+            }
+            // A caller that went away frees its candidates' slots now.
+            active.retain(|s| requests[s.job].as_ref().is_some_and(|j| !j.events.is_closed()));
+            active = self.advance(active, &mut requests);
+            if active.is_empty() {
+                requests.clear();
+            }
+        }
+    }
+
+    /// Runs the prompt once and forks one cache per candidate.
+    fn prefill(&self, job: &GenerateJob, index: usize) -> Result<Vec<Sequence>> {
+        let mut cache = self.model.new_cache();
+        let logits =
+            self.model.forward(&self.device, &mut [Step { tokens: &job.prompt, cache: &mut cache }])?.remove(0);
+        Ok((0..job.candidates)
+            .map(|candidate| {
+                let mut sampler = Sampler::new(SamplingConfig {
+                    seed: job.sampling.seed.wrapping_add(candidate as u64),
+                    ..job.sampling.clone()
+                });
+                let next = sampler.sample(&mut logits.clone(), &job.prompt);
+                Sequence {
+                    job: index,
+                    candidate,
+                    cache: cache.clone(),
+                    sampler,
+                    history: job.prompt.clone(),
+                    generated: Vec::new(),
+                    sent: 0,
+                    next,
+                }
+            })
+            .collect())
+    }
+
+    /// Takes each sequence's sampled token: finishes it or feeds it, then
+    /// runs one forward step over all that continue.
+    fn advance(&self, active: Vec<Sequence>, requests: &mut [Option<GenerateJob>]) -> Vec<Sequence> {
+        let mut continuing = Vec::with_capacity(active.len());
+        for mut seq in active {
+            let Some(job) = requests[seq.job].as_ref() else { continue };
+            let finish = if seq.next == self.tokenizer.eos || self.tokenizer.is_end_of_turn(seq.next) {
+                Some(Finish::Stop)
+            } else {
+                seq.generated.push(seq.next);
+                seq.history.push(seq.next);
+                None
+            };
+            let mut text = self.tokenizer.decode(&seq.generated).unwrap_or_default();
+            let stopped = job.stop.iter().filter_map(|s| text.find(s.as_str())).min();
+            let finish = match (finish, stopped) {
+                (Some(f), _) => Some(f),
+                (None, Some(at)) => {
+                    text.truncate(at);
+                    Some(Finish::StopSequence)
+                }
+                (None, None)
+                    if seq.generated.len() >= job.max_new_tokens
+                        || seq.cache.len() + 1 >= self.model.config().context =>
+                {
+                    Some(Finish::Length)
+                }
+                (None, None) => None,
+            };
+            match finish {
+                Some(finish) => {
+                    if text.len() > seq.sent {
+                        let _ = job.events.send(GenerateEvent::Delta {
+                            candidate: seq.candidate,
+                            text: text[seq.sent..].to_string(),
+                        });
+                    }
+                    let _ = job.events.send(GenerateEvent::Finished {
+                        candidate: seq.candidate,
+                        text,
+                        finish,
+                        completion_tokens: seq.generated.len(),
+                    });
+                }
+                None => {
+                    // Hold back what a stop string could still claim, and a
+                    // character whose bytes are not all decoded yet.
+                    let hold = job.stop.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
+                    let mut upto = text.len().saturating_sub(hold);
+                    while upto > seq.sent && !text.is_char_boundary(upto) {
+                        upto -= 1;
+                    }
+                    if text[..upto].ends_with('\u{FFFD}') {
+                        upto -= '\u{FFFD}'.len_utf8();
+                    }
+                    if upto > seq.sent {
+                        let _ = job.events.send(GenerateEvent::Delta {
+                            candidate: seq.candidate,
+                            text: text[seq.sent..upto].to_string(),
+                        });
+                        seq.sent = upto;
+                    }
+                    continuing.push(seq);
+                }
+            }
+        }
+        if continuing.is_empty() {
+            return continuing;
+        }
+        let started = Instant::now();
+        let tokens: Vec<[u32; 1]> = continuing.iter().map(|s| [s.next]).collect();
+        let mut steps: Vec<Step> =
+            continuing.iter_mut().zip(&tokens).map(|(s, t)| Step { tokens: t, cache: &mut s.cache }).collect();
+        match self.model.forward(&self.device, &mut steps) {
+            Ok(logits) => {
+                for (seq, mut logits) in continuing.iter_mut().zip(logits) {
+                    seq.next = seq.sampler.sample(&mut logits, &seq.history);
+                }
+                tracing::trace!(sequences = continuing.len(), elapsed = ?started.elapsed(), "decode step");
+                continuing
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "decode step failed");
+                for seq in &continuing {
+                    if let Some(job) = requests[seq.job].take() {
+                        let _ = job.events.send(GenerateEvent::Failed(e.to_string()));
+                    }
+                }
+                Vec::new()
+            }
+        }
+    }
+}
