@@ -24,13 +24,15 @@ use aitl::{
 };
 
 /// Absolute, in logits (the largest are about 25–35): both sides quantize
-/// activations to 8 bits per block the same way; float order differs, and
-/// this model amplifies it (see above). Observed worst: 0.49.
-const LOGIT_TOLERANCE: f32 = 0.6;
+/// activations to 8 bits per block the same way, but this model amplifies
+/// any change in float order: llama.cpp's flash and plain attention differ by
+/// up to 0.45, and a 2e-7-accurate polynomial exp in aitl's softmax instead of
+/// libm's moved aitl's logits by 0.4. Observed worst against llama.cpp: 0.49.
+const LOGIT_TOLERANCE: f32 = 1.0;
 
 /// A greedy step is decisive when llama.cpp's two best logits are further
-/// apart than the spread between implementations.
-const TIE: f64 = 0.5;
+/// apart than two logits can move between implementations (2 × 0.5).
+const TIE: f64 = 1.0;
 
 fn role(name: &str) -> Role {
     match name {

@@ -41,7 +41,7 @@ const LANES: usize = 16;
 /// Dot product with 16 independent accumulators, so it vectorises without
 /// reassociating a single running sum.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (ac, ar) = a.split_at(a.len() / LANES * LANES);
     let (bc, br) = b.split_at(ac.len());
@@ -243,24 +243,55 @@ fn layer_norm_rows(x: &mut [f32], residual: Option<&[f32]>, gamma: &[f32], beta:
 /// enough to amortise the task.
 const QUANT_ROWS_PER_TASK: usize = 64;
 
+/// Up to this many activation rows (sequences decoded together), quantized
+/// products run on the awake team rather than rayon.
+const TEAM_MAX_ROWS: usize = 16;
+
 pub(super) fn linear_quantized(x: &[f32], w: &super::QuantMatrix, m: usize, out: &mut [f32]) {
     let (k, n) = w.dims();
     let row_bytes = w.dtype.row_bytes(k);
     let activations: Vec<_> = x.chunks_exact(k).map(|row| quant::quantize_activations(w.dtype, row)).collect();
-    // Weight-row major: each weight row is read once for all m activation rows.
-    let mut transposed = vec![0f32; n * m];
-    transposed.par_chunks_mut(QUANT_ROWS_PER_TASK * m).enumerate().for_each(|(task, chunk)| {
-        for (r, outputs) in chunk.chunks_exact_mut(m).enumerate() {
-            let j = task * QUANT_ROWS_PER_TASK + r;
+    // `outputs` holds m values per weight row, for rows from `first_row` on;
+    // activation rows go four at a time, sharing each weight block's unpacking.
+    let products = |outputs: &mut [f32], first_row: usize| {
+        for (r, outputs) in outputs.chunks_exact_mut(m).enumerate() {
+            let j = first_row + r;
             let row = &w.bytes[j * row_bytes..(j + 1) * row_bytes];
-            for (o, a) in outputs.iter_mut().zip(&activations) {
+            let mut fours = outputs.chunks_exact_mut(4);
+            let mut acts = activations.chunks_exact(4);
+            for (o, a) in (&mut fours).zip(&mut acts) {
+                o.copy_from_slice(&quant::vec_dot_x4(w.dtype, row, [&a[0], &a[1], &a[2], &a[3]]));
+            }
+            for (o, a) in fours.into_remainder().iter_mut().zip(acts.remainder()) {
                 *o = quant::vec_dot(w.dtype, row, a);
             }
         }
-    });
-    for i in 0..m {
-        for j in 0..n {
-            out[i * n + j] = transposed[j * m + i];
+    };
+    // Weight-row major (m outputs per weight row): each weight row is read
+    // once for all m activation rows. With one row that is `out` itself.
+    let mut transposed = if m == 1 { Vec::new() } else { vec![0f32; n * m] };
+    let target: &mut [f32] = if m == 1 { out } else { &mut transposed };
+    if m <= TEAM_MAX_ROWS {
+        // Decoding steps: the awake team splits the weight rows (see team.rs).
+        let team = super::team::Team::global();
+        let per = n.div_ceil(team.size());
+        let parts: Vec<std::sync::Mutex<&mut [f32]>> = target.chunks_mut(per * m).map(std::sync::Mutex::new).collect();
+        team.run(&|member| {
+            if let Some(part) = parts.get(member) {
+                products(&mut part.lock().unwrap_or_else(|e| e.into_inner()), member * per);
+            }
+        });
+    } else {
+        target
+            .par_chunks_mut(QUANT_ROWS_PER_TASK * m)
+            .enumerate()
+            .for_each(|(task, chunk)| products(chunk, task * QUANT_ROWS_PER_TASK));
+    }
+    if m > 1 {
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = transposed[j * m + i];
+            }
         }
     }
 }

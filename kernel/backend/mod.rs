@@ -12,6 +12,7 @@ mod cpu_decode;
 mod packed;
 pub mod quant;
 mod quant_x86;
+mod team;
 
 use quant::GgmlType;
 

@@ -199,6 +199,14 @@ pub enum QuantizedActivations {
     Q8K { d: Vec<f32>, q: Vec<i8>, bsums: Vec<i16> },
 }
 
+/// Round half to even for |x| < 2²²: ggml's `nearest_int`, and what the x86
+/// paths' `_mm256_round_ps` give; branch free where `round_ties_even` would
+/// call libm's `rintf` on baseline x86-64.
+#[inline(always)]
+fn nearest(x: f32) -> f32 {
+    (x + 12_582_912.0) - 12_582_912.0
+}
+
 fn round_f16(x: f32) -> f32 {
     f16_to_f32(crate::model::weights::f32_to_f16(x))
 }
@@ -217,7 +225,7 @@ pub fn quantize_activations(weight: GgmlType, x: &[f32]) -> QuantizedActivations
                 let inverse = if amax != 0.0 { 127.0 / amax } else { 0.0 };
                 let mut sum = 0i32;
                 for (out, v) in quants.iter_mut().zip(values) {
-                    *out = (v * inverse).round_ties_even() as i8;
+                    *out = nearest(v * inverse) as i8;
                     sum += *out as i32;
                 }
                 d.push(round_f16(scale));
@@ -238,7 +246,7 @@ pub fn quantize_activations(weight: GgmlType, x: &[f32]) -> QuantizedActivations
                 let inverse = -127.0 / max;
                 let quants = &mut q[b * QK_K..(b + 1) * QK_K];
                 for (out, v) in quants.iter_mut().zip(values) {
-                    *out = (inverse * v).round_ties_even().min(127.0) as i8;
+                    *out = nearest(inverse * v).min(127.0) as i8;
                 }
                 for (j, sum) in bsums[b * 16..(b + 1) * 16].iter_mut().enumerate() {
                     *sum = quants[j * 16..(j + 1) * 16].iter().map(|&v| v as i16).sum();
@@ -271,6 +279,33 @@ pub fn vec_dot(dtype: GgmlType, row: &[u8], x: &QuantizedActivations) -> f32 {
         }
     }
     vec_dot_portable(dtype, row, x)
+}
+
+/// `row · x` for four activation rows at once; the same numbers as four
+/// [`vec_dot`] calls, faster where a kernel shares the weight unpacking.
+pub fn vec_dot_x4(dtype: GgmlType, row: &[u8], x: [&QuantizedActivations; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if super::quant_x86::available() && matches!(dtype, GgmlType::Q4_1 | GgmlType::Q8_0) {
+        let blocks = row.len() / dtype.block_bytes();
+        let parts = x.map(|a| match a {
+            QuantizedActivations::Q8 { d, s, q } if d.len() == blocks && q.len() == blocks * QK => {
+                Some((d.as_slice(), s.as_slice(), q.as_slice()))
+            }
+            _ => None,
+        });
+        if let [Some(a), Some(b), Some(c), Some(e)] = parts {
+            let d = [a.0, b.0, c.0, e.0];
+            let q = [a.2, b.2, c.2, e.2];
+            // SAFETY: the instructions are present and every row's lengths were checked above.
+            return unsafe {
+                match dtype {
+                    GgmlType::Q4_1 => super::quant_x86::dot_q4_1_x4(row, d, [a.1, b.1, c.1, e.1], q),
+                    _ => super::quant_x86::dot_q8_0_x4(row, d, q),
+                }
+            };
+        }
+    }
+    x.map(|a| vec_dot(dtype, row, a))
 }
 
 /// The reference block dot products (any processor).

@@ -7,6 +7,10 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+/// Bytes ahead of the current block to prefetch (a prefetch of an address
+/// past the row's end is harmless: it never faults).
+const PREFETCH_AHEAD: usize = 3072;
+
 /// Whether this processor has the instructions (checked once).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -52,6 +56,8 @@ pub unsafe fn dot_q4_1(row: &[u8], d: &[f32], s: &[f32], q: &[i8]) -> f32 {
     let mut minimums = 0f32;
     let nibble = _mm_set1_epi8(0x0F);
     for (b, block) in row.chunks_exact(20).enumerate() {
+        // Weights stream from memory once per token: ask for the next lines early.
+        _mm_prefetch::<_MM_HINT_T0>(block.as_ptr().wrapping_add(PREFETCH_AHEAD).cast());
         // SAFETY: the block has 16 bytes of nibbles at 4 and the activations 32 bytes at b·32.
         let packed = unsafe { _mm_loadu_si128(block.as_ptr().add(4).cast()) };
         let low = _mm_and_si128(packed, nibble);
@@ -76,6 +82,7 @@ pub unsafe fn dot_q4_1(row: &[u8], d: &[f32], s: &[f32], q: &[i8]) -> f32 {
 pub unsafe fn dot_q8_0(row: &[u8], d: &[f32], q: &[i8]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for (b, block) in row.chunks_exact(34).enumerate() {
+        _mm_prefetch::<_MM_HINT_T0>(block.as_ptr().wrapping_add(PREFETCH_AHEAD).cast());
         // SAFETY: 32 weight bytes at 2 of the block, 32 activations at b·32.
         let w = unsafe { _mm256_loadu_si256(block.as_ptr().add(2).cast()) };
         let x = unsafe { _mm256_loadu_si256(q.as_ptr().add(b * 32).cast()) };
@@ -84,4 +91,54 @@ pub unsafe fn dot_q8_0(row: &[u8], d: &[f32], q: &[i8]) -> f32 {
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
     }
     hsum(acc)
+}
+
+/// Four activation rows against one Q4_1 weight row: each weight block is
+/// unpacked once for all four (prefill's many rows).
+///
+/// # Safety
+/// As [`dot_q4_1`], for each of the four activation rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn dot_q4_1_x4(row: &[u8], d: [&[f32]; 4], s: [&[f32]; 4], q: [&[i8]; 4]) -> [f32; 4] {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut minimums = [0f32; 4];
+    let nibble = _mm_set1_epi8(0x0F);
+    for (b, block) in row.chunks_exact(20).enumerate() {
+        // SAFETY: as in dot_q4_1, for each row.
+        let packed = unsafe { _mm_loadu_si128(block.as_ptr().add(4).cast()) };
+        let low = _mm_and_si128(packed, nibble);
+        let high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);
+        let weights = _mm256_set_m128i(high, low);
+        let (dw, mw) = (half(block, 0), half(block, 2));
+        for r in 0..4 {
+            let x = unsafe { _mm256_loadu_si256(q[r].as_ptr().add(b * 32).cast()) };
+            let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), weights, x);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(dw * d[r][b]), acc[r]);
+            minimums[r] += mw * s[r][b];
+        }
+    }
+    [hsum(acc[0]) + minimums[0], hsum(acc[1]) + minimums[1], hsum(acc[2]) + minimums[2], hsum(acc[3]) + minimums[3]]
+}
+
+/// Four activation rows against one Q8_0 weight row.
+///
+/// # Safety
+/// As [`dot_q8_0`], for each of the four activation rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn dot_q8_0_x4(row: &[u8], d: [&[f32]; 4], q: [&[i8]; 4]) -> [f32; 4] {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for (b, block) in row.chunks_exact(34).enumerate() {
+        // SAFETY: as in dot_q8_0, for each row.
+        let w = unsafe { _mm256_loadu_si256(block.as_ptr().add(2).cast()) };
+        let magnitude = _mm256_sign_epi8(w, w);
+        let dw = half(block, 0);
+        for r in 0..4 {
+            let x = unsafe { _mm256_loadu_si256(q[r].as_ptr().add(b * 32).cast()) };
+            let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), magnitude, _mm256_sign_epi8(x, w));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(dw * d[r][b]), acc[r]);
+        }
+    }
+    [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
 }
