@@ -6,19 +6,12 @@
 //!
 //! `cargo bench --bench embed` (prints p50/p99 for single queries)
 
+mod workloads;
+
 use std::{path::Path, time::Instant};
 
 use aitl::{backend::Device, model::sentence::SentenceEmbedder, provision};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-
-fn workload(name: &str) -> Vec<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peers/workloads").join(name);
-    let text =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (the peers' workloads)", path.display()));
-    text.lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string())
-        .collect()
-}
 
 fn embed_batches(model: &SentenceEmbedder, device: &Device, texts: &[String]) -> usize {
     let mut tokens = 0;
@@ -36,8 +29,8 @@ fn embeddings(c: &mut Criterion) {
     let dir = provision::ensure(&provision::DEFAULT_EMBEDDER, &cache).unwrap();
     let device = Device::Cpu;
     let model = SentenceEmbedder::load(&device, &dir).unwrap();
-    let queries = workload("e1_queries.jsonl");
-    let passages = workload("e2_passages.jsonl");
+    let queries = workloads::texts("e1_queries.jsonl");
+    let passages = workloads::texts("e2_passages.jsonl");
     let e1 = &queries[..512];
     let e2 = &passages[..128];
 

@@ -10,6 +10,7 @@
 //! `cargo bench --bench rank` (prints pairs/s and p50/p99 per call)
 
 mod loopback;
+mod workloads;
 
 use std::{
     collections::HashMap,
@@ -30,15 +31,6 @@ use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 const PASSAGES: usize = 75;
 const PASSAGE_WORDS: usize = 48;
-
-fn workload(name: &str) -> Vec<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peers/workloads").join(name);
-    let text =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (the peers' workloads)", path.display()));
-    text.lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string())
-        .collect()
-}
 
 /// all-MiniLM-L6-v2 as a one-label BertForSequenceClassification folder.
 fn minilm_cross_encoder() -> PathBuf {
@@ -84,8 +76,8 @@ fn minilm_cross_encoder() -> PathBuf {
 
 fn rank(c: &mut Criterion) {
     let model_dir = minilm_cross_encoder();
-    let query = workload("e1_queries.jsonl").swap_remove(0);
-    let passages: Vec<String> = workload("e2_passages.jsonl")[..PASSAGES]
+    let query = workloads::texts("e1_queries.jsonl").swap_remove(0);
+    let passages: Vec<String> = workloads::texts("e2_passages.jsonl")[..PASSAGES]
         .iter()
         .map(|p| p.split_whitespace().take(PASSAGE_WORDS).collect::<Vec<_>>().join(" "))
         .collect();

@@ -10,7 +10,7 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use super::{AppState, blocking};
+use super::AppState;
 use crate::{
     engine::{
         generator::{Finish, GenerateEvent as EngineEvent, GenerateJob},
@@ -19,7 +19,6 @@ use crate::{
     },
     error::{Error, Result},
     feedback::new_interaction_id,
-    kb::KbError,
     proto::{
         Candidate, FinishReason, GenerateEvent, GenerateRequest, GenerateResponse, InteractionKind, InteractionRecord,
         KnowledgeObject, ModelVersions, ScoredKnowledge, ShownKnowledge, Timings, generate_event,
@@ -53,10 +52,10 @@ pub(super) struct Generation {
 /// Retrieve interaction showed, or the latest of each id).
 async fn grounding_of(state: &AppState, req: &GenerateRequest) -> Result<Vec<ScoredKnowledge>> {
     let limit = if req.max_grounding == 0 { DEFAULT_GROUNDING } else { req.max_grounding as usize };
-    let (field, wanted): (&'static str, Vec<(String, u64, f32)>) = match &req.grounding {
+    let (field, wanted): (&'static str, Vec<(String, u64)>) = match &req.grounding {
         None => return Ok(Vec::new()),
         Some(Grounding::KnowledgeIds(ids)) => {
-            ("knowledge_ids.ids", ids.ids.iter().take(limit).map(|id| (id.clone(), 0, 0.0)).collect())
+            ("knowledge_ids.ids", ids.ids.iter().take(limit).map(|id| (id.clone(), 0)).collect())
         }
         Some(Grounding::GroundingInteractionId(id)) => {
             let shown = state
@@ -66,24 +65,10 @@ async fn grounding_of(state: &AppState, req: &GenerateRequest) -> Result<Vec<Sco
             if !matches!(shown.kind, InteractionKind::Retrieve | InteractionKind::Rank) {
                 return Err(Error::invalid("grounding_interaction_id", "must name a Retrieve or Rank interaction"));
             }
-            let scores = shown.knowledge.iter().take(limit).map(|(id, v)| (id.clone(), *v, 0.0)).collect();
-            ("grounding_interaction_id", scores)
+            ("grounding_interaction_id", shown.knowledge.iter().take(limit).cloned().collect())
         }
     };
-    let kb = state.kb.clone();
-    let objects: Vec<KnowledgeObject> = blocking(move || {
-        wanted
-            .iter()
-            .enumerate()
-            .map(|(i, (id, version, _))| {
-                kb.get(id, *version, *version != 0).map_err(|e| match e {
-                    KbError::NotFound(_) | KbError::Deleted { .. } => Error::NotFound(format!("{field}[{i}]: {e}")),
-                    other => other.into(),
-                })
-            })
-            .collect()
-    })
-    .await?;
+    let objects = super::fetch_knowledge(&state.kb, field, wanted).await?;
     Ok(objects
         .into_iter()
         .enumerate()

@@ -36,6 +36,32 @@ pub struct AppState {
     pub default_top_k: u32,
 }
 
+/// Knowledge objects by (id, version) — version 0 is the latest live one, any
+/// other may have been deleted since (what an interaction showed) — in order;
+/// a missing one is NOT_FOUND naming `field[i]`.
+async fn fetch_knowledge(
+    kb: &Arc<KnowledgeStore>,
+    field: &'static str,
+    wanted: Vec<(String, u64)>,
+) -> crate::error::Result<Vec<crate::proto::KnowledgeObject>> {
+    let kb = kb.clone();
+    blocking(move || {
+        wanted
+            .iter()
+            .enumerate()
+            .map(|(i, (id, version))| {
+                kb.get(id, *version, *version != 0).map_err(|e| match e {
+                    crate::kb::KbError::NotFound(_) | crate::kb::KbError::Deleted { .. } => {
+                        crate::error::Error::NotFound(format!("{field}[{i}]: {e}"))
+                    }
+                    other => other.into(),
+                })
+            })
+            .collect()
+    })
+    .await
+}
+
 /// Runs a blocking store operation off the async workers.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> crate::error::Result<T> + Send + 'static,

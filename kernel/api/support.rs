@@ -124,20 +124,7 @@ impl Support {
             }
             None => return Err(Error::invalid("candidates", "is required")),
         };
-        let kb = self.state.kb.clone();
-        let objects: Vec<KnowledgeObject> = blocking(move || {
-            wanted
-                .iter()
-                .enumerate()
-                .map(|(i, (id, version))| {
-                    kb.get(id, *version, *version != 0).map_err(|e| match e {
-                        KbError::NotFound(_) | KbError::Deleted { .. } => Error::NotFound(format!("{field}[{i}]: {e}")),
-                        other => other.into(),
-                    })
-                })
-                .collect()
-        })
-        .await?;
+        let objects = super::fetch_knowledge(&self.state.kb, field, wanted).await?;
         Ok(objects
             .into_iter()
             .map(|o| {

@@ -115,6 +115,18 @@ fn scale_min_k4(j: usize, scales: &[u8]) -> (u8, u8) {
     }
 }
 
+/// The four quants (offset removed) built from byte `l` of a Q6_K
+/// half-block: values l, l+32, l+64 and l+96 of it.
+#[inline(always)]
+fn q6k_quads(ql: &[u8], qh: &[u8], l: usize) -> [i32; 4] {
+    [
+        ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32,
+        ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32,
+        ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32,
+        ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32,
+    ]
+}
+
 /// Expands one row (`out.len()` values, whole blocks) to f32: the reference
 /// every kernel is tested against.
 pub fn dequantize_row(dtype: GgmlType, bytes: &[u8], out: &mut [f32]) {
@@ -171,10 +183,7 @@ pub fn dequantize_row(dtype: GgmlType, bytes: &[u8], out: &mut [f32]) {
                     let sc = &scales[half * 8..];
                     for l in 0..32 {
                         let is = l / 16;
-                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
-                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        let [q1, q2, q3, q4] = q6k_quads(ql, qh, l);
                         let y = &mut values[half * 128..];
                         y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
                         y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
@@ -381,10 +390,7 @@ pub fn vec_dot_portable(dtype: GgmlType, row: &[u8], x: &QuantizedActivations) -
                     let x = &xq[half * 128..];
                     for l in 0..32 {
                         let is = l / 16;
-                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
-                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        let [q1, q2, q3, q4] = q6k_quads(ql, qh, l);
                         sumi += (sc[is] as i8) as i32 * q1 * x[l] as i32
                             + (sc[is + 2] as i8) as i32 * q2 * x[l + 32] as i32
                             + (sc[is + 4] as i8) as i32 * q3 * x[l + 64] as i32
