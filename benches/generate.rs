@@ -5,6 +5,9 @@
 //! generator SmolLM2-135M-Instruct Q4_1). Compare with
 //! ../shared/peers/bench_llama.py in the same session.
 //!
+//! Also time to first token and inter-token latency of GenerateStream over
+//! gRPC on loopback (the first G1 conversation, greedy, one candidate).
+//!
 //! `cargo bench --bench generate`
 
 use std::{path::Path, time::Instant};
@@ -77,6 +80,8 @@ fn generate(c: &mut Criterion) {
             NEW_TOKENS - 1
         );
     }
+    stream_latency(&gguf);
+
     let mut group = c.benchmark_group("generate");
     group.sample_size(10);
     group.bench_function("prefill_509", |b| {
@@ -86,6 +91,64 @@ fn generate(c: &mut Criterion) {
         })
     });
     group.finish();
+}
+
+/// Time to first delta and the gaps between deltas of GenerateStream, medians over 5 calls.
+fn stream_latency(gguf: &Path) {
+    use aitl::proto::{
+        ConversationTurn, GenerateRequest, SamplingParams, Speaker, generate_event::Event,
+        support_service_client::SupportServiceClient,
+    };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peers/workloads/g1_prompts.jsonl");
+    let line = std::fs::read_to_string(&path).unwrap().lines().next().unwrap().to_string();
+    let prompt: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let question = prompt["messages"].as_array().unwrap().last().unwrap()["content"].as_str().unwrap().to_string();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = tempfile::tempdir_in(Path::new(env!("CARGO_MANIFEST_DIR")).join("target")).unwrap();
+    let mut config = aitl::config::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().into(),
+        ..Default::default()
+    };
+    config.models.embedder = "none".into();
+    config.models.generator = gguf.display().to_string();
+    runtime.block_on(async {
+        let server = aitl::server::start(config).await.unwrap();
+        let mut client = SupportServiceClient::connect(format!("http://{}", server.addr)).await.unwrap();
+        let (mut first, mut gaps) = (Vec::new(), Vec::new());
+        for _ in 0..5 {
+            let request = GenerateRequest {
+                conversation: vec![ConversationTurn { speaker: Speaker::Customer as i32, text: question.clone() }],
+                num_candidates: 1,
+                sampling: Some(SamplingParams { max_new_tokens: 64, ..Default::default() }),
+                ..Default::default()
+            };
+            let started = Instant::now();
+            let mut stream = client.generate_stream(request).await.unwrap().into_inner();
+            let mut last: Option<Instant> = None;
+            while let Some(event) = stream.message().await.unwrap() {
+                if let Some(Event::Delta(_)) = event.event {
+                    let now = Instant::now();
+                    match last {
+                        None => first.push(now.duration_since(started).as_secs_f64() * 1e3),
+                        Some(previous) => gaps.push(now.duration_since(previous).as_secs_f64() * 1e3),
+                    }
+                    last = Some(now);
+                }
+            }
+        }
+        first.sort_by(f64::total_cmp);
+        gaps.sort_by(f64::total_cmp);
+        let at = |v: &[f64], p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
+        println!(
+            "generate/stream over gRPC: time to first token p50 {:.0} ms (prompt of ~500 tokens), inter-token \
+             p50 {:.1} ms, p99 {:.1} ms",
+            at(&first, 0.5),
+            at(&gaps, 0.5),
+            at(&gaps, 0.99)
+        );
+        server.shutdown().await.unwrap();
+    });
 }
 
 criterion_group!(benches, generate);

@@ -2,8 +2,8 @@
 //! (SmolLM2-135M-Instruct Q4_1) over gRPC: grounded candidates with ids and
 //! citations, seeded sampling that repeats, greedy output equal to the model
 //! decoding alone, batched requests equal to solo ones, stop strings,
-//! streaming deltas that add up to the candidates, and the interaction in the
-//! log so that agents can annotate it.
+//! streaming deltas that add up to the candidates, the interaction in the log
+//! so that agents can annotate it, and an abandoned stream that stops decoding.
 
 mod common;
 
@@ -165,5 +165,20 @@ async fn generate_grounds_samples_streams_and_logs() {
         .unwrap()
         .into_inner();
     assert!(!ack.duplicate);
+
+    // A caller that goes away mid-stream frees its candidates at the next step.
+    let engine = server.state.generator.clone().expect("a generator is loaded");
+    let cancelled = || engine.counters().cancelled.load(std::sync::atomic::Ordering::Relaxed);
+    let before = cancelled();
+    let long = SamplingParams { temperature: 0.8, seed: 7, max_new_tokens: 2000, ..Default::default() };
+    let mut stream = support.generate_stream(request("Tell me about refunds.", long)).await.unwrap().into_inner();
+    assert!(matches!(stream.message().await.unwrap().unwrap().event, Some(Event::Started(_))));
+    assert!(matches!(stream.message().await.unwrap().unwrap().event, Some(Event::Delta(_))));
+    drop(stream);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while cancelled() == before {
+        assert!(std::time::Instant::now() < deadline, "the abandoned request kept decoding");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     server.shutdown().await.unwrap();
 }

@@ -9,6 +9,7 @@ use std::{
     path::Path,
     sync::{
         Arc,
+        atomic::{AtomicU64, Ordering},
         mpsc::{self, Receiver, SyncSender, TrySendError},
     },
     time::Instant,
@@ -69,7 +70,17 @@ pub struct GenerateJob {
     pub events: UnboundedSender<GenerateEvent>,
 }
 
+/// What the worker has done, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct GeneratorCounters {
+    pub requests: AtomicU64,
+    /// Requests dropped because their caller went away before they finished.
+    pub cancelled: AtomicU64,
+    pub steps: AtomicU64,
+}
+
 struct Shared {
+    counters: Arc<GeneratorCounters>,
     queue: SyncSender<GenerateJob>,
     tokenizer: Arc<ChatTokenizer>,
     version: String,
@@ -98,16 +109,22 @@ impl GeneratorEngine {
         let (queue, jobs) = mpsc::sync_channel(options.queue_capacity);
         let worker_tokenizer = tokenizer.clone();
         let max_sequences = options.max_sequences;
+        let counters = Arc::new(GeneratorCounters::default());
+        let worker = Worker { device, model, tokenizer: worker_tokenizer, max_sequences, counters: counters.clone() };
         std::thread::Builder::new()
-            .name(format!("aitl-decode-{}", device.name()))
-            .spawn(move || Worker { device, model, tokenizer: worker_tokenizer, max_sequences }.run(jobs))
+            .name(format!("aitl-decode-{}", worker.device.name()))
+            .spawn(move || worker.run(jobs))
             .map_err(|e| Error::Internal(format!("cannot start the decoding worker: {e}")))?;
         tracing::info!(model = %version, context, "generator loaded");
-        Ok(GeneratorEngine { shared: Arc::new(Shared { queue, tokenizer, version, context, options }) })
+        Ok(GeneratorEngine { shared: Arc::new(Shared { counters, queue, tokenizer, version, context, options }) })
     }
 
     pub fn version(&self) -> &str {
         &self.shared.version
+    }
+
+    pub fn counters(&self) -> &GeneratorCounters {
+        &self.shared.counters
     }
 
     pub fn tokenizer(&self) -> &ChatTokenizer {
@@ -132,6 +149,12 @@ impl GeneratorEngine {
     }
 }
 
+/// A request with candidates still decoding.
+struct Request {
+    job: GenerateJob,
+    remaining: usize,
+}
+
 /// One candidate being decoded.
 struct Sequence {
     job: usize,
@@ -151,11 +174,13 @@ struct Worker {
     model: Llama,
     tokenizer: Arc<ChatTokenizer>,
     max_sequences: usize,
+    counters: Arc<GeneratorCounters>,
 }
 
 impl Worker {
     fn run(self, jobs: Receiver<GenerateJob>) {
-        let mut requests: Vec<Option<GenerateJob>> = Vec::new();
+        // Requests with candidates still decoding; None once done or dropped.
+        let mut requests: Vec<Option<Request>> = Vec::new();
         let mut active: Vec<Sequence> = Vec::new();
         loop {
             // Admit what fits; block only when there is nothing to decode.
@@ -172,8 +197,10 @@ impl Worker {
                     }
                 };
                 if job.events.is_closed() {
+                    self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
+                self.counters.requests.fetch_add(1, Ordering::Relaxed);
                 let index = requests.len();
                 match self.prefill(&job, index) {
                     Ok(sequences) => active.extend(sequences),
@@ -182,10 +209,16 @@ impl Worker {
                         continue;
                     }
                 }
-                requests.push(Some(job));
+                requests.push(Some(Request { remaining: job.candidates, job }));
             }
             // A caller that went away frees its candidates' slots now.
-            active.retain(|s| requests[s.job].as_ref().is_some_and(|j| !j.events.is_closed()));
+            for request in requests.iter_mut() {
+                if request.as_ref().is_some_and(|r| r.job.events.is_closed()) {
+                    *request = None;
+                    self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            active.retain(|s| requests[s.job].is_some());
             active = self.advance(active, &mut requests);
             if active.is_empty() {
                 requests.clear();
@@ -221,10 +254,11 @@ impl Worker {
 
     /// Takes each sequence's sampled token: finishes it or feeds it, then
     /// runs one forward step over all that continue.
-    fn advance(&self, active: Vec<Sequence>, requests: &mut [Option<GenerateJob>]) -> Vec<Sequence> {
+    fn advance(&self, active: Vec<Sequence>, requests: &mut [Option<Request>]) -> Vec<Sequence> {
         let mut continuing = Vec::with_capacity(active.len());
         for mut seq in active {
-            let Some(job) = requests[seq.job].as_ref() else { continue };
+            let Some(request) = requests[seq.job].as_mut() else { continue };
+            let job = &request.job;
             let finish = if seq.next == self.tokenizer.eos || self.tokenizer.is_end_of_turn(seq.next) {
                 Some(Finish::Stop)
             } else {
@@ -262,6 +296,10 @@ impl Worker {
                         finish,
                         completion_tokens: seq.generated.len(),
                     });
+                    request.remaining -= 1;
+                    if request.remaining == 0 {
+                        requests[seq.job] = None;
+                    }
                 }
                 None => {
                     // Hold back what a stop string could still claim, and a
@@ -289,6 +327,7 @@ impl Worker {
             return continuing;
         }
         let started = Instant::now();
+        self.counters.steps.fetch_add(1, Ordering::Relaxed);
         let tokens: Vec<[u32; 1]> = continuing.iter().map(|s| [s.next]).collect();
         let mut steps: Vec<Step> =
             continuing.iter_mut().zip(&tokens).map(|(s, t)| Step { tokens: t, cache: &mut s.cache }).collect();
@@ -303,8 +342,8 @@ impl Worker {
             Err(e) => {
                 tracing::error!(error = %e, "decode step failed");
                 for seq in &continuing {
-                    if let Some(job) = requests[seq.job].take() {
-                        let _ = job.events.send(GenerateEvent::Failed(e.to_string()));
+                    if let Some(request) = requests[seq.job].take() {
+                        let _ = request.job.events.send(GenerateEvent::Failed(e.to_string()));
                     }
                 }
                 Vec::new()
