@@ -22,6 +22,8 @@ type Job<'a> = &'a (dyn Fn(usize) + Sync);
 struct Shared {
     generation: AtomicU64,
     finished: AtomicUsize,
+    /// A helper's job panicked this round; the caller re-raises it.
+    panicked: std::sync::atomic::AtomicBool,
     /// The current job, lifetime erased; valid while `run` waits for it.
     job: Mutex<Option<Job<'static>>>,
     wake: Condvar,
@@ -49,6 +51,7 @@ impl Team {
         let shared = Arc::new(Shared {
             generation: AtomicU64::new(0),
             finished: AtomicUsize::new(0),
+            panicked: std::sync::atomic::AtomicBool::new(false),
             job: Mutex::new(None),
             wake: Condvar::new(),
             sleeping: Mutex::new(0),
@@ -74,9 +77,14 @@ impl Team {
     /// Runs `job(i)` for every member `i` (the caller is member 0) and
     /// returns when all are done.
     pub fn run(&self, job: &(dyn Fn(usize) + Sync)) {
-        let Ok(_turn) = self.running.try_lock() else {
-            (0..self.size()).for_each(job);
-            return;
+        // A guard poisoned by an earlier panicking job is still a turn.
+        let _turn = match self.running.try_lock() {
+            Ok(turn) => turn,
+            Err(std::sync::TryLockError::Poisoned(turn)) => turn.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                (0..self.size()).for_each(job);
+                return;
+            }
         };
         if self.helpers == 0 {
             job(0);
@@ -92,11 +100,19 @@ impl Team {
         if *self.shared.sleeping.lock().unwrap_or_else(|e| e.into_inner()) > 0 {
             self.shared.wake.notify_all();
         }
-        job(0);
+        // The caller's own part may panic too: wait for the helpers (which
+        // still hold the job) before unwinding.
+        let own = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(0)));
         while self.shared.finished.load(Ordering::Acquire) < self.helpers {
             std::hint::spin_loop();
         }
         *self.shared.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        if let Err(panic) = own {
+            std::panic::resume_unwind(panic);
+        }
+        if self.shared.panicked.swap(false, Ordering::AcqRel) {
+            panic!("a compute team member panicked in this job");
+        }
     }
 }
 
@@ -123,7 +139,11 @@ fn helper(shared: &Shared, index: usize) {
         seen = shared.generation.load(Ordering::Acquire);
         let job = *shared.job.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(job) = job {
-            job(index);
+            // A panicking job must still count as finished, or the caller
+            // would spin forever; the caller re-raises it.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(index))).is_err() {
+                shared.panicked.store(true, Ordering::Release);
+            }
         }
         shared.finished.fetch_add(1, Ordering::AcqRel);
     }
@@ -146,5 +166,23 @@ mod tests {
                 std::thread::sleep(SPIN * 3);
             }
         }
+    }
+
+    #[test]
+    fn a_panicking_helper_job_reaches_the_caller_and_the_team_goes_on() {
+        let team = Team::new(1);
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            team.run(&|i| assert_eq!(i, 0, "helper fails"));
+        }));
+        assert!(outcome.is_err(), "the helper's panic is re-raised in the caller");
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            team.run(&|i| assert_eq!(i, 1, "caller fails"));
+        }));
+        assert!(outcome.is_err(), "the caller's own panic unwinds after the helpers finish");
+        let hits = AtomicUsize::new(0);
+        team.run(&|_| {
+            hits.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(hits.load(Ordering::Relaxed), 2);
     }
 }
