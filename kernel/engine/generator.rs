@@ -163,7 +163,13 @@ struct Sequence {
     sampler: Sampler,
     history: Vec<u32>,
     generated: Vec<u32>,
-    /// Text already sent as deltas.
+    /// The reply so far, complete characters only.
+    text: String,
+    /// `generated[prefix..read]` is the window already folded into `text`
+    /// (see `catch_up`).
+    prefix: usize,
+    read: usize,
+    /// Bytes of `text` already sent as deltas.
     sent: usize,
     /// The token to feed next (sampled, not yet checked or cached).
     next: u32,
@@ -245,11 +251,28 @@ impl Worker {
                     sampler,
                     history: job.prompt.clone(),
                     generated: Vec::new(),
+                    text: String::new(),
+                    prefix: 0,
+                    read: 0,
                     sent: 0,
                     next,
                 }
             })
             .collect())
+    }
+
+    /// Appends the text of tokens not yet in `seq.text`, decoding only a
+    /// short window of recent tokens (byte-level pieces merge across token
+    /// boundaries) rather than the whole reply every step. A character whose
+    /// bytes are not all generated yet waits, unless `flush`.
+    fn catch_up(&self, seq: &mut Sequence, flush: bool) {
+        let known = self.tokenizer.decode(&seq.generated[seq.prefix..seq.read]).unwrap_or_default();
+        let window = self.tokenizer.decode(&seq.generated[seq.prefix..]).unwrap_or_default();
+        if window.len() > known.len() && window.starts_with(&known) && (flush || !window.ends_with('\u{FFFD}')) {
+            seq.text.push_str(&window[known.len()..]);
+            seq.prefix = seq.read;
+            seq.read = seq.generated.len();
+        }
     }
 
     /// Takes each sequence's sampled token: finishes it or feeds it, then
@@ -266,12 +289,19 @@ impl Worker {
                 seq.history.push(seq.next);
                 None
             };
-            let mut text = self.tokenizer.decode(&seq.generated).unwrap_or_default();
-            let stopped = job.stop.iter().filter_map(|s| text.find(s.as_str())).min();
+            let before = seq.text.len();
+            self.catch_up(&mut seq, finish.is_some());
+            // Only the new text, and the bytes a stop string could straddle, are searched.
+            let hold = job.stop.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
+            let mut from = before.saturating_sub(hold);
+            while !seq.text.is_char_boundary(from) {
+                from -= 1;
+            }
+            let stopped = job.stop.iter().filter_map(|s| seq.text[from..].find(s.as_str()).map(|at| from + at)).min();
             let finish = match (finish, stopped) {
                 (Some(f), _) => Some(f),
                 (None, Some(at)) => {
-                    text.truncate(at);
+                    seq.text.truncate(at);
                     Some(Finish::StopSequence)
                 }
                 (None, None)
@@ -284,6 +314,10 @@ impl Worker {
             };
             match finish {
                 Some(finish) => {
+                    if finish == Finish::Length {
+                        self.catch_up(&mut seq, true);
+                    }
+                    let text = std::mem::take(&mut seq.text);
                     if text.len() > seq.sent {
                         let _ = job.events.send(GenerateEvent::Delta {
                             candidate: seq.candidate,
@@ -302,20 +336,15 @@ impl Worker {
                     }
                 }
                 None => {
-                    // Hold back what a stop string could still claim, and a
-                    // character whose bytes are not all decoded yet.
-                    let hold = job.stop.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
-                    let mut upto = text.len().saturating_sub(hold);
-                    while upto > seq.sent && !text.is_char_boundary(upto) {
+                    // Hold back what a stop string could still claim.
+                    let mut upto = seq.text.len().saturating_sub(hold);
+                    while upto > seq.sent && !seq.text.is_char_boundary(upto) {
                         upto -= 1;
-                    }
-                    if text[..upto].ends_with('\u{FFFD}') {
-                        upto -= '\u{FFFD}'.len_utf8();
                     }
                     if upto > seq.sent {
                         let _ = job.events.send(GenerateEvent::Delta {
                             candidate: seq.candidate,
-                            text: text[seq.sent..upto].to_string(),
+                            text: seq.text[seq.sent..upto].to_string(),
                         });
                         seq.sent = upto;
                     }
