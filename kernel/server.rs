@@ -169,7 +169,7 @@ async fn load_embedder(config: &Config) -> Result<Option<EmbeddingEngine>> {
 async fn load_generator(config: &Config) -> Result<Option<GeneratorEngine>> {
     let config = config.clone();
     tokio::task::spawn_blocking(move || {
-        let Some(gguf) = config.generator_gguf()? else {
+        let Some(path) = config.generator_path()? else {
             tracing::warn!("no generator configured: Generate answers UNAVAILABLE");
             return Ok(None);
         };
@@ -177,7 +177,7 @@ async fn load_generator(config: &Config) -> Result<Option<GeneratorEngine>> {
             queue_capacity: config.models.generate_queue_capacity,
             max_sequences: config.models.max_decoding_sequences,
         };
-        GeneratorEngine::load(Device::Cpu, &gguf, options).map(Some)
+        GeneratorEngine::load(Device::Cpu, &path, options).map(Some)
     })
     .await
     .map_err(|e| Error::Internal(format!("loading the generator: {e}")))?

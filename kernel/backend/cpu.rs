@@ -247,8 +247,8 @@ const QUANT_ROWS_PER_TASK: usize = 64;
 /// products run on the awake team rather than rayon.
 const TEAM_MAX_ROWS: usize = 16;
 
-pub(super) fn linear_quantized(x: &[f32], w: &super::QuantMatrix, m: usize, out: &mut [f32]) {
-    let (k, n) = w.dims();
+pub(super) fn linear_quantized(x: &[f32], w: super::QuantRows<'_>, m: usize, out: &mut [f32]) {
+    let (k, n) = (w.k, w.n);
     let row_bytes = w.dtype.row_bytes(k);
     let activations: Vec<_> = x.chunks_exact(k).map(|row| quant::quantize_activations(w.dtype, row)).collect();
     // `outputs` holds m values per weight row, for rows from `first_row` on;

@@ -9,11 +9,13 @@
 
 mod cpu;
 mod cpu_decode;
+mod experts;
 mod packed;
 pub mod quant;
 mod quant_x86;
 mod team;
 
+pub use experts::{Routing, StackedExperts};
 use quant::GgmlType;
 
 use crate::error::{Error, Result};
@@ -51,6 +53,16 @@ impl QuantMatrix {
         Ok(QuantMatrix { dtype, k, n, bytes })
     }
 
+    /// Outputs `range` (whole rows, in place): one expert of a stacked set.
+    fn rows(&self, range: std::ops::Range<usize>) -> QuantRows<'_> {
+        let row = self.dtype.row_bytes(self.k);
+        QuantRows { dtype: self.dtype, k: self.k, n: range.len(), bytes: &self.bytes[range.start * row..range.end * row] }
+    }
+
+    fn all(&self) -> QuantRows<'_> {
+        self.rows(0..self.n)
+    }
+
     /// Row `j` expanded to f32 (embedding lookups read rows this way).
     pub fn dequantize_row(&self, j: usize) -> Vec<f32> {
         let row = self.dtype.row_bytes(self.k);
@@ -58,6 +70,15 @@ impl QuantMatrix {
         quant::dequantize_row(self.dtype, &self.bytes[j * row..(j + 1) * row], &mut out);
         out
     }
+}
+
+/// Borrowed consecutive rows of a [`QuantMatrix`], what the kernels read.
+#[derive(Debug, Clone, Copy)]
+struct QuantRows<'a> {
+    dtype: GgmlType,
+    k: usize,
+    n: usize,
+    bytes: &'a [u8],
 }
 
 /// A dense row-major f32 tensor on a device.
@@ -319,7 +340,7 @@ impl Device {
         }
         let mut out = vec![0f32; m * w.n];
         match self {
-            Device::Cpu => cpu::linear_quantized(x.cpu(), w, m, &mut out),
+            Device::Cpu => cpu::linear_quantized(x.cpu(), w.all(), m, &mut out),
         }
         self.tensor(&[m, w.n], out)
     }

@@ -95,15 +95,24 @@ pub struct GeneratorEngine {
 }
 
 impl GeneratorEngine {
-    /// Loads a llama-family GGUF file and starts its worker.
-    pub fn load(device: Device, gguf: &Path, options: GeneratorOptions) -> Result<Self> {
-        let file = GgufFile::open(gguf)?;
-        let model = Llama::from_gguf(&device, &file)?;
-        let tokenizer = Arc::new(ChatTokenizer::from_gguf(&file)?);
+    /// Loads a llama-family GGUF file or Hugging Face folder and starts its worker.
+    pub fn load(device: Device, path: &Path, options: GeneratorOptions) -> Result<Self> {
+        let (model, tokenizer, weights) = if path.is_dir() {
+            let weights = match path.join("model.safetensors") {
+                single if single.exists() => single,
+                // Sharded: the index names every shard.
+                _ => path.join("model.safetensors.index.json"),
+            };
+            (Llama::from_hf_folder(&device, path)?, ChatTokenizer::from_hf_folder(path)?, weights)
+        } else {
+            let file = GgufFile::open(path)?;
+            (Llama::from_gguf(&device, &file)?, ChatTokenizer::from_gguf(&file)?, path.to_owned())
+        };
+        let tokenizer = Arc::new(tokenizer);
         let version = format!(
             "{}@{}",
-            gguf.file_stem().map_or_else(|| "generator".into(), |s| s.to_string_lossy().into_owned()),
-            crate::model::hf_folder::digest_prefix(gguf)?
+            path.file_stem().map_or_else(|| "generator".into(), |s| s.to_string_lossy().into_owned()),
+            crate::model::hf_folder::digest_prefix(&weights)?
         );
         let context = model.config().context;
         let (queue, jobs) = mpsc::sync_channel(options.queue_capacity);

@@ -11,7 +11,12 @@ use tokenizers::{
     pre_tokenizers::{PreTokenizerWrapper, byte_level::ByteLevel, digits::Digits, sequence::Sequence},
 };
 
-use super::gguf::{GgufFile, MetaValue};
+use std::path::Path;
+
+use super::{
+    gguf::{GgufFile, MetaValue},
+    hf_folder::read_json,
+};
 use crate::error::{Error, Result};
 
 /// ggml's token types.
@@ -27,11 +32,38 @@ pub struct ChatTokenizer {
     template: ChatTemplate,
 }
 
-/// How conversations become prompt text.
+/// How conversations become prompt text: the template families aitl
+/// renders natively (a Jinja engine for arbitrary templates is not worth its
+/// weight for these few layouts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChatTemplate {
-    /// `<|im_start|>{role}\n{content}<|im_end|>\n`, then `<|im_start|>assistant\n`.
+    /// `<|im_start|>{role}\n{content}<|im_end|>\n`, then `<|im_start|>assistant\n`
+    /// (SmolLM2, Qwen).
     ChatMl,
+    /// `<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>`, then
+    /// the assistant's header (Llama 3).
+    Llama3,
+}
+
+impl ChatTemplate {
+    /// The family of a model's Jinja chat template.
+    fn recognise(template: &str) -> std::result::Result<Self, &'static str> {
+        if template.contains("<|im_start|>") {
+            Ok(ChatTemplate::ChatMl)
+        } else if template.contains("<|start_header_id|>") {
+            Ok(ChatTemplate::Llama3)
+        } else {
+            Err("the chat template is missing or of an unsupported family; aitl renders ChatML \
+                 (<|im_start|> … <|im_end|>) and Llama 3 (<|start_header_id|> … <|eot_id|>) templates")
+        }
+    }
+
+    fn end_of_turn(self) -> &'static str {
+        match self {
+            ChatTemplate::ChatMl => "<|im_end|>",
+            ChatTemplate::Llama3 => "<|eot_id|>",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,17 +128,54 @@ impl ChatTokenizer {
         let eos =
             id("tokenizer.ggml.eos_token_id").ok_or_else(|| bad("tokenizer.ggml.eos_token_id is missing".into()))?;
         let add_bos = file.meta("tokenizer.ggml.add_bos_token").is_some_and(|v| *v == MetaValue::Bool(true));
-        let template_text = file.meta_str("tokenizer.chat_template").unwrap_or("");
-        if !template_text.contains("<|im_start|>") {
-            return Err(bad("only ChatML chat templates (<|im_start|> … <|im_end|>) are supported".into()));
-        }
-        let end_of_turn = tokenizer.token_to_id("<|im_end|>");
+        let template = ChatTemplate::recognise(file.meta_str("tokenizer.chat_template").unwrap_or(""))
+            .map_err(|why| bad(why.into()))?;
         Ok(ChatTokenizer {
-            tokenizer,
+            end_of_turn: tokenizer.token_to_id(template.end_of_turn()),
             bos: if add_bos { id("tokenizer.ggml.bos_token_id") } else { None },
+            tokenizer,
             eos,
-            end_of_turn,
-            template: ChatTemplate::ChatMl,
+            template,
+        })
+    }
+
+    /// A Hugging Face folder's `tokenizer.json` with the chat template and
+    /// special tokens of `tokenizer_config.json` (or `chat_template.jinja`).
+    pub fn from_hf_folder(dir: &Path) -> Result<Self> {
+        let config_path = dir.join("tokenizer_config.json");
+        let bad = |why: String| Error::InvalidArgument(format!("{}: {why}", config_path.display()));
+        let config: serde_json::Value = read_json(&config_path)?.unwrap_or_default();
+        let template_text = match std::fs::read_to_string(dir.join("chat_template.jinja")) {
+            Ok(text) => text,
+            Err(_) => match &config["chat_template"] {
+                serde_json::Value::String(text) => text.clone(),
+                // Named templates: the default one.
+                serde_json::Value::Array(named) => named
+                    .iter()
+                    .find(|t| t["name"] == "default")
+                    .and_then(|t| t["template"].as_str())
+                    .unwrap_or_default()
+                    .to_owned(),
+                _ => String::new(),
+            },
+        };
+        let template = ChatTemplate::recognise(&template_text).map_err(|why| bad(why.into()))?;
+        let tokenizer = super::hf_folder::tokenizer(dir, None)?;
+        // A token given as "<s>" or as {"content": "<s>", …}.
+        let special = |key: &str| -> Option<u32> {
+            let value = &config[key];
+            tokenizer.token_to_id(value.as_str().or_else(|| value["content"].as_str())?)
+        };
+        let eos = special("eos_token")
+            .or_else(|| tokenizer.token_to_id(template.end_of_turn()))
+            .ok_or_else(|| bad("names no eos_token the tokenizer knows".into()))?;
+        Ok(ChatTokenizer {
+            end_of_turn: tokenizer.token_to_id(template.end_of_turn()),
+            // Templates that start with the BOS token write `{{ bos_token }}`.
+            bos: if template_text.contains("bos_token") { special("bos_token") } else { None },
+            tokenizer,
+            eos,
+            template,
         })
     }
 
@@ -134,20 +203,54 @@ impl ChatTokenizer {
 
     /// The prompt text for a conversation, ending where the assistant speaks.
     pub fn render(&self, messages: &[(Role, &str)]) -> String {
-        match self.template {
-            ChatTemplate::ChatMl => {
-                let mut out = String::new();
-                for (role, content) in messages {
-                    let role = match role {
-                        Role::System => "system",
-                        Role::User => "user",
-                        Role::Assistant => "assistant",
-                    };
-                    out.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n"));
-                }
-                out.push_str("<|im_start|>assistant\n");
-                out
-            }
+        render(self.template, messages)
+    }
+}
+
+fn render(template: ChatTemplate, messages: &[(Role, &str)]) -> String {
+    let mut out = String::new();
+    for (role, content) in messages {
+        let role = match role {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        };
+        match template {
+            ChatTemplate::ChatMl => out.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n")),
+            // Llama 3's template trims each message.
+            ChatTemplate::Llama3 => out.push_str(&format!(
+                "<|start_header_id|>{role}<|end_header_id|>\n\n{}<|eot_id|>",
+                content.trim()
+            )),
         }
+    }
+    out.push_str(match template {
+        ChatTemplate::ChatMl => "<|im_start|>assistant\n",
+        ChatTemplate::Llama3 => "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    });
+    out
+}
+
+#[cfg(test)]
+mod template_tests {
+    use super::{ChatTemplate, Role, render};
+
+    #[test]
+    fn templates_are_recognised_by_their_markers() {
+        assert_eq!(ChatTemplate::recognise("{{'<|im_start|>' + role}}"), Ok(ChatTemplate::ChatMl));
+        assert_eq!(ChatTemplate::recognise("{{ '<|start_header_id|>' }}"), Ok(ChatTemplate::Llama3));
+        assert!(ChatTemplate::recognise("{{ '[INST] ' + content + ' [/INST]' }}").unwrap_err().contains("ChatML"));
+        assert!(ChatTemplate::recognise("").is_err());
+    }
+
+    #[test]
+    fn llama3_renders_headers_and_trims_content() {
+        let text = render(ChatTemplate::Llama3, &[(Role::System, "Be brief. "), (Role::User, "Hi")]);
+        assert_eq!(
+            text,
+            "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>\
+             <|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>\
+             <|start_header_id|>assistant<|end_header_id|>\n\n"
+        );
     }
 }

@@ -1,10 +1,20 @@
-//! Llama-family decoders (Llama, SmolLM2, Mistral; Mixtral's experts to
-//! come as a second `FeedForward` variant): RMSNorm, rotary embeddings,
-//! grouped-query attention over a KV cache the caller owns, SwiGLU. Weights
-//! from GGUF stay in their block format and are multiplied in place. Follows
-//! llama.cpp's `llm_build_llama` graph.
+//! Llama-family decoders (Llama, SmolLM2, Mistral, Mixtral): RMSNorm,
+//! rotary embeddings, grouped-query attention over a KV cache the caller
+//! owns, and per block a SwiGLU feed-forward that is either dense or a
+//! mixture of experts. Weights come from GGUF (kept in their block format and
+//! multiplied in place) or from a Hugging Face safetensors checkpoint; both
+//! go through [`DecoderWeights`], so the model is written once. Follows
+//! llama.cpp's `llm_build_llama` graph and transformers' `LlamaModel`.
 
-use super::gguf::GgufFile;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::{
+    checkpoint::{DecoderWeights, HfCheckpoint},
+    gguf::GgufFile,
+    moe::{MixtureOfExperts, MoeConfig},
+};
 use crate::{
     backend::{AttentionShape, Device, KvLayer, QuantMatrix, RopeStyle, Tensor, quant::GgmlType},
     error::{Error, Result},
@@ -23,9 +33,28 @@ pub struct LlamaConfig {
     pub rope_base: f32,
     pub rope_style: RopeStyle,
     pub rms_eps: f32,
+    /// Every block's feed-forward is a mixture of experts.
+    pub moe: Option<MoeConfig>,
+    /// The output projection is the token embeddings.
+    pub tied_embeddings: bool,
 }
 
 impl LlamaConfig {
+    fn check(self, origin: &str) -> Result<Self> {
+        let fits = self.heads > 0
+            && self.kv_heads > 0
+            && self.heads.is_multiple_of(self.kv_heads)
+            && self.head_dim > 0
+            && self.head_dim.is_multiple_of(2);
+        if !fits {
+            return Err(Error::InvalidArgument(format!(
+                "{origin}: {} heads of {} dims with {} KV heads do not fit together",
+                self.heads, self.head_dim, self.kv_heads
+            )));
+        }
+        Ok(self)
+    }
+
     fn from_gguf(file: &GgufFile) -> Result<Self> {
         let arch = file.meta_str("general.architecture")?;
         if arch != "llama" {
@@ -34,17 +63,21 @@ impl LlamaConfig {
                 file.path()
             )));
         }
+        if file.has("rope_freqs") {
+            return Err(Error::InvalidArgument(format!(
+                "{}: scaled rotary embeddings (rope_freqs, as Llama 3.1 uses) are not supported",
+                file.path()
+            )));
+        }
         let key = |k: &str| format!("{arch}.{k}");
         let hidden = file.meta_u64(&key("embedding_length"))? as usize;
         let heads = file.meta_u64(&key("attention.head_count"))? as usize;
         let kv_heads = file.meta_u64(&key("attention.head_count_kv")).unwrap_or(heads as u64) as usize;
-        if heads == 0 || kv_heads == 0 || !hidden.is_multiple_of(heads) || !heads.is_multiple_of(kv_heads) {
-            return Err(Error::InvalidArgument(format!(
-                "{}: {heads} heads, {kv_heads} KV heads and width {hidden} do not fit together",
-                file.path()
-            )));
-        }
-        let head_dim = hidden / heads;
+        let head_dim = match file.meta_u64(&key("attention.key_length")) {
+            Ok(d) => d as usize,
+            Err(_) if heads > 0 => hidden / heads,
+            Err(e) => return Err(e),
+        };
         if let Ok(rope_dims) = file.meta_u64(&key("rope.dimension_count"))
             && rope_dims as usize != head_dim
         {
@@ -53,21 +86,118 @@ impl LlamaConfig {
                 file.path()
             )));
         }
-        let vocab = file.info("token_embd.weight")?.dims[1];
-        Ok(LlamaConfig {
+        let moe = match file.meta_u64(&key("expert_count")) {
+            Ok(experts) if experts > 0 => Some(MoeConfig::new(
+                experts as usize,
+                file.meta_u64(&key("expert_used_count"))? as usize,
+                // llama.cpp renormalises the chosen weights for llama-architecture MoE (Mixtral).
+                true,
+                file.path(),
+            )?),
+            _ => None,
+        };
+        LlamaConfig {
             hidden,
             layers: file.meta_u64(&key("block_count"))? as usize,
             heads,
             kv_heads,
             head_dim,
             ffn: file.meta_u64(&key("feed_forward_length"))? as usize,
-            vocab,
+            vocab: file.info("token_embd.weight")?.dims[1],
             context: file.meta_u64(&key("context_length"))? as usize,
             rope_base: file.meta_f64(&key("rope.freq_base")).unwrap_or(10_000.0) as f32,
+            // GGUF converters permute Q and K rows for adjacent-pair rotation.
             rope_style: RopeStyle::Normal,
             rms_eps: file.meta_f64(&key("attention.layer_norm_rms_epsilon"))? as f32,
-        })
+            moe,
+            tied_embeddings: !file.has("output"),
+        }
+        .check(file.path())
     }
+
+    fn from_hf(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let origin = path.display().to_string();
+        let c: HfConfig = super::hf_folder::read_json(&path)?
+            .ok_or_else(|| Error::NotFound(format!("{origin} is missing: not a Hugging Face model folder")))?;
+        let bad = |why: String| Err(Error::InvalidArgument(format!("{origin}: {why}")));
+        if !matches!(c.model_type.as_str(), "llama" | "mistral" | "mixtral") {
+            return bad(format!("model_type {:?}; aitl reads llama, mistral and mixtral checkpoints", c.model_type));
+        }
+        if c.hidden_act.as_deref().is_some_and(|a| a != "silu") {
+            return bad(format!("hidden_act {:?}; Llama-family SwiGLU uses silu", c.hidden_act));
+        }
+        if c.attention_bias || c.mlp_bias {
+            return bad("attention or MLP biases are not part of the Llama layout aitl reads".into());
+        }
+        let rope_type = c.rope_parameters.as_ref().and_then(|r| r.rope_type.clone()).or_else(|| {
+            c.rope_scaling.as_ref().and_then(|s| s.get("rope_type").or(s.get("type"))?.as_str().map(str::to_owned))
+        });
+        if rope_type.as_deref().is_some_and(|t| t != "default") {
+            return bad(format!("rotary scaling {rope_type:?} is not supported (only the default rotary embeddings)"));
+        }
+        let rope_base = c.rope_parameters.as_ref().and_then(|r| r.rope_theta).or(c.rope_theta).unwrap_or(10_000.0);
+        let heads = c.num_attention_heads;
+        let moe = match (c.num_local_experts, c.num_experts_per_tok) {
+            (Some(experts), Some(used)) => Some(MoeConfig::new(experts, used, true, &origin)?),
+            _ => None,
+        };
+        LlamaConfig {
+            hidden: c.hidden_size,
+            layers: c.num_hidden_layers,
+            heads,
+            kv_heads: c.num_key_value_heads.unwrap_or(heads),
+            head_dim: c.head_dim.unwrap_or(if heads > 0 { c.hidden_size / heads } else { 0 }),
+            ffn: c.intermediate_size,
+            vocab: c.vocab_size,
+            // Attention is over the whole context: a sliding window (Mistral)
+            // bounds the context instead of being emulated.
+            context: c.sliding_window.map_or(c.max_position_embeddings, |w| w.min(c.max_position_embeddings)),
+            rope_base: rope_base as f32,
+            // Hugging Face keeps Q and K unpermuted and rotates halves.
+            rope_style: RopeStyle::Neox,
+            rms_eps: c.rms_norm_eps as f32,
+            moe,
+            tied_embeddings: c.tie_word_embeddings,
+        }
+        .check(&origin)
+    }
+}
+
+/// The parts of a transformers Llama/Mistral/Mixtral `config.json` aitl reads.
+#[derive(Deserialize)]
+struct HfConfig {
+    model_type: String,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    vocab_size: usize,
+    max_position_embeddings: usize,
+    rms_norm_eps: f64,
+    /// transformers 4.
+    rope_theta: Option<f64>,
+    rope_scaling: Option<serde_json::Value>,
+    /// transformers 5.
+    rope_parameters: Option<RopeParameters>,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    hidden_act: Option<String>,
+    #[serde(default)]
+    attention_bias: bool,
+    #[serde(default)]
+    mlp_bias: bool,
+    sliding_window: Option<usize>,
+    num_local_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct RopeParameters {
+    rope_theta: Option<f64>,
+    rope_type: Option<String>,
 }
 
 /// Several projections of the same input: one stacked matrix when they
@@ -108,8 +238,26 @@ struct Attention {
     o: QuantMatrix,
 }
 
+/// SwiGLU: `down(silu(gate · x) ⊙ up · x)`.
+struct DenseFeedForward {
+    gate_up: Projection,
+    down: QuantMatrix,
+}
+
+impl DenseFeedForward {
+    fn forward(&self, device: &Device, x: &Tensor) -> Result<Tensor> {
+        let mut parts = self.gate_up.apply(device, x)?.into_iter();
+        let (Some(mut g), Some(u)) = (parts.next(), parts.next()) else {
+            return Err(Error::Internal("the gate/up projection gave fewer than two parts".into()));
+        };
+        device.silu_mul(&mut g, &u)?;
+        device.linear_quantized(&g, &self.down)
+    }
+}
+
 enum FeedForward {
-    Dense { gate_up: Projection, down: QuantMatrix },
+    Dense(DenseFeedForward),
+    Moe(MixtureOfExperts),
 }
 
 struct Block {
@@ -155,73 +303,56 @@ pub struct Llama {
     output: Option<QuantMatrix>,
 }
 
-fn matrix(device: &Device, file: &GgufFile, name: &str, k: usize, n: usize) -> Result<QuantMatrix> {
-    let info = file.info(name)?;
-    if info.dims != [k, n] {
-        return Err(Error::InvalidArgument(format!(
-            "{}: {name} has dims {:?}, the metadata implies [{k}, {n}]",
-            file.path(),
-            info.dims
-        )));
-    }
-    device.quant_matrix(info.dtype, k, n, file.bytes(name)?.to_vec())
-}
-
-fn vector(device: &Device, file: &GgufFile, name: &str, width: usize) -> Result<Tensor> {
-    let info = file.info(name)?;
-    if info.dims != [width] {
-        return Err(Error::InvalidArgument(format!(
-            "{}: {name} has dims {:?}, expected [{width}]",
-            file.path(),
-            info.dims
-        )));
-    }
-    let mut values = vec![0f32; width];
-    crate::backend::quant::dequantize_row(info.dtype, file.bytes(name)?, &mut values);
-    device.tensor(&[width], values)
-}
-
 impl Llama {
+    /// A llama-architecture GGUF file (dense or mixture of experts).
     pub fn from_gguf(device: &Device, file: &GgufFile) -> Result<Self> {
-        let config = LlamaConfig::from_gguf(file)?;
-        let (h, kv) = (config.hidden, config.kv_heads * config.head_dim);
+        Self::load(device, file, LlamaConfig::from_gguf(file)?)
+    }
+
+    /// A Hugging Face folder: `config.json` and safetensors weights
+    /// (`LlamaForCausalLM`, `MistralForCausalLM`, `MixtralForCausalLM`).
+    pub fn from_hf_folder(device: &Device, dir: &Path) -> Result<Self> {
+        let config = LlamaConfig::from_hf(dir)?;
+        Self::load(device, &HfCheckpoint::open(dir)?, config)
+    }
+
+    fn load(device: &Device, weights: &dyn DecoderWeights, config: LlamaConfig) -> Result<Self> {
+        let (h, q, kv) = (config.hidden, config.heads * config.head_dim, config.kv_heads * config.head_dim);
         let blocks = (0..config.layers)
             .map(|l| {
-                let name = |part: &str| format!("blk.{l}.{part}.weight");
-                if file.info(&name("ffn_gate_inp")).is_ok() {
-                    return Err(Error::InvalidArgument(format!(
-                        "{}: block {l} is a mixture of experts; the MoE feed-forward is not loaded from GGUF yet",
-                        file.path()
-                    )));
-                }
+                let name = |part: &str| format!("blk.{l}.{part}");
+                let matrix = |part: &str, k, n| weights.matrix(device, &name(part), k, n);
+                let ffn = match config.moe {
+                    Some(moe) => FeedForward::Moe(MixtureOfExperts::load(device, weights, l, moe, h, config.ffn)?),
+                    None if weights.has(&name("ffn_gate_inp")) => {
+                        return Err(Error::InvalidArgument(format!(
+                            "{}: block {l} has a router but the metadata names no experts",
+                            weights.origin()
+                        )));
+                    }
+                    None => FeedForward::Dense(DenseFeedForward {
+                        gate_up: Projection::new(vec![matrix("ffn_gate", h, config.ffn)?, matrix("ffn_up", h, config.ffn)?])?,
+                        down: matrix("ffn_down", config.ffn, h)?,
+                    }),
+                };
                 Ok(Block {
-                    attention_norm: vector(device, file, &name("attn_norm"), h)?,
+                    attention_norm: weights.vector(device, &name("attn_norm"), h)?,
                     attention: Attention {
-                        qkv: Projection::new(vec![
-                            matrix(device, file, &name("attn_q"), h, h)?,
-                            matrix(device, file, &name("attn_k"), h, kv)?,
-                            matrix(device, file, &name("attn_v"), h, kv)?,
-                        ])?,
-                        o: matrix(device, file, &name("attn_output"), h, h)?,
+                        qkv: Projection::new(vec![matrix("attn_q", h, q)?, matrix("attn_k", h, kv)?, matrix("attn_v", h, kv)?])?,
+                        o: matrix("attn_output", q, h)?,
                     },
-                    ffn_norm: vector(device, file, &name("ffn_norm"), h)?,
-                    ffn: FeedForward::Dense {
-                        gate_up: Projection::new(vec![
-                            matrix(device, file, &name("ffn_gate"), h, config.ffn)?,
-                            matrix(device, file, &name("ffn_up"), h, config.ffn)?,
-                        ])?,
-                        down: matrix(device, file, &name("ffn_down"), config.ffn, h)?,
-                    },
+                    ffn_norm: weights.vector(device, &name("ffn_norm"), h)?,
+                    ffn,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let output = match file.info("output.weight") {
-            Ok(_) => Some(matrix(device, file, "output.weight", h, config.vocab)?),
-            Err(_) => None,
+        let output = match config.tied_embeddings {
+            true => None,
+            false => Some(weights.matrix(device, "output", h, config.vocab)?),
         };
         Ok(Llama {
-            embeddings: matrix(device, file, "token_embd.weight", h, config.vocab)?,
-            output_norm: vector(device, file, "output_norm.weight", h)?,
+            embeddings: weights.matrix(device, "token_embd", h, config.vocab)?,
+            output_norm: weights.vector(device, "output_norm", h)?,
             blocks,
             output,
             config,
@@ -277,7 +408,7 @@ impl Llama {
             };
             device.rope(&mut q, &positions, c.head_dim, c.rope_base, c.rope_style)?;
             device.rope(&mut k, &positions, c.head_dim, c.rope_base, c.rope_style)?;
-            let mut attended = Vec::with_capacity(ids.len() * c.hidden);
+            let mut attended = Vec::with_capacity(ids.len() * c.heads * c.head_dim);
             let mut start = 0;
             for step in steps.iter_mut() {
                 let rows = start..start + step.tokens.len();
@@ -288,19 +419,13 @@ impl Llama {
                 attended.extend(out.to_host());
                 start = rows.end;
             }
-            let attended = device.tensor(&[ids.len(), c.hidden], attended)?;
+            let attended = device.tensor(&[ids.len(), c.heads * c.head_dim], attended)?;
             let projected = device.linear_quantized(&attended, &block.attention.o)?;
             device.add(&mut x, &projected)?;
             let normed = device.rms_norm(&x, &block.ffn_norm, c.rms_eps)?;
             let ffn_out = match &block.ffn {
-                FeedForward::Dense { gate_up, down } => {
-                    let mut parts = gate_up.apply(device, &normed)?.into_iter();
-                    let (Some(mut g), Some(u)) = (parts.next(), parts.next()) else {
-                        return Err(Error::Internal("the gate/up projection gave fewer than two parts".into()));
-                    };
-                    device.silu_mul(&mut g, &u)?;
-                    device.linear_quantized(&g, down)?
-                }
+                FeedForward::Dense(dense) => dense.forward(device, &normed)?,
+                FeedForward::Moe(moe) => moe.forward(device, &normed)?,
             };
             device.add(&mut x, &ffn_out)?;
         }
@@ -319,6 +444,9 @@ impl Llama {
 
     /// The weight type most of the model is stored in (for versions and logs).
     pub fn main_type(&self) -> GgmlType {
-        self.blocks.first().map_or(self.embeddings.dtype(), |b| b.attention.qkv.dtype())
+        self.blocks.first().map_or(self.embeddings.dtype(), |b| match &b.ffn {
+            FeedForward::Moe(moe) => moe.dtype(),
+            FeedForward::Dense(_) => b.attention.qkv.dtype(),
+        })
     }
 }

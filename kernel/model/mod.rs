@@ -2,9 +2,11 @@
 
 pub mod bert;
 pub mod chat;
+pub mod checkpoint;
 pub mod cross_encoder;
 pub mod gguf;
 pub mod hf_folder;
 pub mod llama;
+pub mod moe;
 pub mod sentence;
 pub mod weights;

@@ -29,9 +29,14 @@ impl SafetensorsFile {
         Ok(this)
     }
 
-    fn parse(&self) -> Result<SafeTensors<'_>> {
+    pub(super) fn parse(&self) -> Result<SafeTensors<'_>> {
         SafeTensors::deserialize(&self.map)
             .map_err(|e| Error::InvalidArgument(format!("{} is not a safetensors file: {e}", self.path)))
+    }
+
+    /// The names of the tensors the file holds.
+    pub fn names(&self) -> Result<Vec<String>> {
+        Ok(self.parse()?.names().into_iter().map(str::to_owned).collect())
     }
 
     /// Loads `name` (or `{prefix}{name}` for a known prefix) as f32 values
