@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "proto/aitl/v1/support.proto",
     "proto/aitl/v1/knowledge.proto",
     "proto/aitl/v1/trainlog.proto",
+    "proto/aitl/v1/flywheel.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

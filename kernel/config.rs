@@ -25,6 +25,8 @@ pub struct Config {
     pub annotations: AnnotationConfig,
     pub models: ModelsConfig,
     pub retrieve: RetrieveConfig,
+    /// The flywheel worker's Virtual Judge.
+    pub judge: crate::worker::judge::JudgeOptions,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -152,6 +154,7 @@ impl Default for Config {
             annotations: AnnotationConfig::default(),
             models: ModelsConfig::default(),
             retrieve: RetrieveConfig::default(),
+            judge: Default::default(),
         }
     }
 }
@@ -234,6 +237,16 @@ impl Config {
 
     pub fn log_dir(&self) -> PathBuf {
         self.data_dir.join("log")
+    }
+
+    /// The flywheel worker's journal.
+    pub fn worker_dir(&self) -> PathBuf {
+        self.data_dir.join("worker")
+    }
+
+    /// Exported training sets, one folder per version.
+    pub fn datasets_dir(&self) -> PathBuf {
+        self.data_dir.join("datasets")
     }
 
     pub fn embedder(&self) -> EmbedderChoice {

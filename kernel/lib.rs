@@ -21,3 +21,4 @@ pub mod kb;
 pub mod model;
 pub mod provision;
 pub mod server;
+pub mod worker;

@@ -70,6 +70,39 @@ enum Command {
         #[command(subcommand)]
         command: LogCommand,
     },
+    /// The flywheel worker: judge new annotations, build training sets.
+    Worker {
+        #[command(subcommand)]
+        command: WorkerCommand,
+    },
+    /// The knowledge-gap queue: what agents had to find elsewhere, most reported first.
+    Gaps {
+        /// Show at most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkerCommand {
+    /// Read the log from the worker's cursor, join and judge new annotations, journal them.
+    Run {
+        /// Keep following the log, polling at this interval (seconds); without it, stop at its end.
+        #[arg(long)]
+        follow: Option<f64>,
+        /// No judge verdicts (ablation): every label trains.
+        #[arg(long)]
+        no_judge: bool,
+    },
+    /// Build the training sets from the journal (90/10 temporal split) into {data_dir}/datasets/{version}.
+    /// Reads knowledge from the knowledge base, so the server must not be running on this data dir.
+    Export {
+        /// Ignore the judge's verdicts (ablation).
+        #[arg(long)]
+        no_judge: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -182,7 +215,73 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Log { command: LogCommand::Stats { json } } => log_stats(&config, json),
         Command::Log { command: LogCommand::Dump { from, limit } } => log_dump(&config, from, limit),
+        Command::Worker { command: WorkerCommand::Run { follow, no_judge } } => worker_run(&config, follow, no_judge),
+        Command::Worker { command: WorkerCommand::Export { no_judge } } => worker_export(&config, no_judge),
+        Command::Gaps { limit, json } => gaps(&config, limit, json),
     }
+}
+
+fn worker_run(config: &Config, follow: Option<f64>, no_judge: bool) -> Result<()> {
+    let mut judge = config.judge.clone();
+    judge.enabled &= !no_judge;
+    let mut worker = aitl::worker::Worker::open(&config.worker_dir(), &config.log_dir(), judge)?;
+    loop {
+        let started = std::time::Instant::now();
+        let report = worker.run_once(&config.log_dir())?;
+        if report.records > 0 || follow.is_none() {
+            println!(
+                "worker: {} records ({} interactions, {} annotations, {} already journaled), {} verdicts ({} failed) \
+                 in {:.2} s; next sequence {}",
+                report.records,
+                report.interactions,
+                report.annotations,
+                report.duplicates,
+                report.verdicts,
+                report.failed_verdicts,
+                started.elapsed().as_secs_f64(),
+                report.next_sequence
+            );
+        }
+        match follow {
+            Some(seconds) => std::thread::sleep(std::time::Duration::from_secs_f64(seconds.max(0.05))),
+            None => return Ok(()),
+        }
+    }
+}
+
+fn worker_export(config: &Config, no_judge: bool) -> Result<()> {
+    let journal = aitl::worker::journal::Journal::open(&config.worker_dir())?;
+    let kb = KnowledgeStore::open(&config.knowledge_path())?;
+    let composition = aitl::kb::QueryComposition { context_turns: config.retrieve.context_turns };
+    let sets = aitl::worker::datasets::build(&journal, &kb, composition, config.judge.enabled && !no_judge)?;
+    let folder = sets.export(&config.datasets_dir())?;
+    println!("{}", serde_json::to_string_pretty(&sets.manifest).expect("json"));
+    println!("training sets written to {}", folder.display());
+    Ok(())
+}
+
+fn gaps(config: &Config, limit: usize, json: bool) -> Result<()> {
+    let journal = aitl::worker::journal::Journal::open(&config.worker_dir())?;
+    let gaps = aitl::worker::gaps::knowledge_gaps(&journal);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&gaps[..gaps.len().min(limit)]).expect("json"));
+        return Ok(());
+    }
+    println!("{} knowledge gaps from {} annotations (worker journal, sequence {})", gaps.len(), journal.annotations.len(), journal.last_sequence);
+    for gap in gaps.iter().take(limit) {
+        println!(
+            "{:>5} reports ({} immediate) by {} agents  {}{}",
+            gap.reports,
+            gap.immediate_reports,
+            gap.agents.len(),
+            gap.key,
+            if gap.title.is_empty() || gap.title == gap.key { String::new() } else { format!(" ({})", gap.title) }
+        );
+        for query in &gap.example_queries {
+            println!("        e.g. {query:?}");
+        }
+    }
+    Ok(())
 }
 
 fn serve(config: Config) -> Result<()> {

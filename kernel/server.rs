@@ -8,7 +8,7 @@ use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
-    api::{AppState, Knowledge, Support},
+    api::{AppState, Flywheel, Knowledge, Support},
     backend::Device,
     config::{Config, RankerChoice},
     engine::{EmbeddingEngine, EncoderOptions, GeneratorEngine, GeneratorOptions, Ranker, RankerSlot},
@@ -16,7 +16,10 @@ use crate::{
     feedback::{self, AnnotationIntake, InteractionBook},
     kb::KnowledgeStore,
     kb::{QueryComposition, SemanticIndex},
-    proto::{self, knowledge_service_server::KnowledgeServiceServer, support_service_server::SupportServiceServer},
+    proto::{
+        self, flywheel_service_server::FlywheelServiceServer, knowledge_service_server::KnowledgeServiceServer,
+        support_service_server::SupportServiceServer,
+    },
     trainlog::{LogHealth, TrainingLog},
 };
 
@@ -118,6 +121,8 @@ pub async fn start(config: Config) -> Result<RunningServer> {
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
 
+    let flywheel = FlywheelServiceServer::new(Flywheel::new(config.worker_dir()));
+
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| Error::Unavailable(format!("cannot listen on {}: {e}", config.listen)))?;
@@ -135,7 +140,8 @@ pub async fn start(config: Config) -> Result<RunningServer> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(support)
-        .add_service(knowledge);
+        .add_service(knowledge)
+        .add_service(flywheel);
     // Accepted sockets need TCP_NODELAY set here: the builder's flag only
     // covers listeners it binds itself, and without it a multi-frame response
     // waits out the peer's delayed ACK (~40 ms).

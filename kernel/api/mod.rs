@@ -2,6 +2,7 @@
 //! call into the stores and engines, and map errors in one place (status.rs).
 
 pub mod convert;
+mod flywheel;
 mod generate;
 mod knowledge;
 mod status;
@@ -9,6 +10,7 @@ mod support;
 
 use std::sync::Arc;
 
+pub use flywheel::Flywheel;
 pub use knowledge::Knowledge;
 pub use support::Support;
 

@@ -1,0 +1,68 @@
+//! FlywheelService: what the worker learned, for the people who act on it.
+
+use std::path::PathBuf;
+
+use tonic::{Request, Response, Status};
+
+use crate::{
+    error::Error,
+    proto::{KnowledgeGap, ListKnowledgeGapsRequest, ListKnowledgeGapsResponse, flywheel_service_server::FlywheelService},
+    worker::gaps::read_snapshot,
+};
+
+const DEFAULT_GAPS: u32 = 100;
+const MAX_GAPS: u32 = 1_000;
+
+pub struct Flywheel {
+    worker_dir: PathBuf,
+}
+
+impl Flywheel {
+    pub fn new(worker_dir: PathBuf) -> Self {
+        Flywheel { worker_dir }
+    }
+}
+
+fn timestamp(ms: i64) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp { seconds: ms.div_euclid(1_000), nanos: (ms.rem_euclid(1_000) * 1_000_000) as i32 })
+}
+
+#[tonic::async_trait]
+impl FlywheelService for Flywheel {
+    async fn list_knowledge_gaps(
+        &self,
+        request: Request<ListKnowledgeGapsRequest>,
+    ) -> Result<Response<ListKnowledgeGapsResponse>, Status> {
+        let limit = match request.into_inner().limit {
+            0 => DEFAULT_GAPS,
+            n if n <= MAX_GAPS => n,
+            n => return Err(Error::invalid("limit", format!("{n} is above the maximum of {MAX_GAPS}")).into()),
+        };
+        let dir = self.worker_dir.clone();
+        let snapshot = tokio::task::spawn_blocking(move || read_snapshot(&dir))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(ListKnowledgeGapsResponse {
+            total: snapshot.gaps.len() as u32,
+            gaps: snapshot
+                .gaps
+                .into_iter()
+                .take(limit as usize)
+                .map(|g| KnowledgeGap {
+                    key: g.key,
+                    knowledge_id: g.knowledge_id.unwrap_or_default(),
+                    title: g.title,
+                    uri: g.uri,
+                    reports: g.reports as u32,
+                    immediate_reports: g.immediate_reports as u32,
+                    agent_ids: g.agents.into_iter().collect(),
+                    example_queries: g.example_queries,
+                    first_reported_at: timestamp(g.first_ms),
+                    last_reported_at: timestamp(g.last_ms),
+                })
+                .collect(),
+            updated_at: timestamp(snapshot.updated_ms),
+            log_sequence: snapshot.log_sequence,
+        }))
+    }
+}

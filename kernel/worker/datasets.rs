@@ -1,0 +1,367 @@
+//! Training sets from judged annotations, split 90/10 by time: the
+//! interactions that received feedback, ordered by when they happened; the
+//! last 10% are held out for evaluation, so a model is always tested on
+//! conversations later than any it learned from.
+//!
+//! - retriever: (anchor = query with context, positive, negative) triplets
+//!   for sentence-transformers' MultipleNegativesRankingLoss; positives are
+//!   objects labelled relevant and the missing knowledge agents found,
+//!   hard negatives the shown objects labelled irrelevant. Positives of a
+//!   query without hard negatives go to (anchor, positive) pairs.
+//! - ranker: (query, passage, label) with 1 relevant, 0.5 partially, 0 not.
+//! - generator: (prompt, chosen, rejected) in TRL's conversational format
+//!   for ORPO: preferences, and adoptions (an edited reply beats the
+//!   candidate it came from; an adopted candidate beats the others).
+//!
+//! An annotation trains unless a judge check failed on it (when the judge ran).
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use super::{
+    journal::Journal,
+    rows::{AnnotationRow, Decision, Feedback, InteractionRow, Label, now_millis},
+};
+use crate::{
+    engine::grounding,
+    error::{Error, Result},
+    kb::{KnowledgeStore, semantic::QueryComposition},
+    model::chat::Role,
+    proto::{ConversationTurn, KnowledgeObject, Speaker},
+};
+
+/// Knowledge objects at the exact versions interactions showed.
+pub trait KnowledgeSource {
+    fn object(&self, id: &str, version: Option<u64>) -> Result<KnowledgeObject>;
+}
+
+impl KnowledgeSource for KnowledgeStore {
+    fn object(&self, id: &str, version: Option<u64>) -> Result<KnowledgeObject> {
+        self.get(id, version.unwrap_or(0), true).map_err(Error::from)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetrieverTriplet {
+    pub anchor: String,
+    pub positive: String,
+    pub negative: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetrieverPair {
+    pub anchor: String,
+    pub positive: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankerRow {
+    pub query: String,
+    pub passage: String,
+    pub label: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GeneratorRow {
+    pub prompt: Vec<Message>,
+    pub chosen: Vec<Message>,
+    pub rejected: Vec<Message>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sets {
+    pub retriever: Vec<RetrieverTriplet>,
+    pub retriever_pairs: Vec<RetrieverPair>,
+    pub ranker: Vec<RankerRow>,
+    pub generator: Vec<GeneratorRow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Names this export: the content hash of its rows.
+    pub version: String,
+    pub created_ms: i64,
+    /// Log sequences the journal covered.
+    pub log_sequences: (u64, u64),
+    pub judge_enabled: bool,
+    pub annotations: usize,
+    /// Annotations a judge check failed on, per check (one annotation can fail several).
+    pub rejected_by_check: BTreeMap<String, usize>,
+    pub rejected: usize,
+    pub interactions_train: usize,
+    pub interactions_heldout: usize,
+    /// Interactions created at or after this time are held out.
+    pub heldout_from_ms: i64,
+    /// Rows per set, train and held out.
+    pub counts: BTreeMap<String, (usize, usize)>,
+}
+
+pub struct TrainingSets {
+    pub train: Sets,
+    pub heldout: Sets,
+    pub manifest: Manifest,
+}
+
+/// Share of the interactions (by time) held out.
+pub const HELDOUT_SHARE: f64 = 0.1;
+
+fn relevance_score(label: Label) -> f32 {
+    match label {
+        Label::Relevant => 1.0,
+        Label::PartiallyRelevant => 0.5,
+        Label::Irrelevant => 0.0,
+    }
+}
+
+fn message(role: &str, content: &str) -> Message {
+    Message { role: role.into(), content: content.into() }
+}
+
+struct Builder<'a> {
+    knowledge: &'a dyn KnowledgeSource,
+    composition: QueryComposition,
+    texts: HashMap<(String, Option<u64>), String>,
+}
+
+impl Builder<'_> {
+    fn text(&mut self, id: &str, version: Option<u64>) -> Result<String> {
+        let key = (id.to_string(), version);
+        if let Some(text) = self.texts.get(&key) {
+            return Ok(text.clone());
+        }
+        let text = self.knowledge.object(id, version)?.text;
+        self.texts.insert(key, text.clone());
+        Ok(text)
+    }
+
+    fn turns(interaction: &InteractionRow) -> Vec<ConversationTurn> {
+        interaction
+            .context
+            .iter()
+            .map(|t| ConversationTurn {
+                speaker: if t.speaker == "agent" { Speaker::Agent } else { Speaker::Customer } as i32,
+                text: t.text.clone(),
+            })
+            .collect()
+    }
+
+    fn anchor(&self, interaction: &InteractionRow) -> String {
+        self.composition.compose(&interaction.query, &Self::turns(interaction))
+    }
+
+    fn prompt(&mut self, interaction: &InteractionRow) -> Result<Vec<Message>> {
+        let knowledge = interaction
+            .shown
+            .iter()
+            .map(|s| self.knowledge.object(&s.knowledge_id, Some(s.version)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut conversation = Self::turns(interaction);
+        conversation.push(ConversationTurn { speaker: Speaker::Customer as i32, text: interaction.query.clone() });
+        let system =
+            if interaction.system_prompt.is_empty() { grounding::DEFAULT_SYSTEM_PROMPT } else { &interaction.system_prompt };
+        Ok(grounding::messages(system, &knowledge, &conversation)
+            .into_iter()
+            .map(|(role, content)| {
+                let role = match role {
+                    Role::System => "system",
+                    Role::User => "user",
+                    Role::Assistant => "assistant",
+                };
+                message(role, &content)
+            })
+            .collect())
+    }
+
+    /// Adds one interaction's accepted annotations to `sets`.
+    fn add(&mut self, interaction: &InteractionRow, annotations: &[&AnnotationRow], sets: &mut Sets) -> Result<()> {
+        let anchor = self.anchor(interaction);
+        let (mut positives, mut negatives) = (Vec::new(), Vec::new());
+        let mut seen_positive = HashSet::new();
+        for a in annotations {
+            match &a.feedback {
+                Feedback::Relevance { judgements } => {
+                    for (id, label) in judgements {
+                        let passage = self.text(id, interaction.shown_version(id))?;
+                        sets.ranker.push(RankerRow { query: anchor.clone(), passage: passage.clone(), label: relevance_score(*label) });
+                        match label {
+                            Label::Relevant if seen_positive.insert(id.clone()) => positives.push(passage),
+                            Label::Irrelevant => negatives.push(passage),
+                            _ => {}
+                        }
+                    }
+                }
+                Feedback::Missing { knowledge_id: Some(id), .. } => {
+                    let passage = self.text(id, None)?;
+                    if seen_positive.insert(id.clone()) {
+                        sets.ranker.push(RankerRow { query: anchor.clone(), passage: passage.clone(), label: 1.0 });
+                        positives.push(passage);
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (i, positive) in positives.into_iter().enumerate() {
+            match negatives.get(i % negatives.len().max(1)) {
+                Some(negative) => {
+                    sets.retriever.push(RetrieverTriplet { anchor: anchor.clone(), positive, negative: negative.clone() })
+                }
+                None => sets.retriever_pairs.push(RetrieverPair { anchor: anchor.clone(), positive }),
+            }
+        }
+
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        for a in annotations {
+            match &a.feedback {
+                Feedback::Preference { preferred, other, .. } => {
+                    if let (Some(p), Some(o)) = (interaction.candidate(preferred), interaction.candidate(other)) {
+                        pairs.push((p.text.clone(), o.text.clone()));
+                    }
+                }
+                Feedback::Adoption { candidate_id, decision, sent_text, .. } => {
+                    let Some(adopted) = interaction.candidate(candidate_id) else { continue };
+                    match decision {
+                        Decision::Edited if sent_text.trim() != adopted.text.trim() => {
+                            pairs.push((sent_text.clone(), adopted.text.clone()))
+                        }
+                        Decision::AdoptedAsIs => pairs.extend(
+                            interaction
+                                .candidates
+                                .iter()
+                                .filter(|c| c.candidate_id != *candidate_id && c.text.trim() != adopted.text.trim())
+                                .map(|c| (adopted.text.clone(), c.text.clone())),
+                        ),
+                        _ => {}
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut unique = HashSet::new();
+        pairs.retain(|p| unique.insert(p.clone()));
+        if !pairs.is_empty() {
+            let prompt = self.prompt(interaction)?;
+            for (chosen, rejected) in pairs {
+                sets.generator.push(GeneratorRow {
+                    prompt: prompt.clone(),
+                    chosen: vec![message("assistant", &chosen)],
+                    rejected: vec![message("assistant", &rejected)],
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which annotations the judge failed, with the checks that failed them.
+pub fn rejections(journal: &Journal) -> HashMap<String, Vec<String>> {
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    for ((annotation, check), v) in journal.latest_verdicts() {
+        if !v.pass {
+            out.entry(annotation.to_string()).or_default().push(check.to_string());
+        }
+    }
+    out.values_mut().for_each(|checks| checks.sort());
+    out
+}
+
+/// Builds the train and held-out sets from the journal.
+pub fn build(
+    journal: &Journal,
+    knowledge: &dyn KnowledgeSource,
+    composition: QueryComposition,
+    judge_enabled: bool,
+) -> Result<TrainingSets> {
+    let rejected = if judge_enabled { rejections(journal) } else { HashMap::new() };
+    let mut by_interaction: HashMap<&str, Vec<&AnnotationRow>> = HashMap::new();
+    for a in journal.annotations.iter().filter(|a| !rejected.contains_key(&a.annotation_id)) {
+        by_interaction.entry(a.interaction_id.as_str()).or_default().push(a);
+    }
+    let mut interactions: Vec<&InteractionRow> =
+        by_interaction.keys().filter_map(|id| journal.interactions.get(*id)).collect();
+    interactions.sort_by(|a, b| (a.created_ms, &a.interaction_id).cmp(&(b.created_ms, &b.interaction_id)));
+    let heldout_count = (interactions.len() as f64 * HELDOUT_SHARE).round() as usize;
+    let boundary = interactions.len() - heldout_count;
+
+    let mut builder = Builder { knowledge, composition, texts: HashMap::new() };
+    let (mut train, mut heldout) = (Sets::default(), Sets::default());
+    for (i, interaction) in interactions.iter().enumerate() {
+        let sets = if i < boundary { &mut train } else { &mut heldout };
+        builder.add(interaction, &by_interaction[interaction.interaction_id.as_str()], sets)?;
+    }
+
+    let mut rejected_by_check = BTreeMap::new();
+    for checks in rejected.values() {
+        for check in checks {
+            *rejected_by_check.entry(check.clone()).or_insert(0) += 1;
+        }
+    }
+    let counts = BTreeMap::from([
+        ("retriever".to_string(), (train.retriever.len(), heldout.retriever.len())),
+        ("retriever_pairs".to_string(), (train.retriever_pairs.len(), heldout.retriever_pairs.len())),
+        ("ranker".to_string(), (train.ranker.len(), heldout.ranker.len())),
+        ("generator".to_string(), (train.generator.len(), heldout.generator.len())),
+    ]);
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(serde_json::to_vec(&(&train, &heldout)).map_err(|e| Error::Internal(e.to_string()))?);
+    let version = hasher.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect();
+    let first = journal.annotations.iter().map(|a| a.sequence).chain(journal.interactions.values().map(|i| i.sequence));
+    let manifest = Manifest {
+        version,
+        created_ms: now_millis(),
+        log_sequences: (first.min().unwrap_or(0), journal.last_sequence),
+        judge_enabled,
+        annotations: journal.annotations.len(),
+        rejected: rejected.len(),
+        rejected_by_check,
+        interactions_train: boundary,
+        interactions_heldout: heldout_count,
+        heldout_from_ms: interactions.get(boundary).map_or(i64::MAX, |i| i.created_ms),
+        counts,
+    };
+    Ok(TrainingSets { train, heldout, manifest })
+}
+
+fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let mut text = String::new();
+    for row in rows {
+        text.push_str(&serde_json::to_string(row).map_err(|e| Error::Internal(e.to_string()))?);
+        text.push('\n');
+    }
+    std::fs::write(path, text).map_err(|e| Error::Internal(format!("{}: {e}", path.display())))
+}
+
+impl TrainingSets {
+    /// Writes `{root}/{version}/{train,heldout}/*.jsonl` and `manifest.json`;
+    /// returns the export's folder. The folder is written under a temporary
+    /// name and renamed, so a folder with a manifest is always complete.
+    pub fn export(&self, root: &Path) -> Result<PathBuf> {
+        let folder = root.join(&self.manifest.version);
+        let partial = root.join(format!(".{}.partial", self.manifest.version));
+        let fail = |e: std::io::Error| Error::Internal(format!("{}: {e}", partial.display()));
+        let _ = std::fs::remove_dir_all(&partial);
+        for (split, sets) in [("train", &self.train), ("heldout", &self.heldout)] {
+            let dir = partial.join(split);
+            std::fs::create_dir_all(&dir).map_err(fail)?;
+            write_jsonl(&dir.join("retriever.jsonl"), &sets.retriever)?;
+            write_jsonl(&dir.join("retriever_pairs.jsonl"), &sets.retriever_pairs)?;
+            write_jsonl(&dir.join("ranker.jsonl"), &sets.ranker)?;
+            write_jsonl(&dir.join("generator.jsonl"), &sets.generator)?;
+        }
+        let manifest = serde_json::to_string_pretty(&self.manifest).map_err(|e| Error::Internal(e.to_string()))?;
+        std::fs::write(partial.join("manifest.json"), manifest).map_err(fail)?;
+        let _ = std::fs::remove_dir_all(&folder);
+        std::fs::rename(&partial, &folder).map_err(fail)?;
+        Ok(folder)
+    }
+}

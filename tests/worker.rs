@@ -1,0 +1,466 @@
+//! The flywheel worker on real logs and a real knowledge base: the judge's
+//! checks on crafted annotations, the three training-set builders on a small
+//! hand-made log (exact rows), the temporal split, the gap queue, and
+//! kill -9 mid-run.
+
+mod common;
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, SystemTime},
+};
+
+use aitl::{
+    engine::grounding,
+    kb::{KnowledgeStore, QueryComposition},
+    proto::{
+        self, AnnotationRecord, Candidate, ConversationTurn, InteractionKind, InteractionRecord, KnowledgeJudgement,
+        RankRequest, RelevanceLabel, ShownKnowledge, Speaker, annotation, interaction_record, log_record::Body,
+        missing_knowledge,
+    },
+    trainlog::{LogOptions, TrainingLog},
+    worker::{
+        Worker,
+        datasets::{self, GeneratorRow, Message, RankerRow, RetrieverTriplet},
+        gaps::knowledge_gaps,
+        journal::Journal,
+        judge::{Judge, JudgeOptions},
+        rows::{AnnotationRow, Decision, Feedback, InteractionRow, Label, Row},
+    },
+};
+use common::knowledge;
+
+const T0: u64 = 1_800_000_000;
+
+fn at(seconds: f64) -> prost_types::Timestamp {
+    (SystemTime::UNIX_EPOCH + Duration::from_secs_f64(T0 as f64 + seconds)).into()
+}
+
+fn turn(speaker: Speaker, text: &str) -> ConversationTurn {
+    ConversationTurn { speaker: speaker as i32, text: text.into() }
+}
+
+fn shown(ids: &[&str]) -> Vec<ShownKnowledge> {
+    ids.iter()
+        .enumerate()
+        .map(|(i, id)| ShownKnowledge { knowledge_id: id.to_string(), version: 1, score: 0.5, rank: i as u32 + 1 })
+        .collect()
+}
+
+fn rank_interaction(id: &str, created: f64, query: &str, ids: &[&str]) -> InteractionRecord {
+    InteractionRecord {
+        interaction_id: id.into(),
+        kind: InteractionKind::Rank as i32,
+        created_at: Some(at(created)),
+        request: Some(interaction_record::Request::Rank(RankRequest {
+            query: query.into(),
+            context: vec![turn(Speaker::Customer, "Hi"), turn(Speaker::Agent, "How can I help?")],
+            ..Default::default()
+        })),
+        shown_knowledge: shown(ids),
+        ..Default::default()
+    }
+}
+
+fn generate_interaction(id: &str, created: f64, question: &str, ids: &[&str], replies: &[&str]) -> InteractionRecord {
+    InteractionRecord {
+        interaction_id: id.into(),
+        kind: InteractionKind::Generate as i32,
+        created_at: Some(at(created)),
+        request: Some(interaction_record::Request::Generate(proto::GenerateRequest {
+            conversation: vec![turn(Speaker::Customer, question)],
+            ..Default::default()
+        })),
+        shown_knowledge: shown(ids),
+        candidates: replies
+            .iter()
+            .enumerate()
+            .map(|(i, text)| Candidate { candidate_id: format!("{id}/c{i}"), text: text.to_string(), ..Default::default() })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn annotation(id: &str, interaction: &str, agent: &str, shown: f64, delay: f64, kind: annotation::Kind) -> AnnotationRecord {
+    AnnotationRecord {
+        annotation: Some(proto::Annotation {
+            annotation_id: id.into(),
+            interaction_id: interaction.into(),
+            agent_id: agent.into(),
+            shown_at: Some(at(shown)),
+            annotated_at: Some(at(shown + delay)),
+            kind: Some(kind),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn relevance(labels: &[(&str, RelevanceLabel)]) -> annotation::Kind {
+    annotation::Kind::Relevance(proto::KnowledgeRelevance {
+        judgements: labels
+            .iter()
+            .map(|(id, l)| KnowledgeJudgement { knowledge_id: id.to_string(), label: *l as i32 })
+            .collect(),
+    })
+}
+
+fn missing(id: &str) -> annotation::Kind {
+    annotation::Kind::MissingKnowledge(proto::MissingKnowledge {
+        source: Some(missing_knowledge::Source::KnowledgeId(id.into())),
+        note: String::new(),
+    })
+}
+
+fn preference(preferred: &str, other: &str, rationale: &str) -> annotation::Kind {
+    annotation::Kind::Preference(proto::PairwisePreference {
+        preferred_candidate_id: preferred.into(),
+        other_candidate_id: other.into(),
+        strength: proto::PreferenceStrength::Better as i32,
+        rationale: rationale.into(),
+    })
+}
+
+fn adoption(candidate: &str, decision: proto::AdoptionDecision, sent: &str, rationale: &str) -> annotation::Kind {
+    annotation::Kind::Adoption(proto::Adoption {
+        candidate_id: candidate.into(),
+        decision: decision as i32,
+        sent_text: sent.into(),
+        rationale: rationale.into(),
+    })
+}
+
+async fn write_log(dir: &Path, bodies: Vec<Body>) {
+    let (log, _) = TrainingLog::open(dir, LogOptions::default()).unwrap();
+    for chunk in bodies.chunks(512) {
+        let appends = chunk.iter().map(|b| log.append(b));
+        for result in futures_util::future::join_all(appends).await {
+            result.unwrap();
+        }
+    }
+    log.close();
+}
+
+const K1: &str = "Refunds reach the original payment method within 14 days.";
+const K2: &str = "Shipping is free on orders over 50 dollars.";
+const K3: &str = "A damaged parcel is replaced within 3 days.";
+const K4: &str = "The shop is open from 9 to 5.";
+
+fn knowledge_base(dir: &Path) -> KnowledgeStore {
+    let kb = KnowledgeStore::open(&dir.join("knowledge.redb")).unwrap();
+    kb.upsert_batch(vec![knowledge("k1", K1), knowledge("k2", K2), knowledge("k3", K3), knowledge("k4", K4)]).unwrap();
+    kb
+}
+
+/// Two interactions and four annotations from one careful agent.
+fn small_log() -> Vec<Body> {
+    use proto::AdoptionDecision::Edited;
+    use RelevanceLabel::*;
+    vec![
+        Body::Interaction(rank_interaction("r1", 0.0, "My parcel is broken", &["k3", "k2", "k4"])),
+        Body::Interaction(generate_interaction(
+            "g1",
+            1.0,
+            "My parcel is broken",
+            &["k3", "k1"],
+            &["We will replace it [1].", "Refunds take 14 days [2]."],
+        )),
+        Body::Annotation(annotation("a1", "r1", "agent-1", 0.0, 10.0, relevance(&[("k3", Relevant), ("k2", Irrelevant), ("k4", PartiallyRelevant)]))),
+        Body::Annotation(annotation("a2", "r1", "agent-1", 0.0, 15.0, missing("k1"))),
+        Body::Annotation(annotation("a3", "g1", "agent-1", 1.0, 20.0, preference("g1/c0", "g1/c1", "c0 answers the broken parcel question"))),
+        Body::Annotation(annotation("a4", "g1", "agent-1", 1.0, 30.0, adoption("g1/c0", Edited, "We will replace your parcel within 3 days [1].", "added the delivery time"))),
+    ]
+}
+
+#[tokio::test]
+async fn builders_produce_the_expected_rows_from_a_hand_made_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let kb = knowledge_base(dir.path());
+    write_log(&dir.path().join("log"), small_log()).await;
+    let mut worker = Worker::open(&dir.path().join("worker"), &dir.path().join("log"), JudgeOptions::default()).unwrap();
+    let report = worker.run_once(&dir.path().join("log")).unwrap();
+    assert_eq!((report.records, report.interactions, report.annotations, report.failed_verdicts), (6, 2, 4, 0));
+
+    let sets = datasets::build(worker.journal(), &kb, QueryComposition { context_turns: 3 }, true).unwrap();
+    let anchor = "Hi How can I help? My parcel is broken";
+    assert_eq!(
+        sets.train.retriever,
+        vec![
+            RetrieverTriplet { anchor: anchor.into(), positive: K3.into(), negative: K2.into() },
+            RetrieverTriplet { anchor: anchor.into(), positive: K1.into(), negative: K2.into() },
+        ]
+    );
+    assert!(sets.train.retriever_pairs.is_empty());
+    let row = |passage: &str, label| RankerRow { query: anchor.into(), passage: passage.into(), label };
+    assert_eq!(sets.train.ranker, vec![row(K3, 1.0), row(K2, 0.0), row(K4, 0.5), row(K1, 1.0)]);
+
+    let objects = [knowledge("k3", K3), knowledge("k1", K1)];
+    let prompt: Vec<Message> = grounding::messages(
+        grounding::DEFAULT_SYSTEM_PROMPT,
+        &objects,
+        &[turn(Speaker::Customer, "My parcel is broken")],
+    )
+    .into_iter()
+    .zip(["system", "user"])
+    .map(|((_, content), role)| Message { role: role.into(), content })
+    .collect();
+    let assistant = |text: &str| vec![Message { role: "assistant".into(), content: text.into() }];
+    assert_eq!(
+        sets.train.generator,
+        vec![
+            GeneratorRow {
+                prompt: prompt.clone(),
+                chosen: assistant("We will replace it [1]."),
+                rejected: assistant("Refunds take 14 days [2]."),
+            },
+            GeneratorRow {
+                prompt,
+                chosen: assistant("We will replace your parcel within 3 days [1]."),
+                rejected: assistant("We will replace it [1]."),
+            },
+        ]
+    );
+    assert_eq!(sets.manifest.log_sequences, (1, 6));
+    assert_eq!(sets.manifest.counts["ranker"], (4, 0));
+
+    // Exported as JSON lines with a manifest.
+    let folder = sets.export(&dir.path().join("datasets")).unwrap();
+    let text = std::fs::read_to_string(folder.join("train/retriever.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(first, serde_json::json!({"anchor": anchor, "positive": K3, "negative": K2}));
+    assert!(folder.join("manifest.json").exists() && folder.join("heldout/generator.jsonl").exists());
+
+    let gaps = knowledge_gaps(worker.journal());
+    assert_eq!(gaps.len(), 1);
+    assert_eq!((gaps[0].key.as_str(), gaps[0].reports, gaps[0].immediate_reports), ("k1", 1, 1));
+    assert_eq!(gaps[0].example_queries, ["My parcel is broken"]);
+}
+
+/// Twenty interactions, one annotation each: the two latest are held out,
+/// whatever order the log holds them in, and building twice is identical.
+#[tokio::test]
+async fn the_split_holds_out_the_latest_tenth_deterministically() {
+    let dir = tempfile::tempdir().unwrap();
+    let kb = knowledge_base(dir.path());
+    let mut bodies = Vec::new();
+    // Logged out of time order: interaction i happened at 100 - 5i seconds.
+    for i in 0..20 {
+        let id = format!("r{i:02}");
+        bodies.push(Body::Interaction(rank_interaction(&id, 100.0 - 5.0 * i as f64, &format!("question {i}"), &["k1", "k2"])));
+        bodies.push(Body::Annotation(annotation(
+            &format!("a{i}"),
+            &id,
+            "agent-1",
+            0.0,
+            5.0,
+            relevance(&[("k1", RelevanceLabel::Relevant), ("k2", RelevanceLabel::Irrelevant)]),
+        )));
+    }
+    write_log(&dir.path().join("log"), bodies).await;
+    let mut worker = Worker::open(&dir.path().join("worker"), &dir.path().join("log"), JudgeOptions::default()).unwrap();
+    worker.run_once(&dir.path().join("log")).unwrap();
+    let composition = QueryComposition { context_turns: 0 };
+    let sets = datasets::build(worker.journal(), &kb, composition, true).unwrap();
+    let heldout: Vec<&str> = sets.heldout.retriever.iter().map(|r| r.anchor.as_str()).collect();
+    // The latest two are the last logged: questions 0 (at 100 s) and 1 (95 s).
+    assert_eq!(heldout, ["question 1", "question 0"]);
+    assert_eq!((sets.manifest.interactions_train, sets.manifest.interactions_heldout), (18, 2));
+    let again = datasets::build(worker.journal(), &kb, composition, true).unwrap();
+    assert_eq!((again.train, again.heldout, again.manifest.version), (sets.train, sets.heldout, sets.manifest.version));
+}
+
+fn interaction_row(id: &str, candidates: &[(&str, &str)]) -> InteractionRow {
+    let record = generate_interaction(id, 0.0, "Where is my refund?", &["k1", "k2"], &[]);
+    let mut row = InteractionRow::from_record(1, &record);
+    row.candidates = candidates
+        .iter()
+        .map(|(cid, text)| aitl::worker::rows::CandidateRow {
+            candidate_id: cid.to_string(),
+            text: text.to_string(),
+            cited: Vec::new(),
+            model_version: String::new(),
+        })
+        .collect();
+    row
+}
+
+fn row(id: &str, interaction: &str, agent: &str, delay: f64, feedback: Feedback) -> AnnotationRow {
+    AnnotationRow {
+        sequence: 0,
+        annotation_id: id.into(),
+        interaction_id: interaction.into(),
+        agent_id: agent.into(),
+        case_id: String::new(),
+        shown_ms: 0,
+        annotated_ms: (delay * 1000.0) as i64,
+        feedback,
+    }
+}
+
+fn pref(rationale: &str) -> Feedback {
+    Feedback::Preference { preferred: "c0".into(), other: "c1".into(), strength: 2, rationale: rationale.into() }
+}
+
+/// Judges `a` after `earlier` (journaled first); returns `check`'s verdicts as (annotation, pass).
+fn verdicts(options: JudgeOptions, earlier: Vec<AnnotationRow>, a: AnnotationRow, check: &str) -> Vec<(String, bool)> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = Journal::open(dir.path()).unwrap();
+    let candidates = [("c0", "Your refund arrives within 14 days on your card."), ("c1", "Shipping is free over 50 dollars.")];
+    journal.stage(Row::Interaction(interaction_row("g", &candidates))).unwrap();
+    let mut judge = Judge::new(options);
+    for b in earlier {
+        judge.judge(&b, &journal);
+        journal.stage(Row::Annotation(b)).unwrap();
+    }
+    judge.judge(&a, &journal).into_iter().filter(|v| v.check == check).map(|v| (v.annotation_id, v.pass)).collect()
+}
+
+#[test]
+fn each_judge_check_catches_its_case_and_passes_a_clean_one() {
+    let o = JudgeOptions::default;
+    let good = "c0 gives the refund timeline the customer asked for";
+    // Rationales: empty, boilerplate, repeated, fine.
+    assert_eq!(verdicts(o(), vec![], row("a", "g", "x", 9.0, pref("")), "rationale"), [("a".into(), false)]);
+    assert_eq!(verdicts(o(), vec![], row("a", "g", "x", 9.0, pref("ok")), "rationale"), [("a".into(), false)]);
+    assert_eq!(verdicts(o(), vec![], row("a", "g", "x", 9.0, pref(good)), "rationale"), [("a".into(), true)]);
+    let again = |id: &str| row(id, "g", "x", 9.0, pref("the first one is more complete"));
+    assert_eq!(verdicts(o(), vec![again("1"), again("2")], again("3"), "rationale"), [("3".into(), false)]);
+
+    // Too fast to have read the candidates.
+    assert_eq!(verdicts(o(), vec![], row("a", "g", "x", 1.0, pref(good)), "too_fast"), [("a".into(), false)]);
+    assert_eq!(verdicts(o(), vec![], row("a", "g", "x", 8.0, pref(good)), "too_fast"), [("a".into(), true)]);
+
+    // Preferred c0, but sent c1 unchanged: the preference is doubted; an edit of c0 agrees with it.
+    let sent = |decision, text: &str| Feedback::Adoption {
+        candidate_id: if decision == Decision::AdoptedAsIs { "c1" } else { "c0" }.into(),
+        decision,
+        sent_text: text.into(),
+        rationale: "fits the question best".into(),
+    };
+    let p = row("p", "g", "x", 9.0, pref(good));
+    let contradicting = row("d", "g", "x", 12.0, sent(Decision::AdoptedAsIs, ""));
+    assert_eq!(verdicts(o(), vec![p.clone()], contradicting, "preference_vs_adoption"), [("p".into(), false)]);
+    let agreeing = row("d", "g", "x", 12.0, sent(Decision::Edited, "Your refund arrives within 14 days."));
+    assert_eq!(verdicts(o(), vec![p], agreeing, "preference_vs_adoption"), [("p".into(), true)]);
+
+    // Labelled k1 irrelevant, then reported k1 missing.
+    let labels = |l: Label| Feedback::Relevance { judgements: vec![("k1".into(), l), ("k2".into(), Label::Irrelevant)] };
+    let gap = |id: &str| Feedback::Missing {
+        knowledge_id: Some(id.into()),
+        title: String::new(),
+        uri: String::new(),
+        excerpt: String::new(),
+        note: String::new(),
+    };
+    let r = row("r", "g", "x", 5.0, labels(Label::Irrelevant));
+    assert_eq!(verdicts(o(), vec![r.clone()], row("m", "g", "x", 9.0, gap("k1")), "relevance_vs_missing"), [("r".into(), false)]);
+    assert_eq!(verdicts(o(), vec![r], row("m", "g", "x", 9.0, gap("k3")), "relevance_vs_missing"), [("r".into(), true)]);
+
+    // Everything relevant.
+    let all = |l: Label| Feedback::Relevance { judgements: (0..5).map(|i| (format!("k{i}"), l)).collect() };
+    assert_eq!(verdicts(o(), vec![], row("u", "g", "x", 9.0, all(Label::Relevant)), "uniform_labels"), [("u".into(), false)]);
+    assert_eq!(verdicts(o(), vec![], row("u", "g", "x", 9.0, labels(Label::Relevant)), "uniform_labels"), []);
+
+    // An agent whose labels flip from irrelevant to relevant.
+    let drift = JudgeOptions { drift_window: 4, ..o() };
+    let batch = |id: &str, l: Label| row(id, "g", "x", 9.0, Feedback::Relevance { judgements: vec![("k1".into(), l), ("k2".into(), l)] });
+    let history = vec![batch("1", Label::Irrelevant), batch("2", Label::Irrelevant), batch("3", Label::Relevant)];
+    assert_eq!(verdicts(drift.clone(), history.clone(), batch("4", Label::Relevant), "agent_drift"), [("4".into(), false)]);
+    let steady = vec![batch("1", Label::Irrelevant), batch("2", Label::Relevant), batch("3", Label::Irrelevant)];
+    assert_eq!(verdicts(drift, steady, batch("4", Label::Relevant), "agent_drift"), [("4".into(), true)]);
+
+    // Switched off: no verdicts at all.
+    let off = JudgeOptions { enabled: false, ..o() };
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(dir.path()).unwrap();
+    assert!(Judge::new(off).judge(&row("a", "g", "x", 0.1, pref("")), &journal).is_empty());
+}
+
+/// `aitl worker run` killed with SIGKILL at random moments, then run to the
+/// end: every annotation of the log is journaled exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_run_resumes_without_duplicates_or_gaps() {
+    const INTERACTIONS: usize = 1000;
+    const PER_INTERACTION: usize = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let mut bodies = Vec::new();
+    for i in 0..INTERACTIONS {
+        let id = format!("r{i}");
+        bodies.push(Body::Interaction(rank_interaction(&id, i as f64, "Is breakfast included?", &["k1", "k2"])));
+        for j in 0..PER_INTERACTION {
+            let label = if (i + j) % 3 == 0 { RelevanceLabel::Relevant } else { RelevanceLabel::Irrelevant };
+            let kind = relevance(&[("k1", label), ("k2", RelevanceLabel::Irrelevant)]);
+            bodies.push(Body::Annotation(annotation(&format!("a{i}-{j}"), &id, &format!("agent-{}", j % 4), i as f64, 4.0, kind)));
+        }
+    }
+    write_log(&dir.path().join("log"), bodies).await;
+    let journal_lines = || {
+        std::fs::read_to_string(dir.path().join("worker/journal.jsonl")).map_or(0, |t| t.lines().count())
+    };
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_aitl"))
+            .args(["--data-dir", dir.path().to_str().unwrap(), "worker", "run"])
+            .env("AITL_LOG", "error")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut partial_kills = 0;
+    for round in 0..12 {
+        let mut child = run();
+        std::thread::sleep(Duration::from_millis(15 + 29 * round % 120));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let journal = Journal::open(&dir.path().join("worker")).unwrap();
+        let ids: std::collections::HashSet<&str> = journal.annotations.iter().map(|a| a.annotation_id.as_str()).collect();
+        assert_eq!(ids.len(), journal.annotations.len(), "a duplicate after kill {round}");
+        let total = INTERACTIONS * PER_INTERACTION;
+        if journal.annotations.len() > 0 && journal.annotations.len() < total {
+            partial_kills += 1;
+        }
+        if journal.annotations.len() == total {
+            break;
+        }
+    }
+    assert!(run().wait().unwrap().success());
+    let journal = Journal::open(&dir.path().join("worker")).unwrap();
+    let ids: std::collections::HashSet<&str> = journal.annotations.iter().map(|a| a.annotation_id.as_str()).collect();
+    assert_eq!((ids.len(), journal.annotations.len()), (INTERACTIONS * PER_INTERACTION, INTERACTIONS * PER_INTERACTION));
+    assert_eq!(journal.interactions.len(), INTERACTIONS);
+    println!("{partial_kills} kills landed mid-run; journal {} lines", journal_lines());
+    assert!(partial_kills > 0, "no kill landed mid-run: make the log longer");
+}
+
+/// ListKnowledgeGaps over gRPC: UNAVAILABLE until a worker has run, then the
+/// queue with the reporting agent and the question.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_lists_the_gap_queue_the_worker_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path()).await;
+    let record = common::seed_generate(&server, vec![knowledge("k1", K1), knowledge("k2", K2)]).await;
+    let channel = common::channel(&server).await;
+    let mut support = proto::support_service_client::SupportServiceClient::new(channel.clone());
+    let mut flywheel = proto::flywheel_service_client::FlywheelServiceClient::new(channel);
+
+    let before = flywheel.list_knowledge_gaps(proto::ListKnowledgeGapsRequest { limit: 0 }).await.unwrap_err();
+    assert_eq!(before.code(), tonic::Code::Unavailable, "{before:?}");
+    assert!(before.message().contains("aitl worker run"), "{}", before.message());
+
+    let mut report = common::preference("gap-1", &record, "");
+    report.kind = Some(missing("k2"));
+    support.submit_annotation(proto::SubmitAnnotationRequest { annotation: Some(report) }).await.unwrap();
+    let log_dir = dir.path().join("log");
+    let mut worker = Worker::open(&dir.path().join("worker"), &log_dir, JudgeOptions::default()).unwrap();
+    assert_eq!(worker.run_once(&log_dir).unwrap().annotations, 1);
+
+    let listed = flywheel.list_knowledge_gaps(proto::ListKnowledgeGapsRequest { limit: 10 }).await.unwrap().into_inner();
+    assert_eq!(listed.total, 1);
+    let gap = &listed.gaps[0];
+    assert_eq!((gap.key.as_str(), gap.knowledge_id.as_str(), gap.reports), ("k2", "k2", 1));
+    assert_eq!(gap.agent_ids, ["agent-7"]);
+    assert!(listed.log_sequence >= 2 && listed.updated_at.is_some());
+    let too_many = flywheel.list_knowledge_gaps(proto::ListKnowledgeGapsRequest { limit: 5_000 }).await.unwrap_err();
+    assert_eq!(too_many.code(), tonic::Code::InvalidArgument);
+    server.shutdown().await.unwrap();
+}
