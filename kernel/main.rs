@@ -267,7 +267,12 @@ fn gaps(config: &Config, limit: usize, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&gaps[..gaps.len().min(limit)]).expect("json"));
         return Ok(());
     }
-    println!("{} knowledge gaps from {} annotations (worker journal, sequence {})", gaps.len(), journal.annotations.len(), journal.last_sequence);
+    println!(
+        "{} knowledge gaps from {} annotations (worker journal, sequence {})",
+        gaps.len(),
+        journal.annotations.len(),
+        journal.last_sequence
+    );
     for gap in gaps.iter().take(limit) {
         println!(
             "{:>5} reports ({} immediate) by {} agents  {}{}",

@@ -70,7 +70,11 @@ fn check(model: &Llama, cases: &serde_json::Value, tolerance: f32, what: &str, r
             for (id, (a, b)) in got.iter().zip(&want).enumerate() {
                 let diff = (a - b).abs();
                 worst = worst.max(diff);
-                assert!(diff <= tolerance, "{what}, {} tokens, {label}: logit {id} is {a}, {reference} {b}", tokens.len());
+                assert!(
+                    diff <= tolerance,
+                    "{what}, {} tokens, {label}: logit {id} is {a}, {reference} {b}",
+                    tokens.len()
+                );
             }
         }
     }
@@ -109,7 +113,13 @@ fn mixtral_gguf_f32_matches_transformers() {
 fn mixtral_gguf_q8_0_matches_llama_cpp() {
     let file = GgufFile::open(&fixtures().join("tiny-mixtral-q8_0.gguf")).unwrap();
     let model = Llama::from_gguf(&Device::Cpu, &file).unwrap();
-    check(&model, &golden()["tiny-mixtral-q8_0.gguf/llama.cpp"], Q8_0_TOLERANCE, "tiny Mixtral, GGUF Q8_0", "llama.cpp");
+    check(
+        &model,
+        &golden()["tiny-mixtral-q8_0.gguf/llama.cpp"],
+        Q8_0_TOLERANCE,
+        "tiny Mixtral, GGUF Q8_0",
+        "llama.cpp",
+    );
 }
 
 #[test]

@@ -76,13 +76,24 @@ fn generate_interaction(id: &str, created: f64, question: &str, ids: &[&str], re
         candidates: replies
             .iter()
             .enumerate()
-            .map(|(i, text)| Candidate { candidate_id: format!("{id}/c{i}"), text: text.to_string(), ..Default::default() })
+            .map(|(i, text)| Candidate {
+                candidate_id: format!("{id}/c{i}"),
+                text: text.to_string(),
+                ..Default::default()
+            })
             .collect(),
         ..Default::default()
     }
 }
 
-fn annotation(id: &str, interaction: &str, agent: &str, shown: f64, delay: f64, kind: annotation::Kind) -> AnnotationRecord {
+fn annotation(
+    id: &str,
+    interaction: &str,
+    agent: &str,
+    shown: f64,
+    delay: f64,
+    kind: annotation::Kind,
+) -> AnnotationRecord {
     AnnotationRecord {
         annotation: Some(proto::Annotation {
             annotation_id: id.into(),
@@ -155,8 +166,8 @@ fn knowledge_base(dir: &Path) -> KnowledgeStore {
 
 /// Two interactions and four annotations from one careful agent.
 fn small_log() -> Vec<Body> {
-    use proto::AdoptionDecision::Edited;
     use RelevanceLabel::*;
+    use proto::AdoptionDecision::Edited;
     vec![
         Body::Interaction(rank_interaction("r1", 0.0, "My parcel is broken", &["k3", "k2", "k4"])),
         Body::Interaction(generate_interaction(
@@ -166,10 +177,31 @@ fn small_log() -> Vec<Body> {
             &["k3", "k1"],
             &["We will replace it [1].", "Refunds take 14 days [2]."],
         )),
-        Body::Annotation(annotation("a1", "r1", "agent-1", 0.0, 10.0, relevance(&[("k3", Relevant), ("k2", Irrelevant), ("k4", PartiallyRelevant)]))),
+        Body::Annotation(annotation(
+            "a1",
+            "r1",
+            "agent-1",
+            0.0,
+            10.0,
+            relevance(&[("k3", Relevant), ("k2", Irrelevant), ("k4", PartiallyRelevant)]),
+        )),
         Body::Annotation(annotation("a2", "r1", "agent-1", 0.0, 15.0, missing("k1"))),
-        Body::Annotation(annotation("a3", "g1", "agent-1", 1.0, 20.0, preference("g1/c0", "g1/c1", "c0 answers the broken parcel question"))),
-        Body::Annotation(annotation("a4", "g1", "agent-1", 1.0, 30.0, adoption("g1/c0", Edited, "We will replace your parcel within 3 days [1].", "added the delivery time"))),
+        Body::Annotation(annotation(
+            "a3",
+            "g1",
+            "agent-1",
+            1.0,
+            20.0,
+            preference("g1/c0", "g1/c1", "c0 answers the broken parcel question"),
+        )),
+        Body::Annotation(annotation(
+            "a4",
+            "g1",
+            "agent-1",
+            1.0,
+            30.0,
+            adoption("g1/c0", Edited, "We will replace your parcel within 3 days [1].", "added the delivery time"),
+        )),
     ]
 }
 
@@ -178,7 +210,8 @@ async fn builders_produce_the_expected_rows_from_a_hand_made_log() {
     let dir = tempfile::tempdir().unwrap();
     let kb = knowledge_base(dir.path());
     write_log(&dir.path().join("log"), small_log()).await;
-    let mut worker = Worker::open(&dir.path().join("worker"), &dir.path().join("log"), JudgeOptions::default()).unwrap();
+    let mut worker =
+        Worker::open(&dir.path().join("worker"), &dir.path().join("log"), JudgeOptions::default()).unwrap();
     let report = worker.run_once(&dir.path().join("log")).unwrap();
     assert_eq!((report.records, report.interactions, report.annotations, report.failed_verdicts), (6, 2, 4, 0));
 
@@ -247,7 +280,12 @@ async fn the_split_holds_out_the_latest_tenth_deterministically() {
     // Logged out of time order: interaction i happened at 100 - 5i seconds.
     for i in 0..20 {
         let id = format!("r{i:02}");
-        bodies.push(Body::Interaction(rank_interaction(&id, 100.0 - 5.0 * i as f64, &format!("question {i}"), &["k1", "k2"])));
+        bodies.push(Body::Interaction(rank_interaction(
+            &id,
+            100.0 - 5.0 * i as f64,
+            &format!("question {i}"),
+            &["k1", "k2"],
+        )));
         bodies.push(Body::Annotation(annotation(
             &format!("a{i}"),
             &id,
@@ -258,7 +296,8 @@ async fn the_split_holds_out_the_latest_tenth_deterministically() {
         )));
     }
     write_log(&dir.path().join("log"), bodies).await;
-    let mut worker = Worker::open(&dir.path().join("worker"), &dir.path().join("log"), JudgeOptions::default()).unwrap();
+    let mut worker =
+        Worker::open(&dir.path().join("worker"), &dir.path().join("log"), JudgeOptions::default()).unwrap();
     worker.run_once(&dir.path().join("log")).unwrap();
     let composition = QueryComposition { context_turns: 0 };
     let sets = datasets::build(worker.journal(), &kb, composition, true).unwrap();
@@ -306,7 +345,8 @@ fn pref(rationale: &str) -> Feedback {
 fn verdicts(options: JudgeOptions, earlier: Vec<AnnotationRow>, a: AnnotationRow, check: &str) -> Vec<(String, bool)> {
     let dir = tempfile::tempdir().unwrap();
     let mut journal = Journal::open(dir.path()).unwrap();
-    let candidates = [("c0", "Your refund arrives within 14 days on your card."), ("c1", "Shipping is free over 50 dollars.")];
+    let candidates =
+        [("c0", "Your refund arrives within 14 days on your card."), ("c1", "Shipping is free over 50 dollars.")];
     journal.stage(Row::Interaction(interaction_row("g", &candidates))).unwrap();
     let mut judge = Judge::new(options);
     for b in earlier {
@@ -345,7 +385,8 @@ fn each_judge_check_catches_its_case_and_passes_a_clean_one() {
     assert_eq!(verdicts(o(), vec![p], agreeing, "preference_vs_adoption"), [("p".into(), true)]);
 
     // Labelled k1 irrelevant, then reported k1 missing.
-    let labels = |l: Label| Feedback::Relevance { judgements: vec![("k1".into(), l), ("k2".into(), Label::Irrelevant)] };
+    let labels =
+        |l: Label| Feedback::Relevance { judgements: vec![("k1".into(), l), ("k2".into(), Label::Irrelevant)] };
     let gap = |id: &str| Feedback::Missing {
         knowledge_id: Some(id.into()),
         title: String::new(),
@@ -354,19 +395,33 @@ fn each_judge_check_catches_its_case_and_passes_a_clean_one() {
         note: String::new(),
     };
     let r = row("r", "g", "x", 5.0, labels(Label::Irrelevant));
-    assert_eq!(verdicts(o(), vec![r.clone()], row("m", "g", "x", 9.0, gap("k1")), "relevance_vs_missing"), [("r".into(), false)]);
-    assert_eq!(verdicts(o(), vec![r], row("m", "g", "x", 9.0, gap("k3")), "relevance_vs_missing"), [("r".into(), true)]);
+    assert_eq!(
+        verdicts(o(), vec![r.clone()], row("m", "g", "x", 9.0, gap("k1")), "relevance_vs_missing"),
+        [("r".into(), false)]
+    );
+    assert_eq!(
+        verdicts(o(), vec![r], row("m", "g", "x", 9.0, gap("k3")), "relevance_vs_missing"),
+        [("r".into(), true)]
+    );
 
     // Everything relevant.
     let all = |l: Label| Feedback::Relevance { judgements: (0..5).map(|i| (format!("k{i}"), l)).collect() };
-    assert_eq!(verdicts(o(), vec![], row("u", "g", "x", 9.0, all(Label::Relevant)), "uniform_labels"), [("u".into(), false)]);
+    assert_eq!(
+        verdicts(o(), vec![], row("u", "g", "x", 9.0, all(Label::Relevant)), "uniform_labels"),
+        [("u".into(), false)]
+    );
     assert_eq!(verdicts(o(), vec![], row("u", "g", "x", 9.0, labels(Label::Relevant)), "uniform_labels"), []);
 
     // An agent whose labels flip from irrelevant to relevant.
     let drift = JudgeOptions { drift_window: 4, ..o() };
-    let batch = |id: &str, l: Label| row(id, "g", "x", 9.0, Feedback::Relevance { judgements: vec![("k1".into(), l), ("k2".into(), l)] });
+    let batch = |id: &str, l: Label| {
+        row(id, "g", "x", 9.0, Feedback::Relevance { judgements: vec![("k1".into(), l), ("k2".into(), l)] })
+    };
     let history = vec![batch("1", Label::Irrelevant), batch("2", Label::Irrelevant), batch("3", Label::Relevant)];
-    assert_eq!(verdicts(drift.clone(), history.clone(), batch("4", Label::Relevant), "agent_drift"), [("4".into(), false)]);
+    assert_eq!(
+        verdicts(drift.clone(), history.clone(), batch("4", Label::Relevant), "agent_drift"),
+        [("4".into(), false)]
+    );
     let steady = vec![batch("1", Label::Irrelevant), batch("2", Label::Relevant), batch("3", Label::Irrelevant)];
     assert_eq!(verdicts(drift, steady, batch("4", Label::Relevant), "agent_drift"), [("4".into(), true)]);
 
@@ -391,13 +446,19 @@ async fn a_worker_killed_mid_run_resumes_without_duplicates_or_gaps() {
         for j in 0..PER_INTERACTION {
             let label = if (i + j) % 3 == 0 { RelevanceLabel::Relevant } else { RelevanceLabel::Irrelevant };
             let kind = relevance(&[("k1", label), ("k2", RelevanceLabel::Irrelevant)]);
-            bodies.push(Body::Annotation(annotation(&format!("a{i}-{j}"), &id, &format!("agent-{}", j % 4), i as f64, 4.0, kind)));
+            bodies.push(Body::Annotation(annotation(
+                &format!("a{i}-{j}"),
+                &id,
+                &format!("agent-{}", j % 4),
+                i as f64,
+                4.0,
+                kind,
+            )));
         }
     }
     write_log(&dir.path().join("log"), bodies).await;
-    let journal_lines = || {
-        std::fs::read_to_string(dir.path().join("worker/journal.jsonl")).map_or(0, |t| t.lines().count())
-    };
+    let journal_lines =
+        || std::fs::read_to_string(dir.path().join("worker/journal.jsonl")).map_or(0, |t| t.lines().count());
     let run = || {
         Command::new(env!("CARGO_BIN_EXE_aitl"))
             .args(["--data-dir", dir.path().to_str().unwrap(), "worker", "run"])
@@ -413,7 +474,8 @@ async fn a_worker_killed_mid_run_resumes_without_duplicates_or_gaps() {
         child.kill().unwrap();
         child.wait().unwrap();
         let journal = Journal::open(&dir.path().join("worker")).unwrap();
-        let ids: std::collections::HashSet<&str> = journal.annotations.iter().map(|a| a.annotation_id.as_str()).collect();
+        let ids: std::collections::HashSet<&str> =
+            journal.annotations.iter().map(|a| a.annotation_id.as_str()).collect();
         assert_eq!(ids.len(), journal.annotations.len(), "a duplicate after kill {round}");
         let total = INTERACTIONS * PER_INTERACTION;
         if journal.annotations.len() > 0 && journal.annotations.len() < total {
@@ -426,7 +488,10 @@ async fn a_worker_killed_mid_run_resumes_without_duplicates_or_gaps() {
     assert!(run().wait().unwrap().success());
     let journal = Journal::open(&dir.path().join("worker")).unwrap();
     let ids: std::collections::HashSet<&str> = journal.annotations.iter().map(|a| a.annotation_id.as_str()).collect();
-    assert_eq!((ids.len(), journal.annotations.len()), (INTERACTIONS * PER_INTERACTION, INTERACTIONS * PER_INTERACTION));
+    assert_eq!(
+        (ids.len(), journal.annotations.len()),
+        (INTERACTIONS * PER_INTERACTION, INTERACTIONS * PER_INTERACTION)
+    );
     assert_eq!(journal.interactions.len(), INTERACTIONS);
     println!("{partial_kills} kills landed mid-run; journal {} lines", journal_lines());
     assert!(partial_kills > 0, "no kill landed mid-run: make the log longer");
@@ -454,7 +519,8 @@ async fn the_server_lists_the_gap_queue_the_worker_wrote() {
     let mut worker = Worker::open(&dir.path().join("worker"), &log_dir, JudgeOptions::default()).unwrap();
     assert_eq!(worker.run_once(&log_dir).unwrap().annotations, 1);
 
-    let listed = flywheel.list_knowledge_gaps(proto::ListKnowledgeGapsRequest { limit: 10 }).await.unwrap().into_inner();
+    let listed =
+        flywheel.list_knowledge_gaps(proto::ListKnowledgeGapsRequest { limit: 10 }).await.unwrap().into_inner();
     assert_eq!(listed.total, 1);
     let gap = &listed.gaps[0];
     assert_eq!((gap.key.as_str(), gap.knowledge_id.as_str(), gap.reports), ("k2", "k2", 1));

@@ -6,7 +6,9 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     error::Error,
-    proto::{KnowledgeGap, ListKnowledgeGapsRequest, ListKnowledgeGapsResponse, flywheel_service_server::FlywheelService},
+    proto::{
+        KnowledgeGap, ListKnowledgeGapsRequest, ListKnowledgeGapsResponse, flywheel_service_server::FlywheelService,
+    },
     worker::gaps::read_snapshot,
 };
 

@@ -96,8 +96,11 @@ impl Device {
         let mut weights = vec![0f32; tokens * used];
         match self {
             Device::Cpu => {
-                for ((row, e), w) in
-                    logits.cpu().chunks_exact(count).zip(experts.chunks_exact_mut(used)).zip(weights.chunks_exact_mut(used))
+                for ((row, e), w) in logits
+                    .cpu()
+                    .chunks_exact(count)
+                    .zip(experts.chunks_exact_mut(used))
+                    .zip(weights.chunks_exact_mut(used))
                 {
                     route_token(row, used, normalize, e, w);
                 }
@@ -139,7 +142,8 @@ fn experts_swiglu_cpu(x: &[f32], routing: &Routing, experts: &StackedExperts, ou
     }
     for (e, chosen) in chosen_by.iter().enumerate().filter(|(_, c)| !c.is_empty()) {
         let m = chosen.len();
-        let rows: Vec<f32> = chosen.iter().flat_map(|&(t, _)| x[t * hidden..(t + 1) * hidden].iter().copied()).collect();
+        let rows: Vec<f32> =
+            chosen.iter().flat_map(|&(t, _)| x[t * hidden..(t + 1) * hidden].iter().copied()).collect();
         let mut gate = vec![0f32; m * ffn];
         let mut up = vec![0f32; m * ffn];
         cpu::linear_quantized(&rows, experts.gate.rows(e * ffn..(e + 1) * ffn), m, &mut gate);
@@ -211,7 +215,8 @@ mod tests {
             let mut expected = vec![0f32; hidden];
             for slot in 0..2 {
                 let (e, w) = (routing.experts[t * 2 + slot] as usize, routing.weights[t * 2 + slot]);
-                let dot = |m: &[f32], r: usize, k: usize, v: &[f32]| -> f32 { (0..k).map(|i| m[r * k + i] * v[i]).sum() };
+                let dot =
+                    |m: &[f32], r: usize, k: usize, v: &[f32]| -> f32 { (0..k).map(|i| m[r * k + i] * v[i]).sum() };
                 let act: Vec<f32> = (0..ffn)
                     .map(|j| {
                         let g = dot(&gate, e * ffn + j, hidden, row);

@@ -56,7 +56,12 @@ impl QuantMatrix {
     /// Outputs `range` (whole rows, in place): one expert of a stacked set.
     fn rows(&self, range: std::ops::Range<usize>) -> QuantRows<'_> {
         let row = self.dtype.row_bytes(self.k);
-        QuantRows { dtype: self.dtype, k: self.k, n: range.len(), bytes: &self.bytes[range.start * row..range.end * row] }
+        QuantRows {
+            dtype: self.dtype,
+            k: self.k,
+            n: range.len(),
+            bytes: &self.bytes[range.start * row..range.end * row],
+        }
     }
 
     fn all(&self) -> QuantRows<'_> {

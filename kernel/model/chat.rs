@@ -218,10 +218,9 @@ fn render(template: ChatTemplate, messages: &[(Role, &str)]) -> String {
         match template {
             ChatTemplate::ChatMl => out.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n")),
             // Llama 3's template trims each message.
-            ChatTemplate::Llama3 => out.push_str(&format!(
-                "<|start_header_id|>{role}<|end_header_id|>\n\n{}<|eot_id|>",
-                content.trim()
-            )),
+            ChatTemplate::Llama3 => {
+                out.push_str(&format!("<|start_header_id|>{role}<|end_header_id|>\n\n{}<|eot_id|>", content.trim()))
+            }
         }
     }
     out.push_str(match template {

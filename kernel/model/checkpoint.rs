@@ -162,7 +162,8 @@ impl DecoderWeights for HfCheckpoint {
     }
 
     fn experts(&self, device: &Device, name: &str, count: usize, k: usize, n: usize) -> Result<QuantMatrix> {
-        let parts = (0..count).map(|e| self.matrix(device, &format!("{name}.{e}"), k, n)).collect::<Result<Vec<_>>>()?;
+        let parts =
+            (0..count).map(|e| self.matrix(device, &format!("{name}.{e}"), k, n)).collect::<Result<Vec<_>>>()?;
         if parts.windows(2).any(|p| p[0].dtype() != p[1].dtype()) {
             return Err(Error::InvalidArgument(format!("{}: the experts of {name} differ in dtype", self.origin)));
         }
@@ -216,7 +217,10 @@ mod tests {
     fn llama_cpp_names_map_to_hugging_face_names() {
         assert_eq!(hf_name("token_embd").as_deref(), Some("model.embed_tokens.weight"));
         assert_eq!(hf_name("blk.3.attn_k").as_deref(), Some("model.layers.3.self_attn.k_proj.weight"));
-        assert_eq!(hf_name("blk.0.ffn_down_exps.7").as_deref(), Some("model.layers.0.block_sparse_moe.experts.7.w2.weight"));
+        assert_eq!(
+            hf_name("blk.0.ffn_down_exps.7").as_deref(),
+            Some("model.layers.0.block_sparse_moe.experts.7.w2.weight")
+        );
         assert_eq!(hf_name("blk.0.ffn_gate_exps"), None, "experts are read one by one");
         assert_eq!(hf_name("blk.x.attn_q"), None);
         assert_eq!(hf_name("rope_freqs"), None);

@@ -331,14 +331,21 @@ impl Llama {
                         )));
                     }
                     None => FeedForward::Dense(DenseFeedForward {
-                        gate_up: Projection::new(vec![matrix("ffn_gate", h, config.ffn)?, matrix("ffn_up", h, config.ffn)?])?,
+                        gate_up: Projection::new(vec![
+                            matrix("ffn_gate", h, config.ffn)?,
+                            matrix("ffn_up", h, config.ffn)?,
+                        ])?,
                         down: matrix("ffn_down", config.ffn, h)?,
                     }),
                 };
                 Ok(Block {
                     attention_norm: weights.vector(device, &name("attn_norm"), h)?,
                     attention: Attention {
-                        qkv: Projection::new(vec![matrix("attn_q", h, q)?, matrix("attn_k", h, kv)?, matrix("attn_v", h, kv)?])?,
+                        qkv: Projection::new(vec![
+                            matrix("attn_q", h, q)?,
+                            matrix("attn_k", h, kv)?,
+                            matrix("attn_v", h, kv)?,
+                        ])?,
                         o: matrix("attn_output", q, h)?,
                     },
                     ffn_norm: weights.vector(device, &name("ffn_norm"), h)?,

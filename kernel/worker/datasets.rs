@@ -168,8 +168,11 @@ impl Builder<'_> {
             .collect::<Result<Vec<_>>>()?;
         let mut conversation = Self::turns(interaction);
         conversation.push(ConversationTurn { speaker: Speaker::Customer as i32, text: interaction.query.clone() });
-        let system =
-            if interaction.system_prompt.is_empty() { grounding::DEFAULT_SYSTEM_PROMPT } else { &interaction.system_prompt };
+        let system = if interaction.system_prompt.is_empty() {
+            grounding::DEFAULT_SYSTEM_PROMPT
+        } else {
+            &interaction.system_prompt
+        };
         Ok(grounding::messages(system, &knowledge, &conversation)
             .into_iter()
             .map(|(role, content)| {
@@ -193,7 +196,11 @@ impl Builder<'_> {
                 Feedback::Relevance { judgements } => {
                     for (id, label) in judgements {
                         let passage = self.text(id, interaction.shown_version(id))?;
-                        sets.ranker.push(RankerRow { query: anchor.clone(), passage: passage.clone(), label: relevance_score(*label) });
+                        sets.ranker.push(RankerRow {
+                            query: anchor.clone(),
+                            passage: passage.clone(),
+                            label: relevance_score(*label),
+                        });
                         match label {
                             Label::Relevant if seen_positive.insert(id.clone()) => positives.push(passage),
                             Label::Irrelevant => negatives.push(passage),
@@ -213,9 +220,11 @@ impl Builder<'_> {
         }
         for (i, positive) in positives.into_iter().enumerate() {
             match negatives.get(i % negatives.len().max(1)) {
-                Some(negative) => {
-                    sets.retriever.push(RetrieverTriplet { anchor: anchor.clone(), positive, negative: negative.clone() })
-                }
+                Some(negative) => sets.retriever.push(RetrieverTriplet {
+                    anchor: anchor.clone(),
+                    positive,
+                    negative: negative.clone(),
+                }),
                 None => sets.retriever_pairs.push(RetrieverPair { anchor: anchor.clone(), positive }),
             }
         }

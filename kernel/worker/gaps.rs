@@ -81,8 +81,11 @@ pub const SNAPSHOT_FILE: &str = "gaps.json";
 /// Writes the snapshot beside the journal (temporary file, then rename, so
 /// a reader never sees half of it).
 pub fn write_snapshot(worker_dir: &std::path::Path, journal: &Journal) -> crate::error::Result<()> {
-    let snapshot =
-        GapSnapshot { updated_ms: super::rows::now_millis(), log_sequence: journal.last_sequence, gaps: knowledge_gaps(journal) };
+    let snapshot = GapSnapshot {
+        updated_ms: super::rows::now_millis(),
+        log_sequence: journal.last_sequence,
+        gaps: knowledge_gaps(journal),
+    };
     let path = worker_dir.join(SNAPSHOT_FILE);
     let partial = worker_dir.join(format!("{SNAPSHOT_FILE}.partial"));
     let fail = |e: std::io::Error| crate::error::Error::Internal(format!("{}: {e}", path.display()));

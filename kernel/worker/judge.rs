@@ -63,7 +63,8 @@ impl Default for JudgeOptions {
 }
 
 /// Rationales that say nothing, whoever writes them.
-const BOILERPLATE: &[&str] = &["ok", "okay", "fine", "good", "better", "bad", "n a", "na", "none", "no reason", "same", "idk", "-"];
+const BOILERPLATE: &[&str] =
+    &["ok", "okay", "fine", "good", "better", "bad", "n a", "na", "none", "no reason", "same", "idk", "-"];
 
 #[derive(Default)]
 struct AgentHistory {
@@ -188,10 +189,9 @@ impl Judge {
         out: &mut Vec<Verdict>,
     ) {
         let pairs: Vec<(&AnnotationRow, &str)> = match &a.feedback {
-            Feedback::Preference { .. } => siblings
-                .iter()
-                .filter_map(|b| sent_text(&b.feedback, interaction).map(|sent| (a, sent)))
-                .collect(),
+            Feedback::Preference { .. } => {
+                siblings.iter().filter_map(|b| sent_text(&b.feedback, interaction).map(|sent| (a, sent))).collect()
+            }
             Feedback::Adoption { .. } => match sent_text(&a.feedback, interaction) {
                 Some(sent) => siblings
                     .iter()
@@ -208,7 +208,8 @@ impl Judge {
             else {
                 continue;
             };
-            let (to_preferred, to_other) = (text::similarity(sent, &preferred.text), text::similarity(sent, &other.text));
+            let (to_preferred, to_other) =
+                (text::similarity(sent, &preferred.text), text::similarity(sent, &other.text));
             let pass = to_other <= to_preferred + self.options.similarity_margin;
             let reason = if pass {
                 format!("the sent text is closer to the preferred candidate ({to_preferred:.2} vs {to_other:.2})")
@@ -275,7 +276,9 @@ impl Judge {
         let share = |s: &[bool]| s.iter().filter(|&&r| r).count() as f64 / s.len() as f64;
         let (early, recent) = (share(&history.relevant[..w]), share(&history.relevant[history.relevant.len() - w..]));
         let pass = (recent - early).abs() <= self.options.drift_threshold;
-        let reason = format!("share of relevant labels {early:.2} in the agent's first {w} judgements, {recent:.2} in the latest");
+        let reason = format!(
+            "share of relevant labels {early:.2} in the agent's first {w} judgements, {recent:.2} in the latest"
+        );
         out.push(verdict(a, "agent_drift", pass, recent - early, reason));
     }
 }

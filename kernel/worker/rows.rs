@@ -90,7 +90,9 @@ impl InteractionRow {
             _ => Kind::Retrieve,
         };
         let (query, context, system_prompt) = match &record.request {
-            Some(interaction_record::Request::Retrieve(r)) => (r.query.clone(), r.context.iter().map(turn).collect(), ""),
+            Some(interaction_record::Request::Retrieve(r)) => {
+                (r.query.clone(), r.context.iter().map(turn).collect(), "")
+            }
             Some(interaction_record::Request::Rank(r)) => (r.query.clone(), r.context.iter().map(turn).collect(), ""),
             Some(interaction_record::Request::Generate(g)) => {
                 let last_customer = g.conversation.iter().rposition(|t| t.speaker != Speaker::Agent as i32);
