@@ -75,6 +75,40 @@ enum Command {
         #[command(subcommand)]
         command: WorkerCommand,
     },
+    /// Simulated agents drive a running server over gRPC through a data set's history part:
+    /// Retrieve, Rank, Generate (for a share of questions), then their annotations.
+    Simulate {
+        /// "dstc11" or the DSTC11 Track 5 folder.
+        #[arg(long, default_value = "dstc11")]
+        dataset: String,
+        /// The running server.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        server: String,
+        #[arg(long, default_value_t = 10)]
+        agents: usize,
+        /// Share of agents who answer at random.
+        #[arg(long, default_value_t = 0.0)]
+        careless: f64,
+        /// Share of questions that also get two generated candidates (decoding is slow on a CPU).
+        #[arg(long, default_value_t = 0.05)]
+        generate_share: f64,
+        #[arg(long, default_value_t = 48)]
+        max_new_tokens: u32,
+        /// Share of missing-knowledge reports made an hour late.
+        #[arg(long, default_value_t = 0.0)]
+        late_missing: f64,
+        /// Careful agents turn careless after this many annotations.
+        #[arg(long)]
+        fatigue_after: Option<usize>,
+        /// Only the first N history questions.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Where to write which annotations were careless (for `aitl eval feedback --truth`).
+        #[arg(long, default_value = "simulation-truth.json")]
+        truth: PathBuf,
+    },
     /// The knowledge-gap queue: what agents had to find elsewhere, most reported first.
     Gaps {
         /// Show at most this many.
@@ -95,6 +129,10 @@ enum WorkerCommand {
         /// No judge verdicts (ablation): every label trains.
         #[arg(long)]
         no_judge: bool,
+        /// The server whose knowledge the language-model checks read; without it they read the
+        /// knowledge base file, which a running server holds.
+        #[arg(long)]
+        server: Option<String>,
     },
     /// Build the training sets from the journal (90/10 temporal split) into {data_dir}/datasets/{version}.
     /// Reads knowledge from the knowledge base, so the server must not be running on this data dir.
@@ -107,6 +145,19 @@ enum WorkerCommand {
 
 #[derive(Subcommand)]
 enum EvalCommand {
+    /// From the worker's journal: held-out retrieval and ranking quality by agents' (or a data set's)
+    /// labels, citation correctness, adoption and win rates per generator version, judge rejections
+    /// and separation of careless agents, annotation delays, per-agent fatigue signals.
+    Feedback {
+        /// Score the judge against a simulation's truth file.
+        #[arg(long)]
+        truth: Option<PathBuf>,
+        /// Use a data set's relevance labels (DSTC11 folder) instead of agents' labels.
+        #[arg(long)]
+        dataset: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Recall@{5,10,20,75}, Precision@{1,5,8}, nDCG@10 and MRR of Retrieve on DSTC11 Track 5, then
     /// of Rank over the top 75 retrieved (the configured ranker; --ranker to pick one).
     Retrieval {
@@ -215,16 +266,75 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Log { command: LogCommand::Stats { json } } => log_stats(&config, json),
         Command::Log { command: LogCommand::Dump { from, limit } } => log_dump(&config, from, limit),
-        Command::Worker { command: WorkerCommand::Run { follow, no_judge } } => worker_run(&config, follow, no_judge),
+        Command::Worker { command: WorkerCommand::Run { follow, no_judge, server } } => {
+            worker_run(&config, follow, no_judge, server)
+        }
         Command::Worker { command: WorkerCommand::Export { no_judge } } => worker_export(&config, no_judge),
         Command::Gaps { limit, json } => gaps(&config, limit, json),
+        Command::Eval { command: EvalCommand::Feedback { truth, dataset, json } } => {
+            eval_feedback(&config, truth, dataset, json)
+        }
+        Command::Simulate {
+            dataset,
+            server,
+            agents,
+            careless,
+            generate_share,
+            max_new_tokens,
+            late_missing,
+            fatigue_after,
+            limit,
+            seed,
+            truth,
+        } => {
+            let dataset = if dataset == "dstc11" {
+                PathBuf::from("../shared/data/dstc11-track5")
+            } else {
+                PathBuf::from(dataset)
+            };
+            let options = aitl::worker::simulate::SimulationOptions {
+                server,
+                dataset,
+                agents,
+                careless_share: careless,
+                generate_share,
+                max_new_tokens,
+                late_missing_share: late_missing,
+                fatigue_after,
+                limit,
+                seed,
+                truth,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))?;
+            let report = runtime.block_on(aitl::worker::simulate::run(&options))?;
+            println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+            Ok(())
+        }
     }
 }
 
-fn worker_run(config: &Config, follow: Option<f64>, no_judge: bool) -> Result<()> {
+fn worker_run(config: &Config, follow: Option<f64>, no_judge: bool, server: Option<String>) -> Result<()> {
     let mut judge = config.judge.clone();
     judge.enabled &= !no_judge;
-    let mut worker = aitl::worker::Worker::open(&config.worker_dir(), &config.log_dir(), judge)?;
+    let llm = match judge.llm.as_str() {
+        "off" | "" => None,
+        _ if !judge.enabled => None,
+        "default" => config.generator_path()?,
+        path => Some(PathBuf::from(path)),
+    };
+    let mut worker = aitl::worker::Worker::open(&config.worker_dir(), &config.log_dir(), judge.clone())?;
+    if let Some(path) = llm {
+        let model = aitl::worker::llm_judge::LlmJudge::load(aitl::backend::Device::Cpu, &path)?;
+        let knowledge: Box<dyn aitl::worker::datasets::KnowledgeSource> = match server {
+            Some(server) => Box::new(aitl::worker::knowledge::ServerKnowledge::connect(&server)?),
+            None => Box::new(KnowledgeStore::open(&config.knowledge_path())?),
+        };
+        println!("language-model judge: {}", model.version);
+        worker = worker.with_llm_judge(model, knowledge, judge.llm_confidence);
+    }
     loop {
         let started = std::time::Instant::now();
         let report = worker.run_once(&config.log_dir())?;
@@ -257,6 +367,35 @@ fn worker_export(config: &Config, no_judge: bool) -> Result<()> {
     let folder = sets.export(&config.datasets_dir())?;
     println!("{}", serde_json::to_string_pretty(&sets.manifest).expect("json"));
     println!("training sets written to {}", folder.display());
+    Ok(())
+}
+
+fn eval_feedback(config: &Config, truth: Option<PathBuf>, dataset: Option<PathBuf>, json: bool) -> Result<()> {
+    let journal = aitl::worker::journal::Journal::open(&config.worker_dir())?;
+    let truth: Option<aitl::worker::simulate::Truth> = match truth {
+        Some(path) => Some(
+            serde_json::from_slice(
+                &std::fs::read(&path).map_err(|e| Error::NotFound(format!("{}: {e}", path.display())))?,
+            )
+            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
+    let labels = match dataset {
+        Some(dir) => Some(
+            aitl::eval::dstc11::read_queries(&dir, aitl::eval::dstc11::Split::All)?
+                .into_iter()
+                .map(|q| (q.id, q.relevant.into_iter().collect()))
+                .collect(),
+        ),
+        None => None,
+    };
+    let report = aitl::worker::evaluate::evaluate(&journal, truth.as_ref(), labels.as_ref());
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+    } else {
+        print!("{report}");
+    }
     Ok(())
 }
 

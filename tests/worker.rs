@@ -530,3 +530,51 @@ async fn the_server_lists_the_gap_queue_the_worker_wrote() {
     assert_eq!(too_many.code(), tonic::Code::InvalidArgument);
     server.shutdown().await.unwrap();
 }
+
+/// The language-model checks on the embedded SmolLM2: probabilities, and a
+/// verdict per check with the model's version in its reason.
+#[test]
+fn the_language_model_judge_scores_relevance_and_preferences() {
+    let judge =
+        aitl::worker::llm_judge::LlmJudge::load(aitl::backend::Device::Cpu, &common::default_generator_gguf()).unwrap();
+    let ask = |knowledge: &str| {
+        judge
+            .p_yes(
+                &aitl::worker::llm_judge::RELEVANCE_PROMPT
+                    .replace("{question}", "How long does a refund take?")
+                    .replace("{knowledge}", knowledge),
+            )
+            .unwrap()
+    };
+    let (refund, parking) = (ask(K1), ask("The hotel has free parking for guests."));
+    println!("P(relevant): refund policy {refund:.3}, parking {parking:.3}");
+    assert!((0.0..=1.0).contains(&refund) && (0.0..=1.0).contains(&parking));
+    assert!(refund > parking, "the refund policy should look more relevant to a refund question");
+
+    let dir = tempfile::tempdir().unwrap();
+    let kb = knowledge_base(dir.path());
+    let record = generate_interaction("g", 0.0, "How long does a refund take?", &["k1"], &[K1, K4]);
+    let interaction = InteractionRow::from_record(1, &record);
+    let preference = row(
+        "p",
+        "g",
+        "x",
+        9.0,
+        Feedback::Preference {
+            preferred: "g/c0".into(),
+            other: "g/c1".into(),
+            strength: 2,
+            rationale: "reply A answers the refund question with the 14 days policy".into(),
+        },
+    );
+    let verdicts = judge.judge(&preference, &interaction, &kb, 0.8).unwrap();
+    let checks: Vec<&str> = verdicts.iter().map(|v| v.check.as_str()).collect();
+    assert_eq!(checks, ["llm_rationale", "llm_grounding"]);
+    assert!(verdicts.iter().all(|v| v.reason.contains("SmolLM2")), "{verdicts:?}");
+    for v in &verdicts {
+        println!("{}: pass {} score {:.3}: {}", v.check, v.pass, v.score, v.reason);
+    }
+    let labels = row("r", "g", "x", 9.0, Feedback::Relevance { judgements: vec![("k1".into(), Label::Relevant)] });
+    let verdicts = judge.judge(&labels, &interaction, &kb, 0.8).unwrap();
+    assert_eq!((verdicts.len(), verdicts[0].check.as_str()), (1, "llm_relevance"));
+}

@@ -94,26 +94,41 @@ pub struct GeneratorEngine {
     shared: Arc<Shared>,
 }
 
-impl GeneratorEngine {
-    /// Loads a llama-family GGUF file or Hugging Face folder and starts its worker.
-    pub fn load(device: Device, path: &Path, options: GeneratorOptions) -> Result<Self> {
+/// A decoder and its chat tokenizer, from a GGUF file or a Hugging Face folder.
+pub struct Checkpoint {
+    pub model: Llama,
+    pub tokenizer: ChatTokenizer,
+    /// `{file or folder name}@{first 12 hex digits of the weights' SHA-256}`.
+    pub version: String,
+}
+
+impl Checkpoint {
+    pub fn load(device: &Device, path: &Path) -> Result<Self> {
         let (model, tokenizer, weights) = if path.is_dir() {
             let weights = match path.join("model.safetensors") {
                 single if single.exists() => single,
                 // Sharded: the index names every shard.
                 _ => path.join("model.safetensors.index.json"),
             };
-            (Llama::from_hf_folder(&device, path)?, ChatTokenizer::from_hf_folder(path)?, weights)
+            (Llama::from_hf_folder(device, path)?, ChatTokenizer::from_hf_folder(path)?, weights)
         } else {
             let file = GgufFile::open(path)?;
-            (Llama::from_gguf(&device, &file)?, ChatTokenizer::from_gguf(&file)?, path.to_owned())
+            (Llama::from_gguf(device, &file)?, ChatTokenizer::from_gguf(&file)?, path.to_owned())
         };
-        let tokenizer = Arc::new(tokenizer);
         let version = format!(
             "{}@{}",
             path.file_stem().map_or_else(|| "generator".into(), |s| s.to_string_lossy().into_owned()),
             crate::model::hf_folder::digest_prefix(&weights)?
         );
+        Ok(Checkpoint { model, tokenizer, version })
+    }
+}
+
+impl GeneratorEngine {
+    /// Loads a llama-family GGUF file or Hugging Face folder and starts its worker.
+    pub fn load(device: Device, path: &Path, options: GeneratorOptions) -> Result<Self> {
+        let Checkpoint { model, tokenizer, version } = Checkpoint::load(&device, path)?;
+        let tokenizer = Arc::new(tokenizer);
         let context = model.config().context;
         let (queue, jobs) = mpsc::sync_channel(options.queue_capacity);
         let worker_tokenizer = tokenizer.clone();

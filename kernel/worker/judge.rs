@@ -39,6 +39,12 @@ pub struct JudgeOptions {
     pub repeated_rationale: usize,
     /// A relevance check of at least this many objects all labelled relevant.
     pub uniform_min_judgements: usize,
+    /// The language-model judge: "off", "default" (the embedded generator) or
+    /// the path of a GGUF file or Hugging Face folder. Off by default: on a
+    /// CPU each check is a prefill of a few hundred tokens.
+    pub llm: String,
+    /// How sure the language model must be before it fails a label.
+    pub llm_confidence: f64,
     /// Judgements per window when comparing an agent's early and recent labels.
     pub drift_window: usize,
     /// A change of the share of "relevant" labels beyond this between the
@@ -56,6 +62,8 @@ impl Default for JudgeOptions {
             min_rationale_words: 3,
             repeated_rationale: 3,
             uniform_min_judgements: 5,
+            llm: "off".into(),
+            llm_confidence: 0.8,
             drift_window: 40,
             drift_threshold: 0.3,
         }

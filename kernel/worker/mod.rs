@@ -7,16 +7,22 @@
 //! annotation exactly once (see `journal.rs` for how).
 
 pub mod datasets;
+pub mod evaluate;
 pub mod gaps;
 pub mod journal;
 pub mod judge;
+pub mod knowledge;
+pub mod llm_judge;
 pub mod rows;
+pub mod simulate;
 pub mod text;
 
 use std::{ops::ControlFlow, path::Path};
 
+use datasets::KnowledgeSource;
 use journal::Journal;
 use judge::{Judge, JudgeOptions};
+use llm_judge::LlmJudge;
 use rows::{AnnotationRow, InteractionRow, Row};
 
 use crate::{
@@ -48,6 +54,8 @@ pub struct Worker {
     judge: Judge,
     cursor: Cursor,
     dir: std::path::PathBuf,
+    /// The language-model checks and the knowledge they read, when switched on.
+    llm: Option<(LlmJudge, Box<dyn KnowledgeSource>, f64)>,
 }
 
 impl Worker {
@@ -56,7 +64,13 @@ impl Worker {
         let journal = Journal::open(worker_dir)?;
         let mut judge = Judge::new(judge);
         judge.replay(&journal.annotations);
-        Ok(Worker { journal, judge, cursor: Cursor::open(log_dir, CURSOR)?, dir: worker_dir.to_owned() })
+        Ok(Worker { journal, judge, cursor: Cursor::open(log_dir, CURSOR)?, dir: worker_dir.to_owned(), llm: None })
+    }
+
+    /// Adds the language-model checks (`confidence`: see [`llm_judge`]).
+    pub fn with_llm_judge(mut self, judge: LlmJudge, knowledge: Box<dyn KnowledgeSource>, confidence: f64) -> Self {
+        self.llm = Some((judge, knowledge, confidence));
+        self
     }
 
     pub fn journal(&self) -> &Journal {
@@ -107,7 +121,12 @@ impl Worker {
                         continue;
                     }
                     report.annotations += 1;
-                    let verdicts = self.judge.judge(&row, &self.journal);
+                    let mut verdicts = self.judge.judge(&row, &self.journal);
+                    if let (Some((llm, knowledge, confidence)), Some(interaction)) =
+                        (&self.llm, self.journal.interactions.get(&row.interaction_id))
+                    {
+                        verdicts.extend(llm.judge(&row, interaction, knowledge.as_ref(), *confidence)?);
+                    }
                     report.verdicts += verdicts.len() as u64;
                     report.failed_verdicts += verdicts.iter().filter(|v| !v.pass).count() as u64;
                     self.journal.stage(Row::Annotation(row))?;

@@ -1,0 +1,44 @@
+//! Knowledge for the worker: the knowledge base file when no server holds it,
+//! or a running server's KnowledgeService (the exact versions interactions
+//! showed, by GetKnowledge) while it serves.
+
+use tonic::transport::Channel;
+
+use super::datasets::KnowledgeSource;
+use crate::{
+    error::{Error, Result},
+    proto::{GetKnowledgeRequest, KnowledgeObject, knowledge_service_client::KnowledgeServiceClient},
+};
+
+pub struct ServerKnowledge {
+    runtime: tokio::runtime::Runtime,
+    client: KnowledgeServiceClient<Channel>,
+}
+
+impl ServerKnowledge {
+    pub fn connect(server: &str) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))?;
+        let channel = runtime.block_on(async {
+            Channel::from_shared(server.to_string())
+                .map_err(|e| Error::InvalidArgument(format!("--server {server}: {e}")))?
+                .connect()
+                .await
+                .map_err(|e| Error::Unavailable(format!("cannot reach the server at {server}: {e}")))
+        })?;
+        Ok(ServerKnowledge { runtime, client: KnowledgeServiceClient::new(channel) })
+    }
+}
+
+impl KnowledgeSource for ServerKnowledge {
+    fn object(&self, id: &str, version: Option<u64>) -> Result<KnowledgeObject> {
+        let mut client = self.client.clone();
+        let request = GetKnowledgeRequest { id: id.into(), version: version.unwrap_or(0), include_deleted: true };
+        self.runtime
+            .block_on(client.get_knowledge(request))
+            .map(tonic::Response::into_inner)
+            .map_err(|s| Error::Unavailable(format!("GetKnowledge {id} v{version:?}: {}", s.message())))
+    }
+}
