@@ -578,3 +578,95 @@ fn the_language_model_judge_scores_relevance_and_preferences() {
     let verdicts = judge.judge(&labels, &interaction, &kb, 0.8).unwrap();
     assert_eq!((verdicts.len(), verdicts[0].check.as_str()), (1, "llm_relevance"));
 }
+
+/// A small data set in DSTC11's layout: `entities` hotels with four FAQs each,
+/// one question per FAQ (the relevant one), each after a greeting turn.
+fn mini_dstc11(dir: &Path, entities: usize) {
+    let topics = [
+        ("Is parking free?", "Yes, parking is free for guests.", "parking"),
+        ("Is breakfast included?", "Breakfast is included in every rate.", "breakfast"),
+        ("Do you allow pets?", "Pets are welcome for a small fee.", "pets"),
+        ("Is there a pool?", "The hotel has an indoor pool open until 10 pm.", "pool"),
+    ];
+    let mut hotels = serde_json::Map::new();
+    let (mut logs, mut labels) = (Vec::new(), Vec::new());
+    for e in 0..entities {
+        let name = format!("Hotel Number {e}");
+        let faqs: serde_json::Map<String, serde_json::Value> = topics
+            .iter()
+            .enumerate()
+            .map(|(i, (q, a, _))| (i.to_string(), serde_json::json!({"question": q, "answer": a})))
+            .collect();
+        hotels.insert(e.to_string(), serde_json::json!({"name": name, "faqs": faqs, "reviews": {}}));
+        for (i, (_, answer, topic)) in topics.iter().enumerate() {
+            logs.push(serde_json::json!([
+                {"speaker": "U", "text": format!("I am staying at {name}.")},
+                {"speaker": "S", "text": "Great, how can I help?"},
+                {"speaker": "U", "text": format!("Tell me about the {topic} there.")},
+            ]));
+            labels.push(serde_json::json!({"target": true, "response": answer,
+                "knowledge": [{"domain": "hotel", "entity_id": e, "doc_type": "faq", "doc_id": i}]}));
+        }
+    }
+    std::fs::create_dir_all(dir.join("val")).unwrap();
+    std::fs::write(dir.join("knowledge.json"), serde_json::json!({"hotel": hotels}).to_string()).unwrap();
+    std::fs::write(dir.join("val/logs.json"), serde_json::Value::from(logs).to_string()).unwrap();
+    std::fs::write(dir.join("val/labels.json"), serde_json::Value::from(labels).to_string()).unwrap();
+}
+
+/// Simulated agents, 40% careless, against a real server with the default
+/// embedding model; the worker's judge rejects careless annotations and
+/// (almost) no careful ones, and the evaluation sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_agents_feed_the_worker_and_the_judge_separates_the_careless() {
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = dir.path().join("dataset");
+    mini_dstc11(&dataset, 12);
+    let data = dir.path().join("data");
+    let store = KnowledgeStore::open(&data.join("knowledge.redb")).unwrap();
+    store.upsert_batch(aitl::kb::read_dstc11(&dataset).unwrap()).unwrap();
+    drop(store);
+    let server = aitl::server::start(common::config_with_embedder(&data)).await.unwrap();
+
+    let options = aitl::worker::simulate::SimulationOptions {
+        server: format!("http://{}", server.addr),
+        dataset: dataset.clone(),
+        agents: 5,
+        careless_share: 0.4,
+        generate_share: 0.0,
+        max_new_tokens: 16,
+        late_missing_share: 0.0,
+        fatigue_after: None,
+        limit: None,
+        seed: 3,
+        truth: dir.path().join("truth.json"),
+    };
+    let report = aitl::worker::simulate::run(&options).await.unwrap();
+    assert_eq!(report.questions, 43, "90% of 48 questions are history");
+    let truth: aitl::worker::simulate::Truth =
+        serde_json::from_slice(&std::fs::read(dir.path().join("truth.json")).unwrap()).unwrap();
+    assert_eq!(truth.careless_agents, ["sim-agent-00", "sim-agent-01"]);
+    assert_eq!(truth.annotations, report.annotations);
+
+    let log = data.join("log");
+    let mut worker = Worker::open(&data.join("worker"), &log, JudgeOptions::default()).unwrap();
+    assert_eq!(worker.run_once(&log).unwrap().annotations as usize, report.annotations);
+    server.shutdown().await.unwrap();
+
+    let evaluation = aitl::worker::evaluate::evaluate(worker.journal(), Some(&truth), None);
+    let separation = evaluation.separation.as_ref().unwrap();
+    println!("{evaluation}");
+    assert!(separation.careless_annotations > 0);
+    assert!(separation.precision >= 0.9, "{separation:?}");
+    assert!(separation.recall >= 0.5, "{separation:?}");
+    let rejected = |agent: &str| evaluation.agents[agent].rejected_share;
+    assert!(rejected("sim-agent-00") > rejected("sim-agent-04") + 0.3);
+    let sets = datasets::build(
+        worker.journal(),
+        &KnowledgeStore::open(&data.join("knowledge.redb")).unwrap(),
+        QueryComposition { context_turns: 3 },
+        true,
+    )
+    .unwrap();
+    assert!(sets.manifest.rejected > 0 && !sets.train.ranker.is_empty());
+}

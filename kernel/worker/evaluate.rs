@@ -68,6 +68,9 @@ pub struct FeedbackReport {
     pub judge_rejection_rate: f64,
     pub rejections_by_check: BTreeMap<String, usize>,
     pub separation: Option<Separation>,
+    /// Judge–human agreement: the share of agents' relevance labels the
+    /// language-model judge agreed with (when it ran).
+    pub llm_agreement: Option<f64>,
     /// Immediate (≤ 60 s), within the hour, later.
     pub delays: (usize, usize, usize),
     pub agents: BTreeMap<String, AgentSignals>,
@@ -124,6 +127,12 @@ pub fn evaluate(
             precision: rejected_careless as f64 / rejected.len().max(1) as f64,
             recall: rejected_careless as f64 / truth.careless_annotations.len().max(1) as f64,
         });
+    }
+
+    let agreement: Vec<f64> =
+        journal.verdicts.iter().filter(|v| v.check == "llm_relevance").map(|v| v.score).collect();
+    if !agreement.is_empty() {
+        report.llm_agreement = Some(agreement.iter().sum::<f64>() / agreement.len() as f64);
     }
 
     // Relevance per case: accepted agents' labels and reports, unless a data set's labels are given.
@@ -256,7 +265,10 @@ impl std::fmt::Display for FeedbackReport {
             100.0 * self.judge_rejection_rate,
             self.rejections_by_check
         )?;
-        if let Some(s) = &self.separation {
+        if let Some(a) = self.llm_agreement {
+            writeln!(f, "judge–human agreement on relevance labels (language model): {a:.3}")?;
+        }
+        if let Some(s) = self.separation.as_ref().filter(|s| s.careless_annotations > 0) {
             writeln!(
                 f,
                 "judge vs careless annotations: precision {:.3}, recall {:.3} ({} of {} careless rejected)",
