@@ -134,6 +134,24 @@ enum WorkerCommand {
         #[arg(long)]
         server: Option<String>,
     },
+    /// Fine-tune the embedding model on an exported retriever set (MultipleNegativesRankingLoss);
+    /// writes a sentence-transformers folder with a manifest. Rerun to resume from its checkpoint.
+    TrainRetriever {
+        /// An export folder of `aitl worker export` ({data_dir}/datasets/{version}).
+        #[arg(long)]
+        dataset: PathBuf,
+        /// Where to write the trained model; default {data_dir}/trained/retriever-{dataset version}.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        epochs: usize,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 2e-5)]
+        learning_rate: f64,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+    },
     /// Build the training sets from the journal (90/10 temporal split) into {data_dir}/datasets/{version}.
     /// Reads knowledge from the knowledge base, so the server must not be running on this data dir.
     Export {
@@ -152,9 +170,13 @@ enum EvalCommand {
         /// Score the judge against a simulation's truth file.
         #[arg(long)]
         truth: Option<PathBuf>,
-        /// Use a data set's relevance labels (DSTC11 folder) instead of agents' labels.
+        /// Use a data set's relevance labels and reference replies (DSTC11 folder) instead of agents' labels.
         #[arg(long)]
         dataset: Option<PathBuf>,
+        /// Score the helpfulness of up to this many held-out candidates with the language-model judge
+        /// (`[judge] llm`, or the configured generator when that is off).
+        #[arg(long, default_value_t = 0)]
+        helpfulness: usize,
         #[arg(long)]
         json: bool,
     },
@@ -270,9 +292,21 @@ fn run(cli: Cli) -> Result<()> {
             worker_run(&config, follow, no_judge, server)
         }
         Command::Worker { command: WorkerCommand::Export { no_judge } } => worker_export(&config, no_judge),
+        Command::Worker {
+            command: WorkerCommand::TrainRetriever { dataset, output, epochs, batch_size, learning_rate, max_tokens },
+        } => {
+            let options = aitl::worker::train_retriever::RetrieverTraining {
+                epochs,
+                batch_size,
+                learning_rate,
+                max_tokens,
+                ..Default::default()
+            };
+            train_retriever(&config, &dataset, output, &options)
+        }
         Command::Gaps { limit, json } => gaps(&config, limit, json),
-        Command::Eval { command: EvalCommand::Feedback { truth, dataset, json } } => {
-            eval_feedback(&config, truth, dataset, json)
+        Command::Eval { command: EvalCommand::Feedback { truth, dataset, helpfulness, json } } => {
+            eval_feedback(&config, truth, dataset, helpfulness, json)
         }
         Command::Simulate {
             dataset,
@@ -359,6 +393,79 @@ fn worker_run(config: &Config, follow: Option<f64>, no_judge: bool, server: Opti
     }
 }
 
+fn read_jsonl<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<Vec<T>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::NotFound(format!("{}: {e}", path.display())))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str(line).map_err(|e| Error::InvalidArgument(format!("{}:{}: {e}", path.display(), i + 1)))
+        })
+        .collect()
+}
+
+fn train_retriever(
+    config: &Config,
+    dataset: &std::path::Path,
+    output: Option<PathBuf>,
+    options: &aitl::worker::train_retriever::RetrieverTraining,
+) -> Result<()> {
+    let base = config.embedder_dir()?.ok_or_else(|| {
+        Error::InvalidArgument("retriever training starts from the embedding model; none is configured".into())
+    })?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dataset.join("manifest.json")).map_err(|e| {
+            Error::NotFound(format!("{}/manifest.json: {e} (an `aitl worker export` folder?)", dataset.display()))
+        })?)
+        .map_err(|e| Error::InvalidArgument(format!("{}/manifest.json: {e}", dataset.display())))?;
+    let version = manifest["version"].as_str().unwrap_or("unversioned").to_string();
+    let triplets = read_jsonl(&dataset.join("train/retriever.jsonl"))?;
+    let pairs = read_jsonl(&dataset.join("train/retriever_pairs.jsonl"))?;
+    let output = output.unwrap_or_else(|| config.data_dir.join("trained").join(format!("retriever-{version}")));
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps, loss {msg} ({elapsed}, eta {eta})")
+            .expect("template"),
+    );
+    let started = std::time::Instant::now();
+    let report = aitl::worker::train_retriever::train_retriever(
+        &base,
+        &triplets,
+        &pairs,
+        &output,
+        options,
+        |step, total, loss| {
+            bar.set_length(total as u64);
+            bar.set_position(step as u64);
+            bar.set_message(format!("{loss:.4}"));
+            // Without a terminal the bar is hidden: a line every 10 steps for logs.
+            if bar.is_hidden() && (step % 10 == 0 || step == total) {
+                eprintln!("step {step}/{total} loss {loss:.4} ({:.0} s)", started.elapsed().as_secs_f64());
+            }
+        },
+    )?;
+    bar.finish();
+    let parent = aitl::model::hf_folder::model_version(&base)?;
+    let manifest = serde_json::json!({
+        "kind": "retriever",
+        "parent": parent,
+        "training_set": version,
+        "training_set_dir": dataset,
+        "examples": triplets.len() + pairs.len(),
+        "hyperparameters": options,
+        "steps": report.steps,
+        "resumed_at": report.resumed_at,
+        "first_loss": report.losses.first(),
+        "last_loss": report.losses.last(),
+        "seconds": report.seconds,
+        "version": aitl::model::hf_folder::model_version(&output)?,
+    });
+    let text = serde_json::to_string_pretty(&manifest).expect("json");
+    std::fs::write(output.join("aitl_manifest.json"), &text)
+        .map_err(|e| Error::Internal(format!("{}: {e}", output.display())))?;
+    println!("{text}");
+    Ok(())
+}
+
 fn worker_export(config: &Config, no_judge: bool) -> Result<()> {
     let journal = aitl::worker::journal::Journal::open(&config.worker_dir())?;
     let kb = KnowledgeStore::open(&config.knowledge_path())?;
@@ -370,7 +477,13 @@ fn worker_export(config: &Config, no_judge: bool) -> Result<()> {
     Ok(())
 }
 
-fn eval_feedback(config: &Config, truth: Option<PathBuf>, dataset: Option<PathBuf>, json: bool) -> Result<()> {
+fn eval_feedback(
+    config: &Config,
+    truth: Option<PathBuf>,
+    dataset: Option<PathBuf>,
+    helpfulness: usize,
+    json: bool,
+) -> Result<()> {
     let journal = aitl::worker::journal::Journal::open(&config.worker_dir())?;
     let truth: Option<aitl::worker::simulate::Truth> = match truth {
         Some(path) => Some(
@@ -385,12 +498,29 @@ fn eval_feedback(config: &Config, truth: Option<PathBuf>, dataset: Option<PathBu
         Some(dir) => Some(
             aitl::eval::dstc11::read_queries(&dir, aitl::eval::dstc11::Split::All)?
                 .into_iter()
-                .map(|q| (q.id, q.relevant.into_iter().collect()))
+                .map(|q| {
+                    let labels = aitl::worker::evaluate::CaseLabels {
+                        relevant: q.relevant.into_iter().collect(),
+                        reference_reply: q.reference_reply,
+                    };
+                    (q.id, labels)
+                })
                 .collect(),
         ),
         None => None,
     };
-    let report = aitl::worker::evaluate::evaluate(&journal, truth.as_ref(), labels.as_ref());
+    let mut report = aitl::worker::evaluate::evaluate(&journal, truth.as_ref(), labels.as_ref());
+    if helpfulness > 0 {
+        let path = match config.judge.llm.as_str() {
+            "off" | "" | "default" => config.generator_path()?,
+            path => Some(PathBuf::from(path)),
+        }
+        .ok_or_else(|| {
+            Error::InvalidArgument("--helpfulness needs a language model ([judge] llm or a generator)".into())
+        })?;
+        let judge = aitl::worker::llm_judge::LlmJudge::load(aitl::backend::Device::Cpu, &path)?;
+        aitl::worker::evaluate::score_helpfulness(&mut report, &journal, &judge, labels.as_ref(), helpfulness)?;
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&report).expect("json"));
     } else {

@@ -123,7 +123,7 @@ impl ChatTokenizer {
             .filter(|(_, t)| **t == CONTROL || **t == USER_DEFINED)
             .map(|(token, _)| AddedToken::from(token.clone(), true))
             .collect();
-        tokenizer.add_special_tokens(&special);
+        tokenizer.add_special_tokens(special).map_err(|e| bad(format!("special tokens: {e}")))?;
         let id = |key: &str| file.meta_u64(key).ok().map(|v| v as u32);
         let eos =
             id("tokenizer.ggml.eos_token_id").ok_or_else(|| bad("tokenizer.ggml.eos_token_id is missing".into()))?;

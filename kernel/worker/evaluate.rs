@@ -26,6 +26,9 @@ pub struct VersionOutcome {
     pub rejected: usize,
     /// Adopted as is or edited, over all adoption decisions.
     pub adoption_rate: f64,
+    /// Mean P(helpful) by the language-model judge over held-out candidates.
+    pub helpfulness: Option<f64>,
+    pub helpfulness_candidates: usize,
     pub preferred: usize,
     pub not_preferred: usize,
     pub win_rate: f64,
@@ -84,12 +87,51 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-/// `labels`: case id → relevant knowledge ids from a data set, used instead
-/// of agents' labels when given.
+/// What a data set knows per case (query id), used instead of agents' labels.
+#[derive(Debug, Default)]
+pub struct CaseLabels {
+    pub relevant: HashSet<String>,
+    pub reference_reply: String,
+}
+
+/// Scores held-out candidates' helpfulness with the language-model judge
+/// (at most `limit` candidates, the latest first), against the data set's
+/// reference reply when there is one.
+pub fn score_helpfulness(
+    report: &mut FeedbackReport,
+    journal: &Journal,
+    judge: &super::llm_judge::LlmJudge,
+    labels: Option<&HashMap<String, CaseLabels>>,
+    limit: usize,
+) -> crate::error::Result<()> {
+    let mut generated: Vec<&InteractionRow> =
+        journal.interactions.values().filter(|i| i.kind == Kind::Generate).collect();
+    generated.sort_by(|a, b| (b.created_ms, &b.interaction_id).cmp(&(a.created_ms, &a.interaction_id)));
+    let heldout = (generated.len() as f64 * HELDOUT_SHARE).round().max(1.0) as usize;
+    let mut scores: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let candidates = generated.into_iter().take(heldout).flat_map(|i| i.candidates.iter().map(move |c| (i, c)));
+    for (i, c) in candidates.take(limit) {
+        let reference =
+            labels.and_then(|l| l.get(&i.case_id)).map(|c| c.reference_reply.as_str()).filter(|r| !r.is_empty());
+        let version = match c.model_version.as_str() {
+            "" => i.models.get("generator").cloned().unwrap_or_default(),
+            v => v.to_string(),
+        };
+        scores.entry(version).or_default().push(judge.helpfulness(&i.query, &c.text, reference)?);
+    }
+    for (version, values) in scores {
+        let outcome = report.by_generator.entry(version).or_default();
+        outcome.helpfulness_candidates = values.len();
+        outcome.helpfulness = Some(values.iter().sum::<f64>() / values.len() as f64);
+    }
+    Ok(())
+}
+
+/// `labels`: a data set's relevance per case, used instead of agents' labels when given.
 pub fn evaluate(
     journal: &Journal,
     truth: Option<&Truth>,
-    labels: Option<&HashMap<String, HashSet<String>>>,
+    labels: Option<&HashMap<String, CaseLabels>>,
 ) -> FeedbackReport {
     let rejected = rejections(journal);
     let mut report = FeedbackReport { annotations: journal.annotations.len(), ..Default::default() };
@@ -129,8 +171,7 @@ pub fn evaluate(
         });
     }
 
-    let agreement: Vec<f64> =
-        journal.verdicts.iter().filter(|v| v.check == "llm_relevance").map(|v| v.score).collect();
+    let agreement: Vec<f64> = journal.verdicts.iter().filter(|v| v.check == "llm_relevance").map(|v| v.score).collect();
     if !agreement.is_empty() {
         report.llm_agreement = Some(agreement.iter().sum::<f64>() / agreement.len() as f64);
     }
@@ -153,7 +194,7 @@ pub fn evaluate(
     }
     let relevant = |i: &InteractionRow| -> Option<HashSet<String>> {
         match labels {
-            Some(labels) => labels.get(&i.case_id).cloned(),
+            Some(labels) => labels.get(&i.case_id).map(|c| c.relevant.clone()),
             None => relevant_by_case.get(&i.case_id).cloned(),
         }
         .filter(|set| !set.is_empty())
@@ -290,14 +331,23 @@ impl std::fmt::Display for FeedbackReport {
                 )?;
             }
         }
-        if let Some(c) = self.citation_correctness {
-            writeln!(f, "citation correctness: {c:.3}")?;
+        match self.citation_correctness {
+            Some(c) => writeln!(f, "citation correctness: {c:.3}")?,
+            None => writeln!(f, "citation correctness: no candidate cited knowledge")?,
         }
         for (version, o) in &self.by_generator {
             writeln!(
                 f,
-                "generator {version}: adoption {:.3} ({} as is, {} edited, {} rejected), preference win rate {:.3}",
-                o.adoption_rate, o.adopted_as_is, o.edited, o.rejected, o.win_rate
+                "generator {version}: adoption {:.3} ({} as is, {} edited, {} rejected), preference win rate {:.3}{}",
+                o.adoption_rate,
+                o.adopted_as_is,
+                o.edited,
+                o.rejected,
+                o.win_rate,
+                o.helpfulness.map_or(String::new(), |h| format!(
+                    ", helpfulness {h:.3} (language-model judge, {} held-out candidates)",
+                    o.helpfulness_candidates
+                ))
             )?;
         }
         writeln!(f, "{:<16} {:>6} {:>10} {:>9} {:>9}", "agent", "notes", "median s", "relevant", "rejected")?;
@@ -309,5 +359,155 @@ impl std::fmt::Display for FeedbackReport {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::rows::{CandidateRow, Row, ShownRow, Verdict};
+
+    fn interaction(id: &str, kind: Kind, created_ms: i64, case: &str) -> InteractionRow {
+        InteractionRow {
+            sequence: 0,
+            interaction_id: id.into(),
+            kind,
+            created_ms,
+            agent_id: String::new(),
+            case_id: case.into(),
+            query: "q".into(),
+            context: Vec::new(),
+            shown: ["k1", "k2", "k3"]
+                .iter()
+                .enumerate()
+                .map(|(i, k)| ShownRow { knowledge_id: k.to_string(), version: 1, rank: i as u32 + 1 })
+                .collect(),
+            candidates: Vec::new(),
+            system_prompt: String::new(),
+            models: BTreeMap::new(),
+        }
+    }
+
+    fn annotation(id: &str, on: &str, agent: &str, delay_s: f64, feedback: Feedback) -> Row {
+        Row::Annotation(AnnotationRow {
+            sequence: 0,
+            annotation_id: id.into(),
+            interaction_id: on.into(),
+            agent_id: agent.into(),
+            case_id: String::new(),
+            shown_ms: 0,
+            annotated_ms: (delay_s * 1000.0) as i64,
+            feedback,
+        })
+    }
+
+    /// Every figure of a hand-made journal, computed by hand.
+    #[test]
+    fn feedback_metrics_match_hand_computed_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path()).unwrap();
+        let mut generate = interaction("g", Kind::Generate, 0, "c9");
+        generate.candidates = vec![
+            CandidateRow {
+                candidate_id: "c0".into(),
+                text: "a".into(),
+                cited: vec!["k2".into()],
+                model_version: "v1".into(),
+            },
+            CandidateRow {
+                candidate_id: "c1".into(),
+                text: "b".into(),
+                cited: vec!["k1".into(), "k3".into()],
+                model_version: "v1".into(),
+            },
+        ];
+        journal.stage(Row::Interaction(generate)).unwrap();
+        for i in 0..10 {
+            journal
+                .stage(Row::Interaction(interaction(&format!("r{i}"), Kind::Retrieve, 1 + i, &format!("c{i}"))))
+                .unwrap();
+        }
+        let labels = |pairs: &[(&str, Label)]| Feedback::Relevance {
+            judgements: pairs.iter().map(|(k, l)| (k.to_string(), *l)).collect(),
+        };
+        let rows = vec![
+            annotation(
+                "rel",
+                "r9",
+                "a",
+                10.0,
+                labels(&[("k2", Label::Relevant), ("k1", Label::Irrelevant), ("k3", Label::Irrelevant)]),
+            ),
+            annotation(
+                "gap",
+                "r9",
+                "a",
+                120.0,
+                Feedback::Missing {
+                    knowledge_id: Some("k4".into()),
+                    title: String::new(),
+                    uri: String::new(),
+                    excerpt: String::new(),
+                    note: String::new(),
+                },
+            ),
+            annotation(
+                "pref",
+                "g",
+                "a",
+                20.0,
+                Feedback::Preference {
+                    preferred: "c0".into(),
+                    other: "c1".into(),
+                    strength: 2,
+                    rationale: "more precise".into(),
+                },
+            ),
+            annotation(
+                "adopt",
+                "g",
+                "a",
+                30.0,
+                Feedback::Adoption {
+                    candidate_id: "c0".into(),
+                    decision: Decision::Edited,
+                    sent_text: "a!".into(),
+                    rationale: "tone".into(),
+                },
+            ),
+            annotation("fast", "r0", "b", 0.1, labels(&[("k1", Label::Relevant)])),
+            Row::Verdict(Verdict {
+                annotation_id: "fast".into(),
+                check: "too_fast".into(),
+                pass: false,
+                score: 0.1,
+                reason: String::new(),
+            }),
+        ];
+        rows.into_iter().for_each(|r| journal.stage(r).unwrap());
+        let truth =
+            Truth { careless_annotations: ["fast".to_string(), "adopt".to_string()].into(), ..Truth::default() };
+        let report = evaluate(&journal, Some(&truth), None);
+
+        assert_eq!(report.delays, (4, 1, 0));
+        assert_eq!((report.judge_rejected, report.rejections_by_check["too_fast"]), (1, 1));
+        let separation = report.separation.as_ref().unwrap();
+        assert_eq!((separation.precision, separation.recall), (1.0, 0.5));
+        // Held out: the latest of 11 interactions, r9. Relevant for c9: k2 (labelled) and k4 (missing).
+        assert_eq!(report.heldout_interactions, 1);
+        let retrieval = report.retrieval.as_ref().unwrap();
+        let at = |list: &[(usize, f64)], k: usize| list.iter().find(|(n, _)| *n == k).unwrap().1;
+        assert_eq!((retrieval.queries, at(&retrieval.recall, 5), at(&retrieval.precision, 1)), (1, 0.5, 0.0));
+        assert!((at(&retrieval.precision, 5) - 0.2).abs() < 1e-12);
+        assert!((retrieval.mrr - 0.5).abs() < 1e-12);
+        let ndcg = (1.0 / 3f64.log2()) / (1.0 + 1.0 / 3f64.log2());
+        assert!((retrieval.ndcg_at_10 - ndcg).abs() < 1e-9, "{} vs {ndcg}", retrieval.ndcg_at_10);
+        assert!(report.ranking.is_none());
+        // Cited: k2, k1, k3 for case c9; only k2 is relevant.
+        assert!((report.citation_correctness.unwrap() - 1.0 / 3.0).abs() < 1e-12);
+        let v1 = &report.by_generator["v1"];
+        assert_eq!((v1.edited, v1.adoption_rate, v1.preferred, v1.not_preferred, v1.win_rate), (1, 1.0, 1, 1, 0.5));
+        assert_eq!(report.agents["b"].rejected_share, 1.0);
+        assert_eq!(report.agents["a"].relevant_share, 1.0 / 3.0);
     }
 }

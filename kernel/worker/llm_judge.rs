@@ -45,6 +45,17 @@ pub const RELEVANCE_PROMPT: &str = "A customer asked: {question}\n\nKnowledge: {
 pub const GROUNDING_PROMPT: &str = "Knowledge:\n{knowledge}\n\nReply: {reply}\n\nDoes the reply state only facts \
 found in the knowledge above?";
 
+/// Point-wise helpfulness, for evaluation (not a check on agents). The
+/// rubric: a helpful reply answers the customer's actual question, is
+/// correct, and, when a reference reply written by a person exists, says
+/// what it says.
+pub const HELPFULNESS_PROMPT: &str = "A customer asked: {question}\n\nA support reply: {reply}\n\n\
+Does this reply answer the customer's question helpfully and correctly?";
+
+pub const HELPFULNESS_WITH_REFERENCE_PROMPT: &str = "A customer asked: {question}\n\nA support agent's reference \
+answer: {reference}\n\nA candidate reply: {reply}\n\nDoes the candidate reply answer the question as helpfully \
+and correctly as the reference answer?";
+
 /// Relevance judgements checked per annotation (each is one model call).
 pub const RELEVANCE_PER_ANNOTATION: usize = 3;
 /// Characters of any one text put in a prompt.
@@ -88,6 +99,15 @@ impl LlmJudge {
         let logits = self.model.forward(&self.device, &mut [Step { tokens, cache: &mut cache }])?.remove(0);
         let (yes, no) = (f64::from(logits[self.yes as usize]), f64::from(logits[self.no as usize]));
         Ok(1.0 / (1.0 + (no - yes).exp()))
+    }
+
+    /// P(helpful) of `reply` to `question` (against `reference` when there is one).
+    pub fn helpfulness(&self, question: &str, reply: &str, reference: Option<&str>) -> Result<f64> {
+        let prompt = match reference {
+            Some(reference) => HELPFULNESS_WITH_REFERENCE_PROMPT.replace("{reference}", clip(reference)),
+            None => HELPFULNESS_PROMPT.to_string(),
+        };
+        self.p_yes(&prompt.replace("{question}", clip(question)).replace("{reply}", clip(reply)))
     }
 
     /// Verdicts on `a`; `knowledge` resolves the objects the interaction showed.

@@ -16,6 +16,8 @@ pub mod llm_judge;
 pub mod rows;
 pub mod simulate;
 pub mod text;
+pub mod train_bert;
+pub mod train_retriever;
 
 use std::{ops::ControlFlow, path::Path};
 

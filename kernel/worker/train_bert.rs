@@ -1,0 +1,138 @@
+//! BERT for training, in candle's differentiable ops: Hugging Face's
+//! `BertModel` (post-norm encoder, exact GELU), with its parameter names, so
+//! a checkpoint trains from and saves to the same safetensors layout aitl's
+//! encoder serves. candle-transformers' BERT cannot be trained: its layer
+//! norm is a fused op without a backward pass, so no gradient would reach a
+//! weight. Serving stays on `model/bert.rs`; this copy exists only because
+//! training needs autograd, and `tests/train.rs` checks that both give the
+//! same embeddings.
+
+use candle_core::{D, DType, Module, Result, Tensor};
+use candle_nn::{Embedding, Linear, VarBuilder, ops::layer_norm_slow};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TrainBertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "two")]
+    pub type_vocab_size: usize,
+    #[serde(default = "eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+}
+
+fn two() -> usize {
+    2
+}
+
+fn eps() -> f64 {
+    1e-12
+}
+
+struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl Norm {
+    fn load(vb: VarBuilder, width: usize, eps: f64) -> Result<Self> {
+        Ok(Norm { weight: vb.get(width, "weight")?, bias: vb.get(width, "bias")?, eps: eps as f32 })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // The composed (differentiable) layer norm, not the fused one.
+        layer_norm_slow(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attention_out: Linear,
+    attention_norm: Norm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: Norm,
+    heads: usize,
+}
+
+impl Layer {
+    fn load(vb: VarBuilder, c: &TrainBertConfig) -> Result<Self> {
+        let (h, f) = (c.hidden_size, c.intermediate_size);
+        let attention = vb.pp("attention");
+        Ok(Layer {
+            query: candle_nn::linear(h, h, attention.pp("self.query"))?,
+            key: candle_nn::linear(h, h, attention.pp("self.key"))?,
+            value: candle_nn::linear(h, h, attention.pp("self.value"))?,
+            attention_out: candle_nn::linear(h, h, attention.pp("output.dense"))?,
+            attention_norm: Norm::load(attention.pp("output.LayerNorm"), h, c.layer_norm_eps)?,
+            intermediate: candle_nn::linear(h, f, vb.pp("intermediate.dense"))?,
+            output: candle_nn::linear(f, h, vb.pp("output.dense"))?,
+            output_norm: Norm::load(vb.pp("output.LayerNorm"), h, c.layer_norm_eps)?,
+            heads: c.num_attention_heads,
+        })
+    }
+
+    /// `x`: `[batch, len, hidden]`; `bias`: `[batch, 1, 1, len]`, 0 or −∞-like for padding.
+    fn forward(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let (b, len, hidden) = x.dims3()?;
+        let d = hidden / self.heads;
+        let split = |t: Tensor| t.reshape((b, len, self.heads, d))?.transpose(1, 2)?.contiguous();
+        let q = split(self.query.forward(x)?)?;
+        let k = split(self.key.forward(x)?)?;
+        let v = split(self.value.forward(x)?)?;
+        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(bias)?;
+        let probabilities = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let context = probabilities.matmul(&v)?.transpose(1, 2)?.reshape((b, len, hidden))?;
+        let attended = self.attention_norm.forward(&(self.attention_out.forward(&context)? + x)?)?;
+        let inner = self.intermediate.forward(&attended)?.gelu_erf()?;
+        self.output_norm.forward(&(self.output.forward(&inner)? + attended)?)
+    }
+}
+
+pub struct TrainBert {
+    words: Embedding,
+    positions: Embedding,
+    types: Embedding,
+    norm: Norm,
+    layers: Vec<Layer>,
+}
+
+impl TrainBert {
+    pub fn load(vb: VarBuilder, c: &TrainBertConfig) -> Result<Self> {
+        if c.hidden_act.as_deref().is_some_and(|a| a != "gelu") {
+            candle_core::bail!("training supports BERT with exact GELU, not {:?}", c.hidden_act);
+        }
+        let h = c.hidden_size;
+        let e = vb.pp("embeddings");
+        Ok(TrainBert {
+            words: candle_nn::embedding(c.vocab_size, h, e.pp("word_embeddings"))?,
+            positions: candle_nn::embedding(c.max_position_embeddings, h, e.pp("position_embeddings"))?,
+            types: candle_nn::embedding(c.type_vocab_size, h, e.pp("token_type_embeddings"))?,
+            norm: Norm::load(e.pp("LayerNorm"), h, c.layer_norm_eps)?,
+            layers: (0..c.num_hidden_layers)
+                .map(|i| Layer::load(vb.pp(format!("encoder.layer.{i}")), c))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// Token states `[batch, len, hidden]` for `ids` (`[batch, len]`, u32) with
+    /// `mask` (1 for tokens, 0 for padding).
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, len) = ids.dims2()?;
+        let positions = Tensor::arange(0u32, len as u32, ids.device())?.unsqueeze(0)?.broadcast_as((b, len))?;
+        let x = (self.words.forward(ids)? + self.positions.forward(&positions.contiguous()?)?)?;
+        let x = self.norm.forward(&(x + self.types.forward(&ids.zeros_like()?)?)?)?;
+        // Padding gets a large negative bias: exp underflows to 0 in the softmax.
+        let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.unsqueeze(1)?.unsqueeze(1)?;
+        self.layers.iter().try_fold(x, |x, layer| layer.forward(&x, &bias))
+    }
+}

@@ -1,0 +1,286 @@
+//! Fine-tunes the embedding model on the retriever set with
+//! MultipleNegativesRankingLoss, as sentence-transformers does: each anchor
+//! must score its own positive above every other document of the batch (the
+//! other anchors' positives and all hard negatives), cross-entropy over
+//! cosine similarities scaled by 20. Gradients and AdamW come from candle,
+//! over the BERT of `train_bert.rs`; the starting weights are the serving
+//! model's, and the result is a sentence-transformers folder that aitl's own
+//! encoder serves and sentence-transformers loads.
+//!
+//! Checkpoints hold the weights and the step; a resumed run continues from
+//! the step with fresh optimizer moments (candle's AdamW state is not
+//! serialisable), which is the usual warm restart.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use candle_core::{DType, Device as CandleDevice, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    datasets::{RetrieverPair, RetrieverTriplet},
+    train_bert::{TrainBert, TrainBertConfig},
+};
+use crate::{
+    error::{Error, Result},
+    model::{hf_folder, weights::SafetensorsFile},
+};
+
+fn candle(e: candle_core::Error) -> Error {
+    Error::Internal(format!("training: {e}"))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RetrieverTraining {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    /// Share of the steps with a linear warm-up; the rest decay linearly to 0.
+    pub warmup_share: f64,
+    pub weight_decay: f64,
+    /// Tokens per text (longer texts are cut).
+    pub max_tokens: usize,
+    /// MultipleNegativesRankingLoss's similarity scale.
+    pub scale: f64,
+    pub seed: u64,
+    /// Write a checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: usize,
+    /// Stop after this many steps (tests; 0: no cap).
+    pub max_steps: usize,
+}
+
+impl Default for RetrieverTraining {
+    fn default() -> Self {
+        RetrieverTraining {
+            epochs: 1,
+            batch_size: 32,
+            learning_rate: 2e-5,
+            warmup_share: 0.1,
+            weight_decay: 0.01,
+            max_tokens: 128,
+            scale: 20.0,
+            seed: 7,
+            checkpoint_every: 200,
+            max_steps: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainingReport {
+    pub steps: usize,
+    /// Loss of each step this run made.
+    pub losses: Vec<f32>,
+    pub seconds: f64,
+    pub output: PathBuf,
+    /// The step the run resumed from (0 for a fresh run).
+    pub resumed_at: usize,
+}
+
+/// One training example: anchor, positive, optional hard negative.
+struct Example<'a> {
+    anchor: &'a str,
+    positive: &'a str,
+    negative: Option<&'a str>,
+}
+
+/// Side files of a sentence-transformers folder, copied to the trained one.
+const SIDE_FILES: &[&str] = &[
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling/config.json",
+];
+
+#[derive(Serialize, Deserialize)]
+struct Checkpoint {
+    step: usize,
+}
+
+struct Encoder {
+    model: TrainBert,
+    tokenizer: tokenizers::Tokenizer,
+    device: CandleDevice,
+}
+
+impl Encoder {
+    /// Mean-pooled, L2-normalised embeddings of `texts` (`[n, hidden]`).
+    fn embed(&self, texts: &[&str]) -> Result<Tensor> {
+        let encodings = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| Error::InvalidArgument(format!("tokenizer: {e}")))?;
+        let longest = encodings.iter().map(|e| e.len()).max().unwrap_or(1).max(1);
+        let (mut ids, mut mask) = (Vec::new(), Vec::new());
+        for e in &encodings {
+            ids.extend(e.get_ids().iter().copied().chain(std::iter::repeat(0)).take(longest));
+            mask.extend((0..longest).map(|i| u32::from(i < e.len())));
+        }
+        let n = texts.len();
+        let ids = Tensor::from_vec(ids, (n, longest), &self.device).map_err(candle)?;
+        let mask = Tensor::from_vec(mask, (n, longest), &self.device).map_err(candle)?;
+        let hidden = self.model.forward(&ids, &mask).map_err(candle)?;
+        let weights = mask.to_dtype(DType::F32).map_err(candle)?.unsqueeze(2).map_err(candle)?;
+        let summed = hidden.broadcast_mul(&weights).and_then(|h| h.sum(1)).map_err(candle)?;
+        let counts = weights.sum(1).map_err(candle)?;
+        let mean = summed.broadcast_div(&counts).map_err(candle)?;
+        let norm = mean.sqr().and_then(|s| s.sum_keepdim(1)).and_then(|s| s.sqrt()).map_err(candle)?;
+        mean.broadcast_div(&norm.clamp(1e-12, f64::MAX).map_err(candle)?).map_err(candle)
+    }
+}
+
+/// Loads `dir`'s BERT into trainable variables.
+fn load(dir: &Path, max_tokens: usize) -> Result<(Encoder, VarMap)> {
+    let config: TrainBertConfig = hf_folder::read_json(&dir.join("config.json"))?
+        .ok_or_else(|| Error::NotFound(format!("{}/config.json is missing", dir.display())))?;
+    let pooling: Option<serde_json::Value> = hf_folder::read_json(&dir.join("1_Pooling/config.json"))?;
+    if pooling.is_some_and(|p| p["pooling_mode_mean_tokens"] != serde_json::Value::Bool(true)) {
+        return Err(Error::InvalidArgument(format!(
+            "{}: retriever training uses mean pooling; this model pools otherwise",
+            dir.display()
+        )));
+    }
+    let device = CandleDevice::Cpu;
+    let varmap = VarMap::new();
+    let model = TrainBert::load(VarBuilder::from_varmap(&varmap, DType::F32, &device), &config).map_err(candle)?;
+    let weights = SafetensorsFile::open(&dir.join("model.safetensors"))?;
+    for (name, var) in varmap.data().lock().map_err(|_| Error::Internal("training: poisoned weights".into()))?.iter() {
+        let (shape, values) = weights.load(name)?;
+        let tensor = Tensor::from_vec(values, shape, &device).map_err(candle)?;
+        var.set(&tensor).map_err(|e| Error::InvalidArgument(format!("{}: {name}: {e}", dir.display())))?;
+    }
+    let mut tokenizer = hf_folder::tokenizer(dir, Some(max_tokens))?;
+    tokenizer.with_padding(None);
+    Ok((Encoder { model, tokenizer, device }, varmap))
+}
+
+/// Copies the serving folder's side files and writes `weights`.
+fn write_folder(base: &Path, varmap: &VarMap, out: &Path) -> Result<()> {
+    let fail = |e: std::io::Error| Error::Internal(format!("{}: {e}", out.display()));
+    std::fs::create_dir_all(out.join("1_Pooling")).map_err(fail)?;
+    for file in SIDE_FILES {
+        let from = base.join(file);
+        if from.exists() {
+            std::fs::copy(&from, out.join(file)).map_err(fail)?;
+        }
+    }
+    varmap.save(out.join("model.safetensors")).map_err(candle)
+}
+
+/// Linear warm-up, then linear decay to zero.
+fn learning_rate(options: &RetrieverTraining, step: usize, total: usize) -> f64 {
+    let warmup = ((total as f64 * options.warmup_share).ceil() as usize).max(1);
+    if step < warmup {
+        options.learning_rate * (step + 1) as f64 / warmup as f64
+    } else {
+        options.learning_rate * (total - step) as f64 / (total - warmup).max(1) as f64
+    }
+}
+
+/// A seeded Fisher–Yates shuffle of `0..n`: an epoch's order, the same
+/// whenever it is replayed (a resumed run continues the epoch it was in).
+fn epoch_order(n: usize, seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut state = seed;
+    for i in (1..n).rev() {
+        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        order.swap(i, (state >> 33) as usize % (i + 1));
+    }
+    order
+}
+
+/// Trains from the folder `base`; writes the trained folder to `output`
+/// (checkpoints to `output/checkpoint`, from which a rerun resumes).
+pub fn train_retriever(
+    base: &Path,
+    triplets: &[RetrieverTriplet],
+    pairs: &[RetrieverPair],
+    output: &Path,
+    options: &RetrieverTraining,
+    mut progress: impl FnMut(usize, usize, f32),
+) -> Result<TrainingReport> {
+    let started = Instant::now();
+    let examples: Vec<Example> = triplets
+        .iter()
+        .map(|t| Example { anchor: &t.anchor, positive: &t.positive, negative: Some(&t.negative) })
+        .chain(pairs.iter().map(|p| Example { anchor: &p.anchor, positive: &p.positive, negative: None }))
+        .collect();
+    if examples.len() < 2 {
+        return Err(Error::InvalidArgument(format!(
+            "the retriever set has {} examples; in-batch negatives need at least 2",
+            examples.len()
+        )));
+    }
+    let checkpoint_dir = output.join("checkpoint");
+    let resumed: Option<Checkpoint> = hf_folder::read_json(&checkpoint_dir.join("checkpoint.json"))?;
+    let start_from = if resumed.is_some() { &checkpoint_dir } else { base };
+    let (encoder, varmap) = load(start_from, options.max_tokens)?;
+    let resumed_at = resumed.map_or(0, |c| c.step);
+
+    let batch = options.batch_size.clamp(2, examples.len());
+    let per_epoch = examples.len() / batch;
+    let mut total = per_epoch * options.epochs.max(1);
+    if options.max_steps > 0 {
+        total = total.min(options.max_steps);
+    }
+    let params = ParamsAdamW { lr: options.learning_rate, weight_decay: options.weight_decay, ..Default::default() };
+    let vars: Vec<Var> = varmap.all_vars();
+    let mut optimizer = AdamW::new(vars, params).map_err(candle)?;
+    let mut losses = Vec::new();
+    let mut order = Vec::new();
+    for step in resumed_at..total {
+        if step == resumed_at || step % per_epoch == 0 {
+            order = epoch_order(examples.len(), options.seed.wrapping_add((step / per_epoch) as u64));
+        }
+        let chunk: Vec<&Example> =
+            order[(step % per_epoch) * batch..(step % per_epoch + 1) * batch].iter().map(|&i| &examples[i]).collect();
+        let anchors: Vec<&str> = chunk.iter().map(|e| e.anchor).collect();
+        let documents: Vec<&str> =
+            chunk.iter().map(|e| e.positive).chain(chunk.iter().filter_map(|e| e.negative)).collect();
+        let a = encoder.embed(&anchors)?;
+        let d = encoder.embed(&documents)?;
+        let scores = a.matmul(&d.t().map_err(candle)?).and_then(|s| s * options.scale).map_err(candle)?;
+        let targets = Tensor::arange(0u32, chunk.len() as u32, &encoder.device).map_err(candle)?;
+        let loss = candle_nn::loss::cross_entropy(&scores, &targets).map_err(candle)?;
+        optimizer.set_learning_rate(learning_rate(options, step, total));
+        optimizer.backward_step(&loss).map_err(candle)?;
+        let value = loss.to_scalar::<f32>().map_err(candle)?;
+        if !value.is_finite() {
+            return Err(Error::Internal(format!("training diverged at step {step}: loss {value}")));
+        }
+        losses.push(value);
+        progress(step + 1, total, value);
+        if options.checkpoint_every > 0 && (step + 1) % options.checkpoint_every == 0 && step + 1 < total {
+            write_folder(base, &varmap, &checkpoint_dir)?;
+            let text =
+                serde_json::to_string(&Checkpoint { step: step + 1 }).map_err(|e| Error::Internal(e.to_string()))?;
+            std::fs::write(checkpoint_dir.join("checkpoint.json"), text)
+                .map_err(|e| Error::Internal(format!("{}: {e}", checkpoint_dir.display())))?;
+        }
+    }
+    write_folder(base, &varmap, output)?;
+    let _ = std::fs::remove_dir_all(&checkpoint_dir);
+    Ok(TrainingReport {
+        steps: total - resumed_at,
+        losses,
+        seconds: started.elapsed().as_secs_f64(),
+        output: output.to_owned(),
+        resumed_at,
+    })
+}
+
+/// Embeddings of `texts` by the (trained) folder, computed with candle: what
+/// aitl's own encoder must reproduce when it serves the folder.
+pub fn embed_with_candle(dir: &Path, texts: &[&str], max_tokens: usize) -> Result<Vec<Vec<f32>>> {
+    let (encoder, _) = load(dir, max_tokens)?;
+    encoder.embed(texts)?.to_vec2::<f32>().map_err(candle)
+}

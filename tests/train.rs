@@ -1,0 +1,120 @@
+//! Retriever training on a tiny BERT (the cross-encoder fixture's encoder,
+//! made with transformers, used as a sentence-transformers model): the
+//! loss falls, a checkpointed run resumes, and the trained folder, served by
+//! aitl's own encoder, embeds as candle computed it during training.
+
+use std::path::Path;
+
+use aitl::{
+    backend::Device,
+    model::sentence::SentenceEmbedder,
+    worker::{
+        datasets::RetrieverTriplet,
+        train_retriever::{RetrieverTraining, embed_with_candle, train_retriever},
+    },
+};
+
+/// A sentence-transformers folder around the fixture's BERT: mean pooling, normalised.
+fn tiny_embedder(dir: &Path) {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cross-encoder-1");
+    for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture.join(file), dir.join(file)).unwrap();
+    }
+    std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
+    std::fs::write(
+        dir.join("modules.json"),
+        r#"[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("1_Pooling/config.json"),
+        r#"{"word_embedding_dimension": 32, "pooling_mode_cls_token": false, "pooling_mode_mean_tokens": true}"#,
+    )
+    .unwrap();
+    std::fs::write(dir.join("sentence_bert_config.json"), r#"{"max_seq_length": 64, "do_lower_case": false}"#).unwrap();
+}
+
+fn triplets() -> Vec<RetrieverTriplet> {
+    let topics = ["parking", "breakfast", "pets", "pool", "wifi", "checkout", "shuttle", "gym"];
+    (0..16)
+        .map(|i| {
+            let (topic, other) = (topics[i % 8], topics[(i + 3) % 8]);
+            RetrieverTriplet {
+                anchor: format!("question {i} about the {topic}"),
+                positive: format!("the hotel {topic} policy, part {}", i / 8),
+                negative: format!("the hotel {other} policy"),
+            }
+        })
+        .collect()
+}
+
+fn mean(values: &[f32]) -> f32 {
+    values.iter().sum::<f32>() / values.len() as f32
+}
+
+#[test]
+fn training_lowers_the_loss_and_the_trained_folder_serves_what_training_computed() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    tiny_embedder(&base);
+    let options = RetrieverTraining {
+        epochs: 12,
+        batch_size: 4,
+        learning_rate: 2e-3,
+        warmup_share: 0.05,
+        max_tokens: 32,
+        checkpoint_every: 0,
+        ..Default::default()
+    };
+    let output = dir.path().join("trained");
+    let report = train_retriever(&base, &triplets(), &[], &output, &options, |_, _, _| {}).unwrap();
+    assert_eq!(report.steps, 48);
+    let (first, last) = (mean(&report.losses[..8]), mean(&report.losses[40..]));
+    println!("loss: first 8 steps {first:.3}, last 8 steps {last:.3}");
+    assert!(last < 0.7 * first, "the loss should fall: {first} → {last}");
+
+    // aitl's encoder serves the trained folder as candle computed it.
+    let texts = ["question 3 about the pool", "the hotel gym policy", "ünïcode and punctuation?!"];
+    let device = Device::Cpu;
+    let served = SentenceEmbedder::load(&device, &output).unwrap().embed(&device, &texts, 4096).unwrap();
+    let trained = embed_with_candle(&output, &texts, 64).unwrap();
+    for (a, b) in served.iter().zip(&trained) {
+        let cosine: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        assert!(cosine > 0.9999, "served and trained embeddings differ: cosine {cosine}");
+    }
+    // And it moved: the base model embeds differently.
+    let before = SentenceEmbedder::load(&device, &base).unwrap().embed(&device, &texts, 4096).unwrap();
+    let moved: f32 = before[0].iter().zip(&served[0]).map(|(x, y)| x * y).sum();
+    assert!(moved < 0.999, "training left the weights unchanged");
+}
+
+#[test]
+fn a_checkpointed_run_resumes_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    tiny_embedder(&base);
+    let output = dir.path().join("trained");
+    let first = RetrieverTraining {
+        epochs: 4,
+        batch_size: 4,
+        learning_rate: 1e-3,
+        checkpoint_every: 5,
+        max_steps: 0,
+        max_tokens: 32,
+        ..Default::default()
+    };
+    // A run that stops after step 10 (as a crash would), leaving its checkpoint.
+    let stopped = std::panic::catch_unwind(|| {
+        train_retriever(&base, &triplets(), &[], &output, &first, |step, _, _| assert!(step < 11, "stop")).unwrap()
+    });
+    assert!(stopped.is_err());
+    assert!(output.join("checkpoint/checkpoint.json").exists());
+    let resumed = train_retriever(&base, &triplets(), &[], &output, &first, |_, _, _| {}).unwrap();
+    assert_eq!((resumed.resumed_at, resumed.steps), (10, 6));
+    assert!(output.join("model.safetensors").exists() && !output.join("checkpoint").exists());
+    assert!(SentenceEmbedder::load(&Device::Cpu, &output).is_ok());
+}
