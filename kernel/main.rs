@@ -152,6 +152,25 @@ enum WorkerCommand {
         #[arg(long, default_value_t = 128)]
         max_tokens: usize,
     },
+    /// Train a cross-encoder on an exported ranker set (binary cross-entropy), from --base (a
+    /// cross-encoder folder) or from the embedding model's encoder with a new head.
+    TrainRanker {
+        #[arg(long)]
+        dataset: PathBuf,
+        #[arg(long)]
+        base: Option<PathBuf>,
+        /// Default {data_dir}/trained/ranker-{dataset version}.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        epochs: usize,
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 2e-5)]
+        learning_rate: f64,
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+    },
     /// Build the training sets from the journal (90/10 temporal split) into {data_dir}/datasets/{version}.
     /// Reads knowledge from the knowledge base, so the server must not be running on this data dir.
     Export {
@@ -304,6 +323,18 @@ fn run(cli: Cli) -> Result<()> {
             };
             train_retriever(&config, &dataset, output, &options)
         }
+        Command::Worker {
+            command: WorkerCommand::TrainRanker { dataset, base, output, epochs, batch_size, learning_rate, max_tokens },
+        } => {
+            let options = aitl::worker::train_ranker::RankerTraining {
+                epochs,
+                batch_size,
+                learning_rate,
+                max_tokens,
+                ..Default::default()
+            };
+            train_ranker(&config, &dataset, base, output, &options)
+        }
         Command::Gaps { limit, json } => gaps(&config, limit, json),
         Command::Eval { command: EvalCommand::Feedback { truth, dataset, helpfulness, json } } => {
             eval_feedback(&config, truth, dataset, helpfulness, json)
@@ -403,6 +434,46 @@ fn read_jsonl<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<
         .collect()
 }
 
+/// The export's version, from its manifest.
+fn dataset_version(dataset: &std::path::Path) -> Result<String> {
+    let path = dataset.join("manifest.json");
+    let bytes = std::fs::read(&path)
+        .map_err(|e| Error::NotFound(format!("{}: {e} (an `aitl worker export` folder?)", path.display())))?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
+    Ok(manifest["version"].as_str().unwrap_or("unversioned").to_string())
+}
+
+/// A progress bar, or a log line every 10 steps where there is no terminal.
+fn training_progress() -> impl FnMut(usize, usize, f32) {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps, loss {msg} ({elapsed}, eta {eta})")
+            .expect("template"),
+    );
+    let started = std::time::Instant::now();
+    move |step, total, loss| {
+        bar.set_length(total as u64);
+        bar.set_position(step as u64);
+        bar.set_message(format!("{loss:.4}"));
+        if bar.is_hidden() && (step % 10 == 0 || step == total) {
+            eprintln!("step {step}/{total} loss {loss:.4} ({:.0} s)", started.elapsed().as_secs_f64());
+        }
+        if step == total {
+            bar.finish();
+        }
+    }
+}
+
+/// Writes `aitl_manifest.json` into a trained folder and prints it.
+fn write_training_manifest(output: &std::path::Path, manifest: serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(&manifest).expect("json");
+    std::fs::write(output.join("aitl_manifest.json"), &text)
+        .map_err(|e| Error::Internal(format!("{}: {e}", output.display())))?;
+    println!("{text}");
+    Ok(())
+}
+
 fn train_retriever(
     config: &Config,
     dataset: &std::path::Path,
@@ -412,58 +483,70 @@ fn train_retriever(
     let base = config.embedder_dir()?.ok_or_else(|| {
         Error::InvalidArgument("retriever training starts from the embedding model; none is configured".into())
     })?;
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dataset.join("manifest.json")).map_err(|e| {
-            Error::NotFound(format!("{}/manifest.json: {e} (an `aitl worker export` folder?)", dataset.display()))
-        })?)
-        .map_err(|e| Error::InvalidArgument(format!("{}/manifest.json: {e}", dataset.display())))?;
-    let version = manifest["version"].as_str().unwrap_or("unversioned").to_string();
+    let version = dataset_version(dataset)?;
     let triplets = read_jsonl(&dataset.join("train/retriever.jsonl"))?;
     let pairs = read_jsonl(&dataset.join("train/retriever_pairs.jsonl"))?;
     let output = output.unwrap_or_else(|| config.data_dir.join("trained").join(format!("retriever-{version}")));
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps, loss {msg} ({elapsed}, eta {eta})")
-            .expect("template"),
-    );
-    let started = std::time::Instant::now();
     let report = aitl::worker::train_retriever::train_retriever(
         &base,
         &triplets,
         &pairs,
         &output,
         options,
-        |step, total, loss| {
-            bar.set_length(total as u64);
-            bar.set_position(step as u64);
-            bar.set_message(format!("{loss:.4}"));
-            // Without a terminal the bar is hidden: a line every 10 steps for logs.
-            if bar.is_hidden() && (step % 10 == 0 || step == total) {
-                eprintln!("step {step}/{total} loss {loss:.4} ({:.0} s)", started.elapsed().as_secs_f64());
-            }
-        },
+        training_progress(),
     )?;
-    bar.finish();
-    let parent = aitl::model::hf_folder::model_version(&base)?;
-    let manifest = serde_json::json!({
-        "kind": "retriever",
-        "parent": parent,
-        "training_set": version,
-        "training_set_dir": dataset,
-        "examples": triplets.len() + pairs.len(),
-        "hyperparameters": options,
-        "steps": report.steps,
-        "resumed_at": report.resumed_at,
-        "first_loss": report.losses.first(),
-        "last_loss": report.losses.last(),
-        "seconds": report.seconds,
-        "version": aitl::model::hf_folder::model_version(&output)?,
-    });
-    let text = serde_json::to_string_pretty(&manifest).expect("json");
-    std::fs::write(output.join("aitl_manifest.json"), &text)
-        .map_err(|e| Error::Internal(format!("{}: {e}", output.display())))?;
-    println!("{text}");
-    Ok(())
+    write_training_manifest(
+        &output,
+        serde_json::json!({
+            "kind": "retriever",
+            "parent": aitl::model::hf_folder::model_version(&base)?,
+            "training_set": version,
+            "training_set_dir": dataset,
+            "examples": triplets.len() + pairs.len(),
+            "hyperparameters": options,
+            "steps": report.steps,
+            "resumed_at": report.resumed_at,
+            "first_loss": report.losses.first(),
+            "last_loss": report.losses.last(),
+            "seconds": report.seconds,
+            "version": aitl::model::hf_folder::model_version(&output)?,
+        }),
+    )
+}
+
+fn train_ranker(
+    config: &Config,
+    dataset: &std::path::Path,
+    base: Option<PathBuf>,
+    output: Option<PathBuf>,
+    options: &aitl::worker::train_ranker::RankerTraining,
+) -> Result<()> {
+    let base = match base {
+        Some(base) => base,
+        None => config.embedder_dir()?.ok_or_else(|| {
+            Error::InvalidArgument("ranker training starts from --base or the embedding model; neither is set".into())
+        })?,
+    };
+    let version = dataset_version(dataset)?;
+    let rows: Vec<aitl::worker::datasets::RankerRow> = read_jsonl(&dataset.join("train/ranker.jsonl"))?;
+    let output = output.unwrap_or_else(|| config.data_dir.join("trained").join(format!("ranker-{version}")));
+    let report = aitl::worker::train_ranker::train_ranker(&base, &rows, &output, options, training_progress())?;
+    write_training_manifest(
+        &output,
+        serde_json::json!({
+            "kind": "ranker",
+            "parent": aitl::model::hf_folder::model_version(&base)?,
+            "training_set": version,
+            "training_set_dir": dataset,
+            "examples": rows.len(),
+            "hyperparameters": options,
+            "steps": report.steps,
+            "first_loss": report.losses.first(),
+            "last_loss": report.losses.last(),
+            "seconds": report.seconds,
+            "version": aitl::model::hf_folder::model_version(&output)?,
+        }),
+    )
 }
 
 fn worker_export(config: &Config, no_judge: bool) -> Result<()> {

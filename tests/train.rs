@@ -118,3 +118,52 @@ fn a_checkpointed_run_resumes_where_it_stopped() {
     assert!(output.join("model.safetensors").exists() && !output.join("checkpoint").exists());
     assert!(SentenceEmbedder::load(&Device::Cpu, &output).is_ok());
 }
+
+/// A cross-encoder trained from the tiny embedder's encoder with a new head:
+/// the loss falls, and aitl's Rank model serves the folder as candle scored it.
+#[test]
+fn ranker_training_lowers_the_loss_and_rank_serves_what_training_computed() {
+    use aitl::{
+        model::cross_encoder::{CrossEncoder, CrossEncoderOptions},
+        worker::{
+            datasets::RankerRow,
+            train_ranker::{RankerTraining, score_with_candle, train_ranker},
+        },
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    tiny_embedder(&base);
+    let topics = ["parking", "breakfast", "pets", "pool", "wifi", "checkout", "shuttle", "gym"];
+    let rows: Vec<RankerRow> = (0..32)
+        .map(|i| {
+            let (topic, relevant) = (topics[i % 8], i % 2 == 0);
+            let passage_topic = if relevant { topic } else { topics[(i + 3) % 8] };
+            RankerRow {
+                query: format!("tell me about the {topic}"),
+                passage: format!("the hotel {passage_topic} policy"),
+                label: if relevant { 1.0 } else { 0.0 },
+            }
+        })
+        .collect();
+    let options =
+        RankerTraining { epochs: 8, batch_size: 8, learning_rate: 2e-3, max_tokens: 48, ..Default::default() };
+    let output = dir.path().join("ranker");
+    let report = train_ranker(&base, &rows, &output, &options, |_, _, _| {}).unwrap();
+    assert_eq!(report.steps, 32);
+    let (first, last) = (mean(&report.losses[..4]), mean(&report.losses[28..]));
+    println!("ranker loss: first 4 steps {first:.3}, last 4 steps {last:.3}");
+    assert!(last < 0.7 * first, "the loss should fall: {first} → {last}");
+
+    let device = Device::Cpu;
+    let ranker = CrossEncoder::load(&device, &output, &CrossEncoderOptions::default()).unwrap();
+    let passages = ["the hotel pool policy", "the hotel gym policy"];
+    let tokens = ranker.tokenize_pairs("tell me about the pool", &passages).unwrap();
+    let served = ranker.score_tokens(&device, &tokens.iter().collect::<Vec<_>>()).unwrap();
+    let pairs: Vec<(&str, &str)> = passages.iter().map(|p| ("tell me about the pool", *p)).collect();
+    let trained = score_with_candle(&output, &pairs, 48).unwrap();
+    for (s, t) in served.iter().zip(&trained) {
+        assert!((s[0] - t).abs() < 1e-4, "served {} vs trained {t}", s[0]);
+    }
+    assert!(served[0][0] > served[1][0], "the trained ranker prefers the relevant passage: {served:?}");
+}

@@ -17,6 +17,7 @@ pub mod rows;
 pub mod simulate;
 pub mod text;
 pub mod train_bert;
+pub mod train_ranker;
 pub mod train_retriever;
 
 use std::{ops::ControlFlow, path::Path};

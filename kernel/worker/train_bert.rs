@@ -7,9 +7,13 @@
 //! training needs autograd, and `tests/train.rs` checks that both give the
 //! same embeddings.
 
+use std::path::Path;
+
 use candle_core::{D, DType, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder, ops::layer_norm_slow};
+use candle_nn::{Embedding, Linear, VarBuilder, VarMap, ops::layer_norm_slow};
 use serde::Deserialize;
+
+use crate::model::weights::SafetensorsFile;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct TrainBertConfig {
@@ -124,15 +128,68 @@ impl TrainBert {
         })
     }
 
-    /// Token states `[batch, len, hidden]` for `ids` (`[batch, len]`, u32) with
-    /// `mask` (1 for tokens, 0 for padding).
-    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// Token states `[batch, len, hidden]` for `ids` and `types` (`[batch, len]`,
+    /// u32) with `mask` (1 for tokens, 0 for padding).
+    pub fn forward(&self, ids: &Tensor, types: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, len) = ids.dims2()?;
         let positions = Tensor::arange(0u32, len as u32, ids.device())?.unsqueeze(0)?.broadcast_as((b, len))?;
         let x = (self.words.forward(ids)? + self.positions.forward(&positions.contiguous()?)?)?;
-        let x = self.norm.forward(&(x + self.types.forward(&ids.zeros_like()?)?)?)?;
+        let x = self.norm.forward(&(x + self.types.forward(types)?)?)?;
         // Padding gets a large negative bias: exp underflows to 0 in the softmax.
         let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.unsqueeze(1)?.unsqueeze(1)?;
         self.layers.iter().try_fold(x, |x, layer| layer.forward(&x, &bias))
     }
+}
+
+/// candle's errors as ours.
+pub fn candle(e: candle_core::Error) -> crate::error::Error {
+    crate::error::Error::Internal(format!("training: {e}"))
+}
+
+/// Linear warm-up, then linear decay to zero.
+pub fn learning_rate(peak: f64, warmup_share: f64, step: usize, total: usize) -> f64 {
+    let warmup = ((total as f64 * warmup_share).ceil() as usize).max(1);
+    if step < warmup {
+        peak * (step + 1) as f64 / warmup as f64
+    } else {
+        peak * (total - step) as f64 / (total - warmup).max(1) as f64
+    }
+}
+
+/// A seeded Fisher–Yates shuffle of `0..n`: an epoch's order, the same
+/// whenever it is replayed (a resumed run continues the epoch it was in).
+pub fn epoch_order(n: usize, seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut state = seed;
+    for i in (1..n).rev() {
+        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        order.swap(i, (state >> 33) as usize % (i + 1));
+    }
+    order
+}
+
+/// Sets every variable of `varmap` that the safetensors file holds (under
+/// its name, or without a leading `bert.`, as sentence-transformers saves a
+/// bare encoder); returns the names it does not hold, which keep their
+/// initialisation (a new classification head).
+pub fn fill_from(varmap: &VarMap, path: &Path) -> crate::error::Result<Vec<String>> {
+    let weights = SafetensorsFile::open(path)?;
+    let stored = weights.names()?;
+    let mut missing = Vec::new();
+    let vars = varmap.data().lock().map_err(|_| crate::error::Error::Internal("training: poisoned weights".into()))?;
+    for (name, var) in vars.iter() {
+        let bare = name.strip_prefix("bert.").unwrap_or(name);
+        let Some(found) = [name.as_str(), bare].into_iter().find(|n| {
+            stored.iter().any(|s| s == n || s.strip_prefix("bert.") == Some(n) || s.strip_prefix("model.") == Some(n))
+        }) else {
+            missing.push(name.clone());
+            continue;
+        };
+        let (shape, values) = weights.load(found)?;
+        let tensor = Tensor::from_vec(values, shape, var.device()).map_err(candle)?;
+        var.set(&tensor)
+            .map_err(|e| crate::error::Error::InvalidArgument(format!("{}: {name}: {e}", path.display())))?;
+    }
+    missing.sort();
+    Ok(missing)
 }

@@ -22,16 +22,12 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     datasets::{RetrieverPair, RetrieverTriplet},
-    train_bert::{TrainBert, TrainBertConfig},
+    train_bert::{TrainBert, TrainBertConfig, candle, epoch_order, fill_from, learning_rate},
 };
 use crate::{
     error::{Error, Result},
-    model::{hf_folder, weights::SafetensorsFile},
+    model::hf_folder,
 };
-
-fn candle(e: candle_core::Error) -> Error {
-    Error::Internal(format!("training: {e}"))
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -128,7 +124,8 @@ impl Encoder {
         let n = texts.len();
         let ids = Tensor::from_vec(ids, (n, longest), &self.device).map_err(candle)?;
         let mask = Tensor::from_vec(mask, (n, longest), &self.device).map_err(candle)?;
-        let hidden = self.model.forward(&ids, &mask).map_err(candle)?;
+        let types = ids.zeros_like().map_err(candle)?;
+        let hidden = self.model.forward(&ids, &types, &mask).map_err(candle)?;
         let weights = mask.to_dtype(DType::F32).map_err(candle)?.unsqueeze(2).map_err(candle)?;
         let summed = hidden.broadcast_mul(&weights).and_then(|h| h.sum(1)).map_err(candle)?;
         let counts = weights.sum(1).map_err(candle)?;
@@ -152,11 +149,9 @@ fn load(dir: &Path, max_tokens: usize) -> Result<(Encoder, VarMap)> {
     let device = CandleDevice::Cpu;
     let varmap = VarMap::new();
     let model = TrainBert::load(VarBuilder::from_varmap(&varmap, DType::F32, &device), &config).map_err(candle)?;
-    let weights = SafetensorsFile::open(&dir.join("model.safetensors"))?;
-    for (name, var) in varmap.data().lock().map_err(|_| Error::Internal("training: poisoned weights".into()))?.iter() {
-        let (shape, values) = weights.load(name)?;
-        let tensor = Tensor::from_vec(values, shape, &device).map_err(candle)?;
-        var.set(&tensor).map_err(|e| Error::InvalidArgument(format!("{}: {name}: {e}", dir.display())))?;
+    let missing = fill_from(&varmap, &dir.join("model.safetensors"))?;
+    if !missing.is_empty() {
+        return Err(Error::InvalidArgument(format!("{}: weights {missing:?} are missing", dir.display())));
     }
     let mut tokenizer = hf_folder::tokenizer(dir, Some(max_tokens))?;
     tokenizer.with_padding(None);
@@ -174,28 +169,6 @@ fn write_folder(base: &Path, varmap: &VarMap, out: &Path) -> Result<()> {
         }
     }
     varmap.save(out.join("model.safetensors")).map_err(candle)
-}
-
-/// Linear warm-up, then linear decay to zero.
-fn learning_rate(options: &RetrieverTraining, step: usize, total: usize) -> f64 {
-    let warmup = ((total as f64 * options.warmup_share).ceil() as usize).max(1);
-    if step < warmup {
-        options.learning_rate * (step + 1) as f64 / warmup as f64
-    } else {
-        options.learning_rate * (total - step) as f64 / (total - warmup).max(1) as f64
-    }
-}
-
-/// A seeded Fisher–Yates shuffle of `0..n`: an epoch's order, the same
-/// whenever it is replayed (a resumed run continues the epoch it was in).
-fn epoch_order(n: usize, seed: u64) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
-    let mut state = seed;
-    for i in (1..n).rev() {
-        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-        order.swap(i, (state >> 33) as usize % (i + 1));
-    }
-    order
 }
 
 /// Trains from the folder `base`; writes the trained folder to `output`
@@ -251,7 +224,7 @@ pub fn train_retriever(
         let scores = a.matmul(&d.t().map_err(candle)?).and_then(|s| s * options.scale).map_err(candle)?;
         let targets = Tensor::arange(0u32, chunk.len() as u32, &encoder.device).map_err(candle)?;
         let loss = candle_nn::loss::cross_entropy(&scores, &targets).map_err(candle)?;
-        optimizer.set_learning_rate(learning_rate(options, step, total));
+        optimizer.set_learning_rate(learning_rate(options.learning_rate, options.warmup_share, step, total));
         optimizer.backward_step(&loss).map_err(candle)?;
         let value = loss.to_scalar::<f32>().map_err(candle)?;
         if !value.is_finite() {

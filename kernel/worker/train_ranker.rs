@@ -1,0 +1,212 @@
+//! Trains a cross-encoder on the ranker set: (query, passage) pairs through
+//! BERT, the [CLS] state through the pooler (dense + tanh) and a one-logit
+//! classifier, binary cross-entropy against the agents' labels (1, 0.5, 0).
+//! It starts from a cross-encoder folder (a previous ranker) or from the
+//! embedding model's encoder with a new head, and writes a
+//! `BertForSequenceClassification` folder, as sentence-transformers'
+//! CrossEncoder saves one, that aitl's Rank serves.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use candle_core::{DType, Device as CandleDevice, Module, Tensor};
+use candle_nn::{AdamW, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    datasets::RankerRow,
+    train_bert::{TrainBert, TrainBertConfig, candle, epoch_order, fill_from, learning_rate},
+    train_retriever::TrainingReport,
+};
+use crate::{
+    error::{Error, Result},
+    model::hf_folder,
+};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RankerTraining {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub warmup_share: f64,
+    pub weight_decay: f64,
+    /// Tokens per (query, passage) pair.
+    pub max_tokens: usize,
+    pub seed: u64,
+    /// Stop after this many steps (0: no cap).
+    pub max_steps: usize,
+}
+
+impl Default for RankerTraining {
+    fn default() -> Self {
+        RankerTraining {
+            epochs: 1,
+            batch_size: 16,
+            learning_rate: 2e-5,
+            warmup_share: 0.1,
+            weight_decay: 0.01,
+            max_tokens: 256,
+            seed: 7,
+            max_steps: 0,
+        }
+    }
+}
+
+struct CrossEncoderNet {
+    bert: TrainBert,
+    pooler: Linear,
+    classifier: Linear,
+    tokenizer: tokenizers::Tokenizer,
+    device: CandleDevice,
+}
+
+impl CrossEncoderNet {
+    /// One logit per pair (`[n]`).
+    fn logits(&self, pairs: &[(&str, &str)]) -> Result<Tensor> {
+        let inputs: Vec<tokenizers::EncodeInput> = pairs
+            .iter()
+            .map(|(q, p)| tokenizers::EncodeInput::Dual(q.to_string().into(), p.to_string().into()))
+            .collect();
+        let encodings =
+            self.tokenizer.encode_batch(inputs, true).map_err(|e| Error::InvalidArgument(format!("tokenizer: {e}")))?;
+        let longest = encodings.iter().map(|e| e.len()).max().unwrap_or(1).max(1);
+        let (mut ids, mut types, mut mask) = (Vec::new(), Vec::new(), Vec::new());
+        for e in &encodings {
+            let pad = longest - e.len();
+            ids.extend(e.get_ids().iter().copied().chain(std::iter::repeat_n(0, pad)));
+            types.extend(e.get_type_ids().iter().copied().chain(std::iter::repeat_n(0, pad)));
+            mask.extend((0..longest).map(|i| u32::from(i < e.len())));
+        }
+        let shape = (pairs.len(), longest);
+        let tensor = |v: Vec<u32>| Tensor::from_vec(v, shape, &self.device).map_err(candle);
+        let hidden = self.bert.forward(&tensor(ids)?, &tensor(types)?, &tensor(mask)?).map_err(candle)?;
+        let cls = hidden.narrow(1, 0, 1).and_then(|c| c.squeeze(1)).map_err(candle)?;
+        let pooled = self.pooler.forward(&cls).and_then(|p| p.tanh()).map_err(candle)?;
+        self.classifier.forward(&pooled).and_then(|l| l.squeeze(1)).map_err(candle)
+    }
+}
+
+fn load(dir: &Path, max_tokens: usize) -> Result<(CrossEncoderNet, VarMap, Vec<String>)> {
+    let config: TrainBertConfig = hf_folder::read_json(&dir.join("config.json"))?
+        .ok_or_else(|| Error::NotFound(format!("{}/config.json is missing", dir.display())))?;
+    let device = CandleDevice::Cpu;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+    let h = config.hidden_size;
+    let net = CrossEncoderNet {
+        bert: TrainBert::load(vb.pp("bert"), &config).map_err(candle)?,
+        pooler: candle_nn::linear(h, h, vb.pp("bert.pooler.dense")).map_err(candle)?,
+        classifier: candle_nn::linear(h, 1, vb.pp("classifier")).map_err(candle)?,
+        tokenizer: {
+            let mut t = hf_folder::tokenizer(dir, Some(max_tokens))?;
+            t.with_padding(None);
+            t
+        },
+        device,
+    };
+    let fresh = fill_from(&varmap, &dir.join("model.safetensors"))?;
+    if let Some(name) = fresh.iter().find(|n| !n.starts_with("classifier.") && !n.starts_with("bert.pooler.")) {
+        return Err(Error::InvalidArgument(format!("{}: encoder weight {name} is missing", dir.display())));
+    }
+    Ok((net, varmap, fresh))
+}
+
+/// Writes the folder: config (as a one-label classifier), tokenizer files, weights.
+fn write_folder(base: &Path, varmap: &VarMap, out: &Path) -> Result<()> {
+    let fail = |e: std::io::Error| Error::Internal(format!("{}: {e}", out.display()));
+    std::fs::create_dir_all(out).map_err(fail)?;
+    for file in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"] {
+        if base.join(file).exists() {
+            std::fs::copy(base.join(file), out.join(file)).map_err(fail)?;
+        }
+    }
+    let mut config: serde_json::Value = hf_folder::read_json(&base.join("config.json"))?.unwrap_or_default();
+    config["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
+    config["id2label"] = serde_json::json!({"0": "LABEL_0"});
+    config["label2id"] = serde_json::json!({"LABEL_0": 0});
+    config["num_labels"] = serde_json::json!(1);
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(&config).map_err(|e| Error::Internal(e.to_string()))?,
+    )
+    .map_err(fail)?;
+    std::fs::write(
+        out.join("config_sentence_transformers.json"),
+        r#"{"activation_fn": "torch.nn.modules.activation.Sigmoid"}"#,
+    )
+    .map_err(fail)?;
+    varmap.save(out.join("model.safetensors")).map_err(candle)
+}
+
+/// Mean binary cross-entropy of logits `x` against targets `y`, in the
+/// stable form `max(x, 0) − x·y + ln(1 + e^−|x|)` (candle's version takes
+/// the log of a sigmoid, which reaches −∞ for confident logits).
+fn binary_cross_entropy(x: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+    let softplus = x.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?;
+    ((x.relu()? - (x * y)?)? + softplus)?.mean_all()
+}
+
+pub fn train_ranker(
+    base: &Path,
+    rows: &[RankerRow],
+    output: &Path,
+    options: &RankerTraining,
+    mut progress: impl FnMut(usize, usize, f32),
+) -> Result<TrainingReport> {
+    let started = Instant::now();
+    if rows.len() < 2 {
+        return Err(Error::InvalidArgument(format!("the ranker set has {} rows", rows.len())));
+    }
+    let (net, varmap, fresh) = load(base, options.max_tokens)?;
+    if !fresh.is_empty() {
+        tracing::info!(?fresh, "new cross-encoder head");
+    }
+    let batch = options.batch_size.clamp(1, rows.len());
+    let per_epoch = rows.len() / batch;
+    let mut total = per_epoch * options.epochs.max(1);
+    if options.max_steps > 0 {
+        total = total.min(options.max_steps);
+    }
+    let params = ParamsAdamW { lr: options.learning_rate, weight_decay: options.weight_decay, ..Default::default() };
+    let mut optimizer = AdamW::new(varmap.all_vars(), params).map_err(candle)?;
+    let mut order = Vec::new();
+    let mut losses = Vec::new();
+    for step in 0..total {
+        if step % per_epoch == 0 {
+            order = epoch_order(rows.len(), options.seed.wrapping_add((step / per_epoch) as u64));
+        }
+        let chunk: Vec<&RankerRow> =
+            order[(step % per_epoch) * batch..(step % per_epoch + 1) * batch].iter().map(|&i| &rows[i]).collect();
+        let pairs: Vec<(&str, &str)> = chunk.iter().map(|r| (r.query.as_str(), r.passage.as_str())).collect();
+        let labels = Tensor::from_vec(chunk.iter().map(|r| r.label).collect::<Vec<f32>>(), chunk.len(), &net.device)
+            .map_err(candle)?;
+        let logits = net.logits(&pairs)?;
+        let loss = binary_cross_entropy(&logits, &labels).map_err(candle)?;
+        optimizer.set_learning_rate(learning_rate(options.learning_rate, options.warmup_share, step, total));
+        optimizer.backward_step(&loss).map_err(candle)?;
+        let value = loss.to_scalar::<f32>().map_err(candle)?;
+        if !value.is_finite() {
+            return Err(Error::Internal(format!("training diverged at step {step}: loss {value}")));
+        }
+        losses.push(value);
+        progress(step + 1, total, value);
+    }
+    write_folder(base, &varmap, output)?;
+    Ok(TrainingReport {
+        steps: total,
+        losses,
+        seconds: started.elapsed().as_secs_f64(),
+        output: PathBuf::from(output),
+        resumed_at: 0,
+    })
+}
+
+/// Sigmoid scores of `pairs` by the (trained) folder, computed with candle.
+pub fn score_with_candle(dir: &Path, pairs: &[(&str, &str)], max_tokens: usize) -> Result<Vec<f32>> {
+    let (net, _, _) = load(dir, max_tokens)?;
+    let scores = candle_nn::ops::sigmoid(&net.logits(pairs)?).map_err(candle)?;
+    scores.to_vec1::<f32>().map_err(candle)
+}
