@@ -574,6 +574,11 @@ fn the_language_model_judge_scores_relevance_and_preferences() {
     for v in &verdicts {
         println!("{}: pass {} score {:.3}: {}", v.check, v.pass, v.score, v.reason);
     }
+    // Point-wise helpfulness (evaluation), with and without a reference reply.
+    for reference in [None, Some("Refunds take 14 days.")] {
+        let p = judge.helpfulness("How long does a refund take?", K1, reference).unwrap();
+        assert!(p > 0.0 && p < 1.0, "{p}");
+    }
     let labels = row("r", "g", "x", 9.0, Feedback::Relevance { judgements: vec![("k1".into(), Label::Relevant)] });
     let verdicts = judge.judge(&labels, &interaction, &kb, 0.8).unwrap();
     assert_eq!((verdicts.len(), verdicts[0].check.as_str()), (1, "llm_relevance"));
