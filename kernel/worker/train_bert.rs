@@ -193,3 +193,21 @@ pub fn fill_from(varmap: &VarMap, path: &Path) -> crate::error::Result<Vec<Strin
     missing.sort();
     Ok(missing)
 }
+
+/// One AdamW step at learning rate `rate`; returns the loss, or an error
+/// when it is no longer finite.
+pub fn optimizer_step(
+    optimizer: &mut candle_nn::AdamW,
+    loss: &Tensor,
+    rate: f64,
+    step: usize,
+) -> crate::error::Result<f32> {
+    use candle_nn::Optimizer;
+    optimizer.set_learning_rate(rate);
+    optimizer.backward_step(loss).map_err(candle)?;
+    let value = loss.to_scalar::<f32>().map_err(candle)?;
+    if !value.is_finite() {
+        return Err(crate::error::Error::Internal(format!("training diverged at step {step}: loss {value}")));
+    }
+    Ok(value)
+}

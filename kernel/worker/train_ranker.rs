@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     datasets::RankerRow,
-    train_bert::{TrainBert, TrainBertConfig, candle, epoch_order, fill_from, learning_rate},
+    train_bert::{TrainBert, TrainBertConfig, candle, epoch_order, fill_from, learning_rate, optimizer_step},
     train_retriever::TrainingReport,
 };
 use crate::{
@@ -185,12 +185,8 @@ pub fn train_ranker(
             .map_err(candle)?;
         let logits = net.logits(&pairs)?;
         let loss = binary_cross_entropy(&logits, &labels).map_err(candle)?;
-        optimizer.set_learning_rate(learning_rate(options.learning_rate, options.warmup_share, step, total));
-        optimizer.backward_step(&loss).map_err(candle)?;
-        let value = loss.to_scalar::<f32>().map_err(candle)?;
-        if !value.is_finite() {
-            return Err(Error::Internal(format!("training diverged at step {step}: loss {value}")));
-        }
+        let rate = learning_rate(options.learning_rate, options.warmup_share, step, total);
+        let value = optimizer_step(&mut optimizer, &loss, rate, step)?;
         losses.push(value);
         progress(step + 1, total, value);
     }

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     datasets::{RetrieverPair, RetrieverTriplet},
-    train_bert::{TrainBert, TrainBertConfig, candle, epoch_order, fill_from, learning_rate},
+    train_bert::{TrainBert, TrainBertConfig, candle, epoch_order, fill_from, learning_rate, optimizer_step},
 };
 use crate::{
     error::{Error, Result},
@@ -224,12 +224,8 @@ pub fn train_retriever(
         let scores = a.matmul(&d.t().map_err(candle)?).and_then(|s| s * options.scale).map_err(candle)?;
         let targets = Tensor::arange(0u32, chunk.len() as u32, &encoder.device).map_err(candle)?;
         let loss = candle_nn::loss::cross_entropy(&scores, &targets).map_err(candle)?;
-        optimizer.set_learning_rate(learning_rate(options.learning_rate, options.warmup_share, step, total));
-        optimizer.backward_step(&loss).map_err(candle)?;
-        let value = loss.to_scalar::<f32>().map_err(candle)?;
-        if !value.is_finite() {
-            return Err(Error::Internal(format!("training diverged at step {step}: loss {value}")));
-        }
+        let rate = learning_rate(options.learning_rate, options.warmup_share, step, total);
+        let value = optimizer_step(&mut optimizer, &loss, rate, step)?;
         losses.push(value);
         progress(step + 1, total, value);
         if options.checkpoint_every > 0 && (step + 1) % options.checkpoint_every == 0 && step + 1 < total {
