@@ -113,6 +113,10 @@ fn a_checkpointed_run_resumes_where_it_stopped() {
     });
     assert!(stopped.is_err());
     assert!(output.join("checkpoint/checkpoint.json").exists());
+    // A rerun too short to reach the checkpoint is refused with the reason, not resumed past its end.
+    let shorter = RetrieverTraining { max_steps: 5, ..first.clone() };
+    let refused = train_retriever(&base, &triplets(), &[], &output, &shorter, |_, _, _| {}).unwrap_err().to_string();
+    assert!(refused.contains("checkpoint is at step 10"), "{refused}");
     let resumed = train_retriever(&base, &triplets(), &[], &output, &first, |_, _, _| {}).unwrap();
     assert_eq!((resumed.resumed_at, resumed.steps), (10, 6));
     assert!(output.join("model.safetensors").exists() && !output.join("checkpoint").exists());

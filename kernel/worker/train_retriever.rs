@@ -205,6 +205,13 @@ pub fn train_retriever(
     if options.max_steps > 0 {
         total = total.min(options.max_steps);
     }
+    if resumed_at > total {
+        return Err(Error::InvalidArgument(format!(
+            "{}: the checkpoint is at step {resumed_at}, beyond this run's {total} steps; \
+             train for more epochs or remove the checkpoint folder",
+            checkpoint_dir.display()
+        )));
+    }
     let params = ParamsAdamW { lr: options.learning_rate, weight_decay: options.weight_decay, ..Default::default() };
     let vars: Vec<Var> = varmap.all_vars();
     let mut optimizer = AdamW::new(vars, params).map_err(candle)?;
