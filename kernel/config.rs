@@ -27,6 +27,8 @@ pub struct Config {
     pub retrieve: RetrieveConfig,
     /// The flywheel worker's Virtual Judge.
     pub judge: crate::worker::judge::JudgeOptions,
+    /// When a trained model may replace the serving one.
+    pub promotion: crate::registry::gate::PromotionOptions,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,6 +66,9 @@ pub struct ModelsConfig {
     pub max_decoding_sequences: usize,
     /// New tokens per candidate when a request leaves max_new_tokens at 0.
     pub default_max_new_tokens: u32,
+    /// How often the server looks for a changed model registry
+    /// (`{data_dir}/registry.json`, written by `aitl models promote`).
+    pub registry_poll_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -89,6 +94,7 @@ impl Default for ModelsConfig {
             generate_queue_capacity: 64,
             max_decoding_sequences: 16,
             default_max_new_tokens: 256,
+            registry_poll_ms: 1_000,
         }
     }
 }
@@ -155,6 +161,7 @@ impl Default for Config {
             models: ModelsConfig::default(),
             retrieve: RetrieveConfig::default(),
             judge: Default::default(),
+            promotion: Default::default(),
         }
     }
 }

@@ -15,6 +15,9 @@ pub enum Error {
     Unavailable(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The system is not in the state the operation needs (nothing to roll back to).
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error(transparent)]
     Log(#[from] LogError),
     #[error(transparent)]

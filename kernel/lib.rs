@@ -20,5 +20,7 @@ pub mod feedback;
 pub mod kb;
 pub mod model;
 pub mod provision;
+pub mod registry;
 pub mod server;
+pub mod serving;
 pub mod worker;

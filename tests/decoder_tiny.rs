@@ -220,7 +220,7 @@ fn decoding_engine_serves_a_hugging_face_folder() {
                 finished += 1;
             }
             GenerateEvent::Failed(why) => panic!("{why}"),
-            GenerateEvent::Delta { .. } => {}
+            GenerateEvent::Delta { .. } | GenerateEvent::Admitted => {}
         }
         if finished == 2 {
             break;

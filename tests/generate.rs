@@ -167,7 +167,7 @@ async fn generate_grounds_samples_streams_and_logs() {
     assert!(!ack.duplicate);
 
     // A caller that goes away mid-stream frees its candidates at the next step.
-    let engine = server.state.generator.clone().expect("a generator is loaded");
+    let engine = server.state.generators.get().and_then(|g| g.champion.clone()).expect("a generator is loaded");
     let cancelled = || engine.counters().cancelled.load(std::sync::atomic::Ordering::Relaxed);
     let before = cancelled();
     let long = SamplingParams { temperature: 0.8, seed: 7, max_new_tokens: 2000, ..Default::default() };

@@ -3,7 +3,7 @@
 //! loss falls, a checkpointed run resumes, and the trained folder, served by
 //! aitl's own encoder, embeds as candle computed it during training.
 
-use std::path::Path;
+mod common;
 
 use aitl::{
     backend::Device,
@@ -13,28 +13,6 @@ use aitl::{
         train_retriever::{RetrieverTraining, embed_with_candle, train_retriever},
     },
 };
-
-/// A sentence-transformers folder around the fixture's BERT: mean pooling, normalised.
-fn tiny_embedder(dir: &Path) {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cross-encoder-1");
-    for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(fixture.join(file), dir.join(file)).unwrap();
-    }
-    std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
-    std::fs::write(
-        dir.join("modules.json"),
-        r#"[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]"#,
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("1_Pooling/config.json"),
-        r#"{"word_embedding_dimension": 32, "pooling_mode_cls_token": false, "pooling_mode_mean_tokens": true}"#,
-    )
-    .unwrap();
-    std::fs::write(dir.join("sentence_bert_config.json"), r#"{"max_seq_length": 64, "do_lower_case": false}"#).unwrap();
-}
 
 fn triplets() -> Vec<RetrieverTriplet> {
     let topics = ["parking", "breakfast", "pets", "pool", "wifi", "checkout", "shuttle", "gym"];
@@ -59,7 +37,7 @@ fn training_lowers_the_loss_and_the_trained_folder_serves_what_training_computed
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base");
     std::fs::create_dir_all(&base).unwrap();
-    tiny_embedder(&base);
+    common::tiny_embedder(&base);
     let options = RetrieverTraining {
         epochs: 12,
         batch_size: 4,
@@ -96,7 +74,7 @@ fn a_checkpointed_run_resumes_where_it_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base");
     std::fs::create_dir_all(&base).unwrap();
-    tiny_embedder(&base);
+    common::tiny_embedder(&base);
     let output = dir.path().join("trained");
     let first = RetrieverTraining {
         epochs: 4,
@@ -137,7 +115,7 @@ fn ranker_training_lowers_the_loss_and_rank_serves_what_training_computed() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base");
     std::fs::create_dir_all(&base).unwrap();
-    tiny_embedder(&base);
+    common::tiny_embedder(&base);
     let topics = ["parking", "breakfast", "pets", "pool", "wifi", "checkout", "shuttle", "gym"];
     let rows: Vec<RankerRow> = (0..32)
         .map(|i| {

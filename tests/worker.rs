@@ -584,41 +584,6 @@ fn the_language_model_judge_scores_relevance_and_preferences() {
     assert_eq!((verdicts.len(), verdicts[0].check.as_str()), (1, "llm_relevance"));
 }
 
-/// A small data set in DSTC11's layout: `entities` hotels with four FAQs each,
-/// one question per FAQ (the relevant one), each after a greeting turn.
-fn mini_dstc11(dir: &Path, entities: usize) {
-    let topics = [
-        ("Is parking free?", "Yes, parking is free for guests.", "parking"),
-        ("Is breakfast included?", "Breakfast is included in every rate.", "breakfast"),
-        ("Do you allow pets?", "Pets are welcome for a small fee.", "pets"),
-        ("Is there a pool?", "The hotel has an indoor pool open until 10 pm.", "pool"),
-    ];
-    let mut hotels = serde_json::Map::new();
-    let (mut logs, mut labels) = (Vec::new(), Vec::new());
-    for e in 0..entities {
-        let name = format!("Hotel Number {e}");
-        let faqs: serde_json::Map<String, serde_json::Value> = topics
-            .iter()
-            .enumerate()
-            .map(|(i, (q, a, _))| (i.to_string(), serde_json::json!({"question": q, "answer": a})))
-            .collect();
-        hotels.insert(e.to_string(), serde_json::json!({"name": name, "faqs": faqs, "reviews": {}}));
-        for (i, (_, answer, topic)) in topics.iter().enumerate() {
-            logs.push(serde_json::json!([
-                {"speaker": "U", "text": format!("I am staying at {name}.")},
-                {"speaker": "S", "text": "Great, how can I help?"},
-                {"speaker": "U", "text": format!("Tell me about the {topic} there.")},
-            ]));
-            labels.push(serde_json::json!({"target": true, "response": answer,
-                "knowledge": [{"domain": "hotel", "entity_id": e, "doc_type": "faq", "doc_id": i}]}));
-        }
-    }
-    std::fs::create_dir_all(dir.join("val")).unwrap();
-    std::fs::write(dir.join("knowledge.json"), serde_json::json!({"hotel": hotels}).to_string()).unwrap();
-    std::fs::write(dir.join("val/logs.json"), serde_json::Value::from(logs).to_string()).unwrap();
-    std::fs::write(dir.join("val/labels.json"), serde_json::Value::from(labels).to_string()).unwrap();
-}
-
 /// Simulated agents, 40% careless, against a real server with the default
 /// embedding model; the worker's judge rejects careless annotations and
 /// (almost) no careful ones, and the evaluation sees it.
@@ -626,7 +591,7 @@ fn mini_dstc11(dir: &Path, entities: usize) {
 async fn simulated_agents_feed_the_worker_and_the_judge_separates_the_careless() {
     let dir = tempfile::tempdir().unwrap();
     let dataset = dir.path().join("dataset");
-    mini_dstc11(&dataset, 12);
+    common::mini_dstc11(&dataset, 12);
     let data = dir.path().join("data");
     let store = KnowledgeStore::open(&data.join("knowledge.redb")).unwrap();
     store.upsert_batch(aitl::kb::read_dstc11(&dataset).unwrap()).unwrap();

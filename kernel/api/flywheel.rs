@@ -1,13 +1,14 @@
 //! FlywheelService: what the worker learned, for the people who act on it.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, sync::Arc};
 
 use tonic::{Request, Response, Status};
 
 use crate::{
     error::Error,
     proto::{
-        KnowledgeGap, ListKnowledgeGapsRequest, ListKnowledgeGapsResponse, flywheel_service_server::FlywheelService,
+        GetServingModelsRequest, GetServingModelsResponse, KnowledgeGap, ListKnowledgeGapsRequest,
+        ListKnowledgeGapsResponse, ServingModel, flywheel_service_server::FlywheelService,
     },
     worker::gaps::read_snapshot,
 };
@@ -17,11 +18,12 @@ const MAX_GAPS: u32 = 1_000;
 
 pub struct Flywheel {
     worker_dir: PathBuf,
+    state: Arc<super::AppState>,
 }
 
 impl Flywheel {
-    pub fn new(worker_dir: PathBuf) -> Self {
-        Flywheel { worker_dir }
+    pub fn new(worker_dir: PathBuf, state: Arc<super::AppState>) -> Self {
+        Flywheel { worker_dir, state }
     }
 }
 
@@ -31,6 +33,29 @@ fn timestamp(ms: i64) -> Option<prost_types::Timestamp> {
 
 #[tonic::async_trait]
 impl FlywheelService for Flywheel {
+    async fn get_serving_models(
+        &self,
+        _: Request<GetServingModelsRequest>,
+    ) -> Result<Response<GetServingModelsResponse>, Status> {
+        let models = self
+            .state
+            .serving
+            .get()
+            .into_iter()
+            .map(|(role, s)| ServingModel {
+                role: role.name().into(),
+                version: s.version,
+                registry_version: s.registry_version.unwrap_or_default(),
+                source: s.source,
+                challenger: s.challenger.unwrap_or_default(),
+                switching_to: s.switching_to.unwrap_or_default(),
+                last_error: s.last_error.unwrap_or_default(),
+            })
+            .collect();
+        let challenger_share = self.state.generators.get().map_or(0.0, |g| g.challenger_share);
+        Ok(Response::new(GetServingModelsResponse { models, challenger_share }))
+    }
+
     async fn list_knowledge_gaps(
         &self,
         request: Request<ListKnowledgeGapsRequest>,

@@ -2,6 +2,11 @@
 //! the ranked knowledge, N candidates from one prefill on the decoding
 //! engine, citations read back, and the interaction (with every candidate's
 //! text) recorded before the caller gets the final answer.
+//!
+//! For the registry's share of requests with a challenger generator, half
+//! of the candidates (at random positions) come from the challenger, each
+//! naming its version, so agents' pairwise preferences are an online A/B
+//! test.
 
 use std::{
     sync::Arc,
@@ -13,6 +18,7 @@ use tokio::sync::mpsc;
 use super::AppState;
 use crate::{
     engine::{
+        GeneratorEngine,
         generator::{Finish, GenerateEvent as EngineEvent, GenerateJob},
         grounding,
         sampler::SamplingConfig,
@@ -42,10 +48,53 @@ pub(super) struct Generation {
     pub candidate_ids: Vec<String>,
     pub grounding: Vec<ScoredKnowledge>,
     pub models: ModelVersions,
-    pub prompt_tokens: usize,
+    /// Per candidate: the generator writing it and its prompt's length.
+    candidate_models: Vec<(String, usize)>,
     pub started: Instant,
+    /// When the last engine took the request from its queue.
+    admitted: Option<Instant>,
+    /// Engines still to report their admission.
+    waiting: usize,
     pub request: GenerateRequest,
-    pub events: mpsc::UnboundedReceiver<EngineEvent>,
+    events: mpsc::UnboundedReceiver<EngineEvent>,
+}
+
+/// A uniform draw in [0, 1): SipHash with fresh random keys.
+fn uniform() -> f64 {
+    use std::hash::BuildHasher;
+    let bits = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Submits `candidates` (global positions) to `engine` and forwards its
+/// events with those positions. The forwarder stops when the caller goes
+/// away, which closes the engine's channel and frees the slots.
+fn submit(
+    engine: &GeneratorEngine,
+    prompt: Vec<u32>,
+    candidates: Vec<usize>,
+    sampling: SamplingConfig,
+    max_new_tokens: usize,
+    stop: Vec<String>,
+    merged: mpsc::UnboundedSender<EngineEvent>,
+) -> Result<()> {
+    let (events, mut from_engine) = mpsc::unbounded_channel();
+    engine.submit(GenerateJob { prompt, candidates: candidates.len(), sampling, max_new_tokens, stop, events })?;
+    tokio::spawn(async move {
+        while let Some(event) = from_engine.recv().await {
+            let event = match event {
+                EngineEvent::Delta { candidate, text } => EngineEvent::Delta { candidate: candidates[candidate], text },
+                EngineEvent::Finished { candidate, text, finish, completion_tokens } => {
+                    EngineEvent::Finished { candidate: candidates[candidate], text, finish, completion_tokens }
+                }
+                other => other,
+            };
+            if merged.send(event).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(())
 }
 
 /// The grounding objects in prompt order (exactly the versions a Rank or
@@ -78,30 +127,20 @@ async fn grounding_of(state: &AppState, req: &GenerateRequest) -> Result<Vec<Sco
 
 pub(super) async fn start(state: &AppState, req: GenerateRequest) -> Result<Generation> {
     let started = Instant::now();
-    let generator =
-        state.generator.clone().ok_or_else(|| super::support::missing_model("Generate", "generator (decoder LLM)"))?;
+    let missing = || super::support::missing_model("Generate", "generator (decoder LLM)");
+    let generators = state.generators.get().ok_or_else(missing)?;
+    let champion = generators.champion.clone().ok_or_else(missing)?;
     let grounding = grounding_of(state, &req).await?;
     let objects: Vec<KnowledgeObject> = grounding.iter().filter_map(|g| g.knowledge.clone()).collect();
     let system =
         if req.system_prompt.trim().is_empty() { grounding::DEFAULT_SYSTEM_PROMPT } else { &req.system_prompt };
     let messages = grounding::messages(system, &objects, &req.conversation);
     let as_refs: Vec<_> = messages.iter().map(|(role, text)| (*role, text.as_str())).collect();
-    let prompt = generator.tokenizer().encode(&generator.tokenizer().render(&as_refs))?;
     let sampling_params = req.sampling.clone().unwrap_or_default();
     let max_new_tokens = match sampling_params.max_new_tokens {
         0 => state.default_max_new_tokens as usize,
         n => n as usize,
     };
-    if prompt.len() + 1 >= generator.context() {
-        return Err(Error::invalid(
-            "conversation",
-            format!(
-                "the prompt is {} tokens with its grounding; the generator's context is {}: send fewer turns or less grounding",
-                prompt.len(),
-                generator.context()
-            ),
-        ));
-    }
     let mut sampling = match &req.sampling {
         None => default_sampling(),
         Some(s) => SamplingConfig {
@@ -116,25 +155,61 @@ pub(super) async fn start(state: &AppState, req: GenerateRequest) -> Result<Gene
         sampling.seed = uuid::Uuid::now_v7().as_u64_pair().1;
     }
     let candidates = if req.num_candidates == 0 { DEFAULT_CANDIDATES } else { req.num_candidates as usize };
+
+    // Which engine writes which candidate: all the champion, or, for the
+    // challenger's share, alternate positions starting at a random one.
+    let mut engines: Vec<(&GeneratorEngine, Vec<usize>)> = vec![(&champion, (0..candidates).collect())];
+    if let Some(challenger) =
+        generators.challenger.as_ref().filter(|_| candidates >= 2 && uniform() < generators.challenger_share)
+    {
+        let first = usize::from(uniform() < 0.5);
+        let (theirs, ours): (Vec<usize>, Vec<usize>) = (0..candidates).partition(|c| c % 2 == first);
+        engines = vec![(&champion, ours), (challenger, theirs)];
+    }
+    let mut prompts = Vec::with_capacity(engines.len());
+    for (engine, _) in &engines {
+        let prompt = engine.tokenizer().encode(&engine.tokenizer().render(&as_refs))?;
+        if prompt.len() + 1 >= engine.context() {
+            return Err(Error::invalid(
+                "conversation",
+                format!(
+                    "the prompt is {} tokens with its grounding; the generator {} has a context of {}: \
+                     send fewer turns or less grounding",
+                    prompt.len(),
+                    engine.version(),
+                    engine.context()
+                ),
+            ));
+        }
+        prompts.push(prompt);
+    }
+
     let interaction_id = new_interaction_id();
     let candidate_ids = (0..candidates).map(|c| format!("{interaction_id}/c{c}")).collect();
-    let (events_tx, events) = mpsc::unbounded_channel();
-    generator.submit(GenerateJob {
-        prompt: prompt.clone(),
-        candidates,
-        sampling,
-        max_new_tokens,
-        stop: sampling_params.stop.clone(),
-        events: events_tx,
-    })?;
-    let models = ModelVersions { generator: generator.version().into(), ..Default::default() };
+    let mut candidate_models = vec![(String::new(), 0); candidates];
+    let (merged, events) = mpsc::unbounded_channel();
+    for (part, ((engine, positions), prompt)) in engines.iter().zip(prompts).enumerate() {
+        for &c in positions {
+            candidate_models[c] = (engine.version().to_string(), prompt.len());
+        }
+        let sampling = SamplingConfig {
+            // Distinct streams per engine: candidate c of part p samples with seed + p·N + c.
+            seed: sampling.seed.wrapping_add((part * candidates) as u64),
+            ..sampling.clone()
+        };
+        let stop = sampling_params.stop.clone();
+        submit(engine, prompt, positions.clone(), sampling, max_new_tokens, stop, merged.clone())?;
+    }
+    let models = ModelVersions { generator: champion.version().into(), ..Default::default() };
     Ok(Generation {
         interaction_id,
         candidate_ids,
         grounding,
         models,
-        prompt_tokens: prompt.len(),
+        candidate_models,
         started,
+        admitted: None,
+        waiting: engines.len(),
         request: req,
         events,
     })
@@ -152,7 +227,14 @@ impl Generation {
     /// The next engine event turned into what the API reports, and the
     /// finished candidate when one completed.
     pub(super) async fn next(&mut self) -> Option<Result<(generate_event::Event, Option<Candidate>)>> {
-        let event = self.events.recv().await?;
+        let mut event = self.events.recv().await?;
+        while let EngineEvent::Admitted = event {
+            self.waiting = self.waiting.saturating_sub(1);
+            if self.waiting == 0 {
+                self.admitted = Some(Instant::now());
+            }
+            event = self.events.recv().await?;
+        }
         Some(match event {
             EngineEvent::Delta { candidate, text } => Ok((
                 generate_event::Event::Delta(generate_event::Delta {
@@ -164,18 +246,20 @@ impl Generation {
             EngineEvent::Finished { candidate, text, finish, completion_tokens } => {
                 let ids: Vec<String> =
                     self.grounding.iter().filter_map(|g| g.knowledge.as_ref().map(|k| k.id.clone())).collect();
+                let (model_version, prompt_tokens) = self.candidate_models[candidate].clone();
                 let done = Candidate {
                     candidate_id: self.candidate_ids[candidate].clone(),
                     cited_knowledge_ids: grounding::citations(&text, &ids),
                     text,
                     finish_reason: finish_reason(finish) as i32,
-                    prompt_tokens: self.prompt_tokens as u32,
+                    prompt_tokens: prompt_tokens as u32,
                     completion_tokens: completion_tokens as u32,
-                    model_version: self.models.generator.clone(),
+                    model_version,
                 };
                 Ok((generate_event::Event::Finished(done.clone()), Some(done)))
             }
             EngineEvent::Failed(why) => Err(Error::Internal(format!("generation failed: {why}"))),
+            EngineEvent::Admitted => unreachable!("admissions are consumed above"),
         })
     }
 
@@ -198,7 +282,14 @@ impl Generation {
         mut candidates: Vec<Candidate>,
     ) -> Result<(Vec<Candidate>, Timings)> {
         candidates.sort_by_key(|c| self.candidate_ids.iter().position(|id| *id == c.candidate_id));
-        let timings = Timings { queue_ns: 0, compute_ns: 0, total_ns: self.started.elapsed().as_nanos() as u64 };
+        let total = self.started.elapsed();
+        // Queue: from arrival until the (last) decoding engine took the request; compute: the rest.
+        let queue = self.admitted.map_or(total, |at| at.duration_since(self.started)).min(total);
+        let timings = Timings {
+            queue_ns: queue.as_nanos() as u64,
+            compute_ns: (total - queue).as_nanos() as u64,
+            total_ns: total.as_nanos() as u64,
+        };
         let record = InteractionRecord {
             interaction_id: self.interaction_id.clone(),
             kind: InteractionKind::Generate as i32,

@@ -42,9 +42,10 @@ impl KnowledgeService for Knowledge {
                 )
             };
             convert::check_upsert_batch(&batch.objects).map_err(committed)?;
+            let _writes = self.state.knowledge_writes.read().await;
             let kb = self.state.kb.clone();
             let (outcome, written) = blocking(move || Ok(kb.upsert_batch(batch.objects)?)).await.map_err(committed)?;
-            if let Some(semantic) = &self.state.semantic {
+            if let Some(semantic) = self.state.semantic.get() {
                 // Searchable before the call returns: a Retrieve right after sees it.
                 semantic.index_objects(&written).await.map_err(|e| {
                     let status = Status::from(e);
@@ -75,8 +76,9 @@ impl KnowledgeService for Knowledge {
         convert::check_id("id", &id, convert::MAX_ID_BYTES)?;
         let kb = self.state.kb.clone();
         let removed = id.clone();
+        let _writes = self.state.knowledge_writes.read().await;
         let version = blocking(move || Ok(kb.delete(&id)?)).await?;
-        if let Some(semantic) = &self.state.semantic {
+        if let Some(semantic) = self.state.semantic.get() {
             semantic.remove(&removed);
         }
         Ok(Response::new(DeleteKnowledgeResponse { version }))

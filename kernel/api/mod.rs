@@ -15,9 +15,10 @@ pub use knowledge::Knowledge;
 pub use support::Support;
 
 use crate::{
-    engine::{GeneratorEngine, RankerSlot},
+    engine::RankerSlot,
     feedback::{AnnotationIntake, InteractionBook},
     kb::{KnowledgeStore, QueryComposition, SemanticIndex},
+    serving::{Generators, ServedModels, Slot},
     trainlog::TrainingLog,
 };
 
@@ -27,12 +28,18 @@ pub struct AppState {
     pub log: TrainingLog,
     pub interactions: Arc<InteractionBook>,
     pub annotations: AnnotationIntake,
-    /// None when no embedding model is configured.
-    pub semantic: Option<Arc<SemanticIndex>>,
-    /// None inside when Rank has no model (see `models.ranker`).
+    /// The query encoder and its index, swapped together; empty when no
+    /// embedding model is configured.
+    pub semantic: Slot<SemanticIndex>,
+    /// Empty when Rank has no model (see `models.ranker`).
     pub ranker: RankerSlot,
-    /// None when no generator is configured.
-    pub generator: Option<GeneratorEngine>,
+    /// The generator and its challenger.
+    pub generators: Slot<Generators>,
+    /// Knowledge writes hold this shared; a retriever switch holds it alone
+    /// while it embeds what was written during its re-embedding.
+    pub knowledge_writes: tokio::sync::RwLock<()>,
+    /// What serves each role, for GetServingModels.
+    pub serving: ServedModels,
     pub default_max_new_tokens: u32,
     pub query_composition: QueryComposition,
     pub default_top_k: u32,

@@ -12,6 +12,7 @@ impl From<Error> for Status {
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::Unavailable(_) => Code::Unavailable,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Internal(_) => Code::Internal,
             Error::Log(log) => match log {
                 LogError::DiskFull(_) | LogError::QueueFull(_) => Code::ResourceExhausted,

@@ -66,7 +66,7 @@ impl Support {
     async fn retrieve_knowledge(&self, req: RetrieveRequest) -> Result<RetrieveResponse> {
         let started = Instant::now();
         convert::check_retrieve(&req)?;
-        let semantic = self.state.semantic.clone().ok_or_else(|| missing_model("Retrieve", "embedding model"))?;
+        let semantic = self.state.semantic.get().ok_or_else(|| missing_model("Retrieve", "embedding model"))?;
         let k = if req.top_k == 0 { self.state.default_top_k } else { req.top_k } as usize;
         let text = self.state.query_composition.compose(&req.query, &req.context);
         let (hits, embed) = semantic.search(&text, k, &req.filter.clone().unwrap_or_default()).await?;

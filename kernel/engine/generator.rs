@@ -55,8 +55,18 @@ pub enum Finish {
 /// What the engine reports about a request, per candidate.
 #[derive(Debug, Clone)]
 pub enum GenerateEvent {
-    Delta { candidate: usize, text: String },
-    Finished { candidate: usize, text: String, finish: Finish, completion_tokens: usize },
+    /// The worker took the request from the queue and starts its prefill.
+    Admitted,
+    Delta {
+        candidate: usize,
+        text: String,
+    },
+    Finished {
+        candidate: usize,
+        text: String,
+        finish: Finish,
+        completion_tokens: usize,
+    },
     Failed(String),
 }
 
@@ -231,6 +241,7 @@ impl Worker {
                     continue;
                 }
                 self.counters.requests.fetch_add(1, Ordering::Relaxed);
+                let _ = job.events.send(GenerateEvent::Admitted);
                 let index = requests.len();
                 match self.prefill(&job, index) {
                     Ok(sequences) => active.extend(sequences),

@@ -4,10 +4,7 @@
 //! and says so in the version it reports: that is the baseline a trained
 //! ranker must beat.
 
-use std::{
-    path::Path,
-    sync::{Arc, RwLock},
-};
+use std::{path::Path, sync::Arc};
 
 use super::encoder::{EncodeTimings, EncoderEngine, EncoderModel, EncoderOptions};
 use crate::{
@@ -123,22 +120,5 @@ async fn similarity(
     Ok((scores, timings))
 }
 
-/// The serving ranker, swappable while the server runs (a promoted model
-/// replaces it atomically; calls in flight finish on the one they started with).
-#[derive(Default)]
-pub struct RankerSlot(RwLock<Option<Arc<Ranker>>>);
-
-impl RankerSlot {
-    pub fn new(ranker: Option<Ranker>) -> Self {
-        RankerSlot(RwLock::new(ranker.map(Arc::new)))
-    }
-
-    pub fn get(&self) -> Option<Arc<Ranker>> {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Installs `ranker`, returning the one it replaces.
-    pub fn swap(&self, ranker: Option<Ranker>) -> Option<Arc<Ranker>> {
-        std::mem::replace(&mut *self.0.write().unwrap_or_else(|e| e.into_inner()), ranker.map(Arc::new))
-    }
-}
+/// The ranker Rank uses; a promotion swaps it while requests run.
+pub type RankerSlot = crate::serving::Slot<Ranker>;

@@ -4,13 +4,13 @@
 
 use std::collections::HashSet;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Cut-offs reported for recall and precision.
 pub const RECALL_AT: [usize; 4] = [5, 10, 20, 75];
 pub const PRECISION_AT: [usize; 3] = [1, 5, 8];
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RankingMetrics {
     pub queries: usize,
     /// (k, mean Recall@k)
@@ -19,6 +19,18 @@ pub struct RankingMetrics {
     pub precision: Vec<(usize, f64)>,
     pub ndcg_at_10: f64,
     pub mrr: f64,
+}
+
+impl RankingMetrics {
+    /// Mean Recall@k, when k is one of RECALL_AT.
+    pub fn recall_at(&self, k: usize) -> Option<f64> {
+        self.recall.iter().find(|(at, _)| *at == k).map(|(_, v)| *v)
+    }
+
+    /// Mean Precision@k, when k is one of PRECISION_AT.
+    pub fn precision_at(&self, k: usize) -> Option<f64> {
+        self.precision.iter().find(|(at, _)| *at == k).map(|(_, v)| *v)
+    }
 }
 
 /// Per-query scores, before averaging.

@@ -1,9 +1,15 @@
 //! `aitl eval retrieval`: a labelled data set's queries through the real
 //! Retrieve RPC (an in-process server on loopback over a scratch data dir
 //! that keeps the data set's knowledge base and vectors between runs), then
-//! the top 75 of each through Rank, scored before and after ranking.
+//! the top 75 of each through Rank, scored before and after ranking. The
+//! promotion gate runs the same evaluation on agents' held-out labels over
+//! the live knowledge base.
 
-use std::{collections::HashSet, path::Path, time::Instant};
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+    time::Instant,
+};
 
 use futures_util::StreamExt;
 use serde::Serialize;
@@ -16,8 +22,30 @@ use crate::{
     config::Config,
     error::{Error, Result},
     kb::{self, KnowledgeStore},
-    proto::{RankRequest, RetrieveRequest, rank_request::Candidates, support_service_client::SupportServiceClient},
+    proto::{
+        KnowledgeFilter, KnowledgeObject, RankRequest, RetrieveRequest, rank_request::Candidates,
+        support_service_client::SupportServiceClient,
+    },
 };
+
+/// Where an evaluation's knowledge base comes from.
+pub enum EvalKnowledge {
+    /// A DSTC11 Track 5 folder's knowledge.json.
+    Dstc11(PathBuf),
+    /// These objects (a snapshot of the live knowledge base).
+    Objects(Vec<KnowledgeObject>),
+}
+
+/// One evaluation: queries with relevance labels over a knowledge base.
+pub struct EvalSet<'a> {
+    /// Names the scratch data dir (`{data_dir}/eval/{name}`), which keeps
+    /// the knowledge and its vectors for the next run.
+    pub name: &'a str,
+    pub knowledge: EvalKnowledge,
+    pub queries: &'a [LabelledQuery],
+    /// What the report calls the queries.
+    pub split: String,
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RetrievalReport {
@@ -58,8 +86,21 @@ pub async fn run_dstc11(
     rank: bool,
 ) -> Result<RetrievalReport> {
     let queries = dstc11::read_queries(dataset, split)?;
+    let set = EvalSet {
+        name: "dstc11",
+        knowledge: EvalKnowledge::Dstc11(dataset.to_owned()),
+        queries: &queries,
+        split: format!("DSTC11 {} split", format!("{split:?}").to_lowercase()),
+    };
+    run(config, set, context_turns, rank).await
+}
+
+/// Runs `set`'s queries through Retrieve (and Rank) of an in-process server
+/// with `config`'s models.
+pub async fn run(config: &Config, set: EvalSet<'_>, context_turns: usize, rank: bool) -> Result<RetrievalReport> {
+    let queries = set.queries;
     let mut eval_config = config.clone();
-    eval_config.data_dir = config.data_dir.join("eval").join("dstc11");
+    eval_config.data_dir = config.data_dir.join("eval").join(set.name);
     eval_config.models.cache_dir = config.model_cache();
     // Retrieval and ranking need no decoder.
     eval_config.models.generator = "none".into();
@@ -68,7 +109,7 @@ pub async fn run_dstc11(
     if eval_config.embedder_dir()?.is_none() {
         return Err(Error::InvalidArgument("retrieval evaluation needs an embedding model (models.embedder)".into()));
     }
-    prepare_knowledge(&eval_config, dataset)?;
+    prepare_knowledge(&eval_config, set.knowledge)?;
     let server = crate::server::start(eval_config).await?;
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
         .map_err(|e| Error::Internal(e.to_string()))?
@@ -141,7 +182,7 @@ pub async fn run_dstc11(
         RankedReport { ranker, metrics: metrics::average(&ranked_scores), rank_p50_ms, rank_p99_ms }
     });
     Ok(RetrievalReport {
-        split: format!("{split:?}").to_lowercase(),
+        split: set.split,
         context_turns,
         embedder,
         metrics: metrics::average(&scores),
@@ -160,12 +201,24 @@ fn percentiles(values: &mut [f64]) -> (f64, f64) {
     (pick(0.5), pick(0.99))
 }
 
-/// The data set's knowledge in the scratch knowledge base, with vectors.
-fn prepare_knowledge(config: &Config, dataset: &Path) -> Result<()> {
-    let objects = kb::read_dstc11(dataset)?;
+/// The knowledge in the scratch knowledge base (objects it no longer has
+/// deleted), with vectors.
+fn prepare_knowledge(config: &Config, knowledge: EvalKnowledge) -> Result<()> {
+    let objects = match knowledge {
+        EvalKnowledge::Dstc11(dataset) => kb::read_dstc11(&dataset)?,
+        EvalKnowledge::Objects(objects) => objects.into_iter().filter(|o| !o.deleted).collect(),
+    };
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| Error::Internal(format!("{}: {e}", config.data_dir.display())))?;
     let store = KnowledgeStore::open(&config.knowledge_path())?;
     for chunk in objects.chunks(crate::api::convert::MAX_ITEMS) {
         store.upsert_batch(chunk.to_vec())?;
+    }
+    let wanted: HashSet<&str> = objects.iter().map(|o| o.id.as_str()).collect();
+    for id in all_ids(&store)? {
+        if !wanted.contains(id.as_str()) {
+            store.delete(&id)?;
+        }
     }
     if let Some(dir) = config.embedder_dir()? {
         let mut last = 0;
@@ -183,12 +236,26 @@ fn prepare_knowledge(config: &Config, dataset: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Ids of every live object of `store`.
+fn all_ids(store: &KnowledgeStore) -> Result<Vec<String>> {
+    let mut ids = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.list(after.as_deref(), 1_000, &KnowledgeFilter::default(), false)?;
+        ids.extend(page.objects.into_iter().map(|o| o.id));
+        match page.next_after {
+            Some(next) => after = Some(next),
+            None => return Ok(ids),
+        }
+    }
+}
+
 impl std::fmt::Display for RetrievalReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let m = &self.metrics;
         writeln!(
             f,
-            "retrieval on DSTC11 {} split: {} queries, embedder {}, {} context turns",
+            "retrieval on {}: {} queries, embedder {}, {} context turns",
             self.split, m.queries, self.embedder, self.context_turns
         )?;
         let columns = |m: &RankingMetrics| -> (Vec<String>, Vec<String>) {

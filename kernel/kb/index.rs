@@ -55,6 +55,8 @@ pub trait VectorIndex: Send + Sync {
     fn search(&self, query: &[f32], k: usize, filter: &KnowledgeFilter) -> Vec<Hit>;
     /// The stored vector of `id` if the index holds exactly `version` of it.
     fn vector(&self, id: &str, version: u64) -> Option<Vec<f32>>;
+    /// (id, version) of every indexed object.
+    fn entries(&self) -> Vec<(String, u64)>;
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -194,6 +196,11 @@ impl VectorIndex for ExactIndex {
                 slots.entries[slot].as_ref().map(|e| Hit { id: e.id.clone(), version: e.version, score })
             })
             .collect()
+    }
+
+    fn entries(&self) -> Vec<(String, u64)> {
+        let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        slots.entries.iter().flatten().map(|e| (e.id.clone(), e.version)).collect()
     }
 
     fn len(&self) -> usize {

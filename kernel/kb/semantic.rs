@@ -116,6 +116,41 @@ impl SemanticIndex {
         Ok(())
     }
 
+    /// Brings the index in step with the store after it was filled while
+    /// the store kept changing: embeds objects written since, drops deleted
+    /// ones. Returns how many objects it embedded. The caller holds writes
+    /// to the store off while this runs.
+    pub async fn catch_up(&self) -> Result<usize> {
+        let version = self.engine.version().to_string();
+        let objects = {
+            let kb = self.kb.clone();
+            tokio::task::spawn_blocking(move || kb.objects_with_vectors(&version))
+                .await
+                .map_err(|e| Error::Internal(format!("loading vectors: {e}")))??
+        };
+        let live: std::collections::HashMap<&str, u64> =
+            objects.iter().map(|(o, _)| (o.id.as_str(), o.version)).collect();
+        for (id, version) in self.index.entries() {
+            if live.get(id.as_str()) != Some(&version) {
+                self.index.remove(&id);
+            }
+        }
+        let mut stale = Vec::new();
+        for (object, vector) in &objects {
+            if self.index.vector(&object.id, object.version).is_some() {
+                continue;
+            }
+            match vector {
+                Some(vector) if vector.len() == self.engine.dimension() => {
+                    self.index.upsert(IndexEntry::of(object), vector)
+                }
+                _ => stale.push(object.clone()),
+            }
+        }
+        self.index_objects(&stale).await?;
+        Ok(stale.len())
+    }
+
     pub fn remove(&self, id: &str) {
         self.index.remove(id);
     }

@@ -16,9 +16,12 @@ use crate::proto::{KnowledgeFilter, KnowledgeObject};
 
 const LATEST: TableDefinition<&str, &[u8]> = TableDefinition::new("latest");
 const VERSIONS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("versions");
-/// id → embedding of the latest version: knowledge version (u64 LE),
-/// model-version length (u32 LE), model version (UTF-8), f32 LE values.
-const VECTORS: TableDefinition<&str, &[u8]> = TableDefinition::new("vectors");
+/// (embedding model version, id) → embedding of the latest version:
+/// knowledge version (u64 LE), model-version length (u32 LE), model version
+/// (UTF-8), f32 LE values. Keyed by model too, so a retriever switch fills
+/// the new model's vectors while the old model's stay for a restart or a
+/// rollback.
+const VECTORS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("model_vectors");
 
 #[derive(Debug, thiserror::Error)]
 pub enum KbError {
@@ -237,7 +240,7 @@ impl KnowledgeStore {
                 for v in vector {
                     bytes.extend_from_slice(&v.to_le_bytes());
                 }
-                vectors.insert(id.as_str(), bytes.as_slice()).map_err(storage)?;
+                vectors.insert((model_version, id.as_str()), bytes.as_slice()).map_err(storage)?;
             }
         }
         txn.commit().map_err(storage)
@@ -260,12 +263,36 @@ impl KnowledgeStore {
                 continue;
             }
             let vector = vectors
-                .get(key.value())
+                .get((model_version, key.value()))
                 .map_err(storage)?
                 .and_then(|stored| decode_vector(stored.value(), model_version, object.version));
             out.push((object, vector));
         }
         Ok(out)
+    }
+
+    /// Deletes the stored vectors of every embedding model not in `keep`;
+    /// returns how many it deleted.
+    pub fn retain_vector_models(&self, keep: &[&str]) -> Result<u64, KbError> {
+        let txn = self.db.begin_write().map_err(storage)?;
+        let mut deleted = 0;
+        {
+            let mut vectors = txn.open_table(VECTORS).map_err(storage)?;
+            let mut doomed: Vec<(String, String)> = Vec::new();
+            for entry in vectors.iter().map_err(storage)? {
+                let (key, _) = entry.map_err(storage)?;
+                let (model, id) = key.value();
+                if !keep.contains(&model) {
+                    doomed.push((model.to_string(), id.to_string()));
+                }
+            }
+            for (model, id) in &doomed {
+                vectors.remove((model.as_str(), id.as_str())).map_err(storage)?;
+                deleted += 1;
+            }
+        }
+        txn.commit().map_err(storage)?;
+        Ok(deleted)
     }
 
     /// Live (not deleted) objects.

@@ -43,6 +43,9 @@ pub enum ChatTemplate {
     /// `<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>`, then
     /// the assistant's header (Llama 3).
     Llama3,
+    /// `[INST] {user} [/INST]{assistant}</s>` (Mistral, Mixtral): no system
+    /// role, turns must alternate starting with the user.
+    Mistral,
 }
 
 impl ChatTemplate {
@@ -52,9 +55,12 @@ impl ChatTemplate {
             Ok(ChatTemplate::ChatMl)
         } else if template.contains("<|start_header_id|>") {
             Ok(ChatTemplate::Llama3)
+        } else if template.contains("[INST]") {
+            Ok(ChatTemplate::Mistral)
         } else {
             Err("the chat template is missing or of an unsupported family; aitl renders ChatML \
-                 (<|im_start|> … <|im_end|>) and Llama 3 (<|start_header_id|> … <|eot_id|>) templates")
+                 (<|im_start|> … <|im_end|>), Llama 3 (<|start_header_id|> … <|eot_id|>) and Mistral \
+                 ([INST] … [/INST]) templates")
         }
     }
 
@@ -62,6 +68,7 @@ impl ChatTemplate {
         match self {
             ChatTemplate::ChatMl => "<|im_end|>",
             ChatTemplate::Llama3 => "<|eot_id|>",
+            ChatTemplate::Mistral => "</s>",
         }
     }
 }
@@ -208,6 +215,9 @@ impl ChatTokenizer {
 }
 
 fn render(template: ChatTemplate, messages: &[(Role, &str)]) -> String {
+    if template == ChatTemplate::Mistral {
+        return render_mistral(messages);
+    }
     let mut out = String::new();
     for (role, content) in messages {
         let role = match role {
@@ -221,12 +231,54 @@ fn render(template: ChatTemplate, messages: &[(Role, &str)]) -> String {
             ChatTemplate::Llama3 => {
                 out.push_str(&format!("<|start_header_id|>{role}<|end_header_id|>\n\n{}<|eot_id|>", content.trim()))
             }
+            ChatTemplate::Mistral => unreachable!("rendered by render_mistral"),
         }
     }
     out.push_str(match template {
         ChatTemplate::ChatMl => "<|im_start|>assistant\n",
         ChatTemplate::Llama3 => "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        ChatTemplate::Mistral => unreachable!("rendered by render_mistral"),
     });
+    out
+}
+
+/// Mistral's template has no system role and raises unless user and
+/// assistant alternate from a user turn. So the system prompt opens the
+/// first user turn, consecutive turns of one role are joined, and a
+/// conversation that starts with the assistant gets a user turn of the
+/// system prompt (or an empty one) before it. The prompt ends after the
+/// last `[/INST]`, where the assistant speaks.
+fn render_mistral(messages: &[(Role, &str)]) -> String {
+    let system: Vec<&str> =
+        messages.iter().filter(|(r, _)| *r == Role::System).map(|(_, c)| c.trim()).filter(|c| !c.is_empty()).collect();
+    let mut turns: Vec<(Role, String)> = Vec::new();
+    for (role, content) in messages.iter().filter(|(r, _)| *r != Role::System) {
+        match turns.last_mut() {
+            Some((last, text)) if last == role => {
+                text.push_str("\n\n");
+                text.push_str(content.trim());
+            }
+            _ => turns.push((*role, content.trim().to_string())),
+        }
+    }
+    if turns.first().is_none_or(|(role, _)| *role == Role::Assistant) {
+        turns.insert(0, (Role::User, String::new()));
+    }
+    if !system.is_empty() {
+        let first = &mut turns[0].1;
+        *first = if first.is_empty() { system.join("\n\n") } else { format!("{}\n\n{first}", system.join("\n\n")) };
+    }
+    let mut out = String::new();
+    for (role, content) in &turns {
+        match role {
+            Role::User => out.push_str(&format!("[INST] {content} [/INST]")),
+            _ => out.push_str(&format!("{content}</s>")),
+        }
+    }
+    // A conversation that ends with the assistant still needs the model to continue as the assistant.
+    if turns.last().is_some_and(|(role, _)| *role == Role::Assistant) {
+        out.push_str("[INST]  [/INST]");
+    }
     out
 }
 
@@ -238,7 +290,8 @@ mod template_tests {
     fn templates_are_recognised_by_their_markers() {
         assert_eq!(ChatTemplate::recognise("{{'<|im_start|>' + role}}"), Ok(ChatTemplate::ChatMl));
         assert_eq!(ChatTemplate::recognise("{{ '<|start_header_id|>' }}"), Ok(ChatTemplate::Llama3));
-        assert!(ChatTemplate::recognise("{{ '[INST] ' + content + ' [/INST]' }}").unwrap_err().contains("ChatML"));
+        assert_eq!(ChatTemplate::recognise("{{ '[INST] ' + content + ' [/INST]' }}"), Ok(ChatTemplate::Mistral));
+        assert!(ChatTemplate::recognise("{{ '### Human: ' + content }}").unwrap_err().contains("ChatML"));
         assert!(ChatTemplate::recognise("").is_err());
     }
 
@@ -251,5 +304,25 @@ mod template_tests {
              <|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>\
              <|start_header_id|>assistant<|end_header_id|>\n\n"
         );
+    }
+
+    /// As Mixtral-8x7B-Instruct's Jinja template renders an alternating
+    /// conversation (without its leading BOS, which the tokenizer adds), with
+    /// the system prompt folded into the first user turn.
+    #[test]
+    fn mistral_folds_the_system_prompt_and_merges_turns() {
+        let text = render(
+            ChatTemplate::Mistral,
+            &[
+                (Role::System, "Cite sources."),
+                (Role::User, "Hi"),
+                (Role::Assistant, "Hello!"),
+                (Role::User, "Parking?"),
+                (Role::User, " Is it free? "),
+            ],
+        );
+        assert_eq!(text, "[INST] Cite sources.\n\nHi [/INST]Hello!</s>[INST] Parking?\n\nIs it free? [/INST]");
+        let text = render(ChatTemplate::Mistral, &[(Role::Assistant, "How can I help?"), (Role::User, "Pets?")]);
+        assert_eq!(text, "[INST]  [/INST]How can I help?</s>[INST] Pets? [/INST]");
     }
 }

@@ -12,6 +12,9 @@
 //! - generator: (prompt, chosen, rejected) in TRL's conversational format
 //!   for ORPO: preferences, and adoptions (an edited reply beats the
 //!   candidate it came from; an adopted candidate beats the others).
+//! - queries: each judged interaction's question, context and the knowledge
+//!   ids agents found relevant or missing; the held-out ones are what the
+//!   promotion gate scores models on.
 //!
 //! An annotation trains unless a judge check failed on it (when the judge ran).
 
@@ -25,7 +28,7 @@ use sha2::Digest;
 
 use super::{
     journal::Journal,
-    rows::{AnnotationRow, Decision, Feedback, InteractionRow, Label, now_millis},
+    rows::{AnnotationRow, Decision, Feedback, InteractionRow, Label, Turn, now_millis},
 };
 use crate::{
     engine::grounding,
@@ -38,11 +41,17 @@ use crate::{
 /// Knowledge objects at the exact versions interactions showed.
 pub trait KnowledgeSource {
     fn object(&self, id: &str, version: Option<u64>) -> Result<KnowledgeObject>;
+    /// Every live object at its latest version (what models are evaluated over).
+    fn live_objects(&self) -> Result<Vec<KnowledgeObject>>;
 }
 
 impl KnowledgeSource for KnowledgeStore {
     fn object(&self, id: &str, version: Option<u64>) -> Result<KnowledgeObject> {
         self.get(id, version.unwrap_or(0), true).map_err(Error::from)
+    }
+
+    fn live_objects(&self) -> Result<Vec<KnowledgeObject>> {
+        Ok(self.objects_with_vectors("")?.into_iter().map(|(object, _)| object).collect())
     }
 }
 
@@ -79,12 +88,38 @@ pub struct GeneratorRow {
     pub rejected: Vec<Message>,
 }
 
+/// A judged question with the ids agents labelled: what retrieval and
+/// ranking are scored on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelledInteraction {
+    pub interaction_id: String,
+    pub query: String,
+    pub context: Vec<Turn>,
+    /// Labelled relevant or reported missing.
+    pub relevant: Vec<String>,
+    pub irrelevant: Vec<String>,
+}
+
+impl LabelledInteraction {
+    pub fn to_query(&self) -> crate::eval::dstc11::LabelledQuery {
+        crate::eval::dstc11::LabelledQuery {
+            id: self.interaction_id.clone(),
+            index: 0,
+            query: self.query.clone(),
+            context: Builder::turns(&self.context),
+            relevant: self.relevant.clone(),
+            reference_reply: String::new(),
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sets {
     pub retriever: Vec<RetrieverTriplet>,
     pub retriever_pairs: Vec<RetrieverPair>,
     pub ranker: Vec<RankerRow>,
     pub generator: Vec<GeneratorRow>,
+    pub queries: Vec<LabelledInteraction>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -145,9 +180,8 @@ impl Builder<'_> {
         Ok(text)
     }
 
-    fn turns(interaction: &InteractionRow) -> Vec<ConversationTurn> {
-        interaction
-            .context
+    fn turns(context: &[Turn]) -> Vec<ConversationTurn> {
+        context
             .iter()
             .map(|t| ConversationTurn {
                 speaker: if t.speaker == "agent" { Speaker::Agent } else { Speaker::Customer } as i32,
@@ -157,7 +191,7 @@ impl Builder<'_> {
     }
 
     fn anchor(&self, interaction: &InteractionRow) -> String {
-        self.composition.compose(&interaction.query, &Self::turns(interaction))
+        self.composition.compose(&interaction.query, &Self::turns(&interaction.context))
     }
 
     fn prompt(&mut self, interaction: &InteractionRow) -> Result<Vec<Message>> {
@@ -166,7 +200,7 @@ impl Builder<'_> {
             .iter()
             .map(|s| self.knowledge.object(&s.knowledge_id, Some(s.version)))
             .collect::<Result<Vec<_>>>()?;
-        let mut conversation = Self::turns(interaction);
+        let mut conversation = Self::turns(&interaction.context);
         conversation.push(ConversationTurn { speaker: Speaker::Customer as i32, text: interaction.query.clone() });
         let system = if interaction.system_prompt.is_empty() {
             grounding::DEFAULT_SYSTEM_PROMPT
@@ -191,10 +225,18 @@ impl Builder<'_> {
         let anchor = self.anchor(interaction);
         let (mut positives, mut negatives) = (Vec::new(), Vec::new());
         let mut seen_positive = HashSet::new();
+        let (mut relevant, mut irrelevant) = (Vec::new(), Vec::new());
+        let mut labelled = false;
         for a in annotations {
             match &a.feedback {
                 Feedback::Relevance { judgements } => {
+                    labelled = true;
                     for (id, label) in judgements {
+                        match label {
+                            Label::Relevant => relevant.push(id.clone()),
+                            Label::Irrelevant => irrelevant.push(id.clone()),
+                            Label::PartiallyRelevant => {}
+                        }
                         let passage = self.text(id, interaction.shown_version(id))?;
                         sets.ranker.push(RankerRow {
                             query: anchor.clone(),
@@ -209,6 +251,8 @@ impl Builder<'_> {
                     }
                 }
                 Feedback::Missing { knowledge_id: Some(id), .. } => {
+                    labelled = true;
+                    relevant.push(id.clone());
                     let passage = self.text(id, None)?;
                     if seen_positive.insert(id.clone()) {
                         sets.ranker.push(RankerRow { query: anchor.clone(), passage: passage.clone(), label: 1.0 });
@@ -217,6 +261,18 @@ impl Builder<'_> {
                 }
                 _ => {}
             }
+        }
+        if labelled {
+            let mut unique = HashSet::new();
+            relevant.retain(|id| unique.insert(id.clone()));
+            irrelevant.retain(|id| !unique.contains(id) && unique.insert(id.clone()));
+            sets.queries.push(LabelledInteraction {
+                interaction_id: interaction.interaction_id.clone(),
+                query: interaction.query.clone(),
+                context: interaction.context.clone(),
+                relevant,
+                irrelevant,
+            });
         }
         for (i, positive) in positives.into_iter().enumerate() {
             match negatives.get(i % negatives.len().max(1)) {
@@ -320,6 +376,7 @@ pub fn build(
         ("retriever_pairs".to_string(), (train.retriever_pairs.len(), heldout.retriever_pairs.len())),
         ("ranker".to_string(), (train.ranker.len(), heldout.ranker.len())),
         ("generator".to_string(), (train.generator.len(), heldout.generator.len())),
+        ("queries".to_string(), (train.queries.len(), heldout.queries.len())),
     ]);
     let mut hasher = sha2::Sha256::new();
     hasher.update(serde_json::to_vec(&(&train, &heldout)).map_err(|e| Error::Internal(e.to_string()))?);
@@ -366,6 +423,7 @@ impl TrainingSets {
             write_jsonl(&dir.join("retriever_pairs.jsonl"), &sets.retriever_pairs)?;
             write_jsonl(&dir.join("ranker.jsonl"), &sets.ranker)?;
             write_jsonl(&dir.join("generator.jsonl"), &sets.generator)?;
+            write_jsonl(&dir.join("queries.jsonl"), &sets.queries)?;
         }
         let manifest = serde_json::to_string_pretty(&self.manifest).map_err(|e| Error::Internal(e.to_string()))?;
         std::fs::write(partial.join("manifest.json"), manifest).map_err(fail)?;
@@ -373,4 +431,25 @@ impl TrainingSets {
         std::fs::rename(&partial, &folder).map_err(fail)?;
         Ok(folder)
     }
+}
+
+/// The rows of one set of an export folder: `{dir}/{split}/{set}.jsonl`.
+pub fn read_rows<T: serde::de::DeserializeOwned>(dir: &Path, split: &str, set: &str) -> Result<Vec<T>> {
+    let path = dir.join(split).join(format!("{set}.jsonl"));
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Error::NotFound(format!("{}: {e} (an `aitl worker export` folder of this version of aitl?)", path.display()))
+    })?;
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str(line).map_err(|e| Error::InvalidArgument(format!("{}:{}: {e}", path.display(), i + 1)))
+        })
+        .collect()
+}
+
+/// An export folder's manifest.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join("manifest.json");
+    crate::model::hf_folder::read_json(&path)?
+        .ok_or_else(|| Error::NotFound(format!("{}: missing (an `aitl worker export` folder?)", path.display())))
 }

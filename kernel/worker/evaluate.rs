@@ -34,6 +34,18 @@ pub struct VersionOutcome {
     pub win_rate: f64,
 }
 
+/// Pairwise preferences between candidates of two different generator
+/// versions (champion and challenger): the online A/B test.
+#[derive(Debug, Default, Serialize)]
+pub struct HeadToHead {
+    pub a: String,
+    pub b: String,
+    pub a_wins: usize,
+    pub b_wins: usize,
+    /// a's wins over all decided pairs.
+    pub a_win_rate: f64,
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct Separation {
     pub careless_annotations: usize,
@@ -67,6 +79,8 @@ pub struct FeedbackReport {
     /// Cited knowledge ids that are relevant, over all cited ids.
     pub citation_correctness: Option<f64>,
     pub by_generator: BTreeMap<String, VersionOutcome>,
+    /// Keyed "a vs b", versions in order.
+    pub head_to_head: BTreeMap<String, HeadToHead>,
     pub judge_rejected: usize,
     pub judge_rejection_rate: f64,
     pub rejections_by_check: BTreeMap<String, usize>,
@@ -251,11 +265,28 @@ pub fn evaluate(
                 }
             }
             Feedback::Preference { preferred, other, .. } => {
-                report.by_generator.entry(version(preferred)).or_default().preferred += 1;
-                report.by_generator.entry(version(other)).or_default().not_preferred += 1;
+                let (winner, loser) = (version(preferred), version(other));
+                report.by_generator.entry(winner.clone()).or_default().preferred += 1;
+                report.by_generator.entry(loser.clone()).or_default().not_preferred += 1;
+                if winner != loser {
+                    let (a, b) = if winner < loser { (&winner, &loser) } else { (&loser, &winner) };
+                    let pair = report.head_to_head.entry(format!("{a} vs {b}")).or_insert_with(|| HeadToHead {
+                        a: a.clone(),
+                        b: b.clone(),
+                        ..Default::default()
+                    });
+                    if winner == pair.a {
+                        pair.a_wins += 1;
+                    } else {
+                        pair.b_wins += 1;
+                    }
+                }
             }
             _ => {}
         }
+    }
+    for pair in report.head_to_head.values_mut() {
+        pair.a_win_rate = pair.a_wins as f64 / (pair.a_wins + pair.b_wins).max(1) as f64;
     }
     for outcome in report.by_generator.values_mut() {
         let decided = outcome.adopted_as_is + outcome.edited + outcome.rejected;
@@ -334,6 +365,13 @@ impl std::fmt::Display for FeedbackReport {
         match self.citation_correctness {
             Some(c) => writeln!(f, "citation correctness: {c:.3}")?,
             None => writeln!(f, "citation correctness: no candidate cited knowledge")?,
+        }
+        for pair in self.head_to_head.values() {
+            writeln!(
+                f,
+                "head to head {} vs {}: {} to {} (win rate of the first {:.3})",
+                pair.a, pair.b, pair.a_wins, pair.b_wins, pair.a_win_rate
+            )?;
         }
         for (version, o) in &self.by_generator {
             writeln!(
@@ -422,6 +460,19 @@ mod tests {
             },
         ];
         journal.stage(Row::Interaction(generate)).unwrap();
+        // Champion (v1) and challenger (v2) candidates side by side.
+        let mut versus = interaction("h", Kind::Generate, 0, "c8");
+        versus.candidates = ["v2", "v1"]
+            .iter()
+            .enumerate()
+            .map(|(i, v)| CandidateRow {
+                candidate_id: format!("x{i}"),
+                text: format!("reply {i}"),
+                cited: Vec::new(),
+                model_version: v.to_string(),
+            })
+            .collect();
+        journal.stage(Row::Interaction(versus)).unwrap();
         for i in 0..10 {
             journal
                 .stage(Row::Interaction(interaction(&format!("r{i}"), Kind::Retrieve, 1 + i, &format!("c{i}"))))
@@ -475,6 +526,18 @@ mod tests {
                     rationale: "tone".into(),
                 },
             ),
+            annotation(
+                "versus",
+                "h",
+                "c",
+                15.0,
+                Feedback::Preference {
+                    preferred: "x0".into(),
+                    other: "x1".into(),
+                    strength: 1,
+                    rationale: "answers the question".into(),
+                },
+            ),
             annotation("fast", "r0", "b", 0.1, labels(&[("k1", Label::Relevant)])),
             Row::Verdict(Verdict {
                 annotation_id: "fast".into(),
@@ -489,7 +552,7 @@ mod tests {
             Truth { careless_annotations: ["fast".to_string(), "adopt".to_string()].into(), ..Truth::default() };
         let report = evaluate(&journal, Some(&truth), None);
 
-        assert_eq!(report.delays, (4, 1, 0));
+        assert_eq!(report.delays, (5, 1, 0));
         assert_eq!((report.judge_rejected, report.rejections_by_check["too_fast"]), (1, 1));
         let separation = report.separation.as_ref().unwrap();
         assert_eq!((separation.precision, separation.recall), (1.0, 0.5));
@@ -506,7 +569,12 @@ mod tests {
         // Cited: k2, k1, k3 for case c9; only k2 is relevant.
         assert!((report.citation_correctness.unwrap() - 1.0 / 3.0).abs() < 1e-12);
         let v1 = &report.by_generator["v1"];
-        assert_eq!((v1.edited, v1.adoption_rate, v1.preferred, v1.not_preferred, v1.win_rate), (1, 1.0, 1, 1, 0.5));
+        assert_eq!((v1.edited, v1.adoption_rate, v1.preferred, v1.not_preferred), (1, 1.0, 1, 2));
+        assert!((v1.win_rate - 1.0 / 3.0).abs() < 1e-12);
+        // Only the mixed pair is a head-to-head: the challenger v2 won it.
+        assert_eq!(report.head_to_head.len(), 1);
+        let pair = &report.head_to_head["v1 vs v2"];
+        assert_eq!((pair.a_wins, pair.b_wins, pair.a_win_rate), (0, 1, 0.0));
         assert_eq!(report.agents["b"].rejected_share, 1.0);
         assert_eq!(report.agents["a"].relevant_share, 1.0 / 3.0);
     }

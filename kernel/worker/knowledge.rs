@@ -7,7 +7,9 @@ use tonic::transport::Channel;
 use super::datasets::KnowledgeSource;
 use crate::{
     error::{Error, Result},
-    proto::{GetKnowledgeRequest, KnowledgeObject, knowledge_service_client::KnowledgeServiceClient},
+    proto::{
+        GetKnowledgeRequest, KnowledgeObject, ListKnowledgeRequest, knowledge_service_client::KnowledgeServiceClient,
+    },
 };
 
 pub struct ServerKnowledge {
@@ -40,5 +42,24 @@ impl KnowledgeSource for ServerKnowledge {
             .block_on(client.get_knowledge(request))
             .map(tonic::Response::into_inner)
             .map_err(|s| Error::Unavailable(format!("GetKnowledge {id} v{version:?}: {}", s.message())))
+    }
+
+    fn live_objects(&self) -> Result<Vec<KnowledgeObject>> {
+        let mut client = self.client.clone();
+        let mut objects = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let request = ListKnowledgeRequest { page_size: 1_000, page_token, ..Default::default() };
+            let page = self
+                .runtime
+                .block_on(client.list_knowledge(request))
+                .map_err(|s| Error::Unavailable(format!("ListKnowledge: {}", s.message())))?
+                .into_inner();
+            objects.extend(page.objects);
+            if page.next_page_token.is_empty() {
+                return Ok(objects);
+            }
+            page_token = page.next_page_token;
+        }
     }
 }

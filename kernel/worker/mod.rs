@@ -7,12 +7,14 @@
 //! annotation exactly once (see `journal.rs` for how).
 
 pub mod datasets;
+pub mod demo;
 pub mod evaluate;
 pub mod gaps;
 pub mod journal;
 pub mod judge;
 pub mod knowledge;
 pub mod llm_judge;
+pub mod round;
 pub mod rows;
 pub mod simulate;
 pub mod text;

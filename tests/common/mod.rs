@@ -154,3 +154,60 @@ pub fn annotation_counts(log_dir: &Path) -> std::collections::HashMap<String, us
         .unwrap();
     counts
 }
+
+/// A small data set in DSTC11's layout: `entities` hotels with four FAQs each,
+/// one question per FAQ (the relevant one), each after a greeting turn.
+pub fn mini_dstc11(dir: &Path, entities: usize) {
+    let topics = [
+        ("Is parking free?", "Yes, parking is free for guests.", "parking"),
+        ("Is breakfast included?", "Breakfast is included in every rate.", "breakfast"),
+        ("Do you allow pets?", "Pets are welcome for a small fee.", "pets"),
+        ("Is there a pool?", "The hotel has an indoor pool open until 10 pm.", "pool"),
+    ];
+    let mut hotels = serde_json::Map::new();
+    let (mut logs, mut labels) = (Vec::new(), Vec::new());
+    for e in 0..entities {
+        let name = format!("Hotel Number {e}");
+        let faqs: serde_json::Map<String, serde_json::Value> = topics
+            .iter()
+            .enumerate()
+            .map(|(i, (q, a, _))| (i.to_string(), serde_json::json!({"question": q, "answer": a})))
+            .collect();
+        hotels.insert(e.to_string(), serde_json::json!({"name": name, "faqs": faqs, "reviews": {}}));
+        for (i, (_, answer, topic)) in topics.iter().enumerate() {
+            logs.push(serde_json::json!([
+                {"speaker": "U", "text": format!("I am staying at {name}.")},
+                {"speaker": "S", "text": "Great, how can I help?"},
+                {"speaker": "U", "text": format!("Tell me about the {topic} there.")},
+            ]));
+            labels.push(serde_json::json!({"target": true, "response": answer,
+                "knowledge": [{"domain": "hotel", "entity_id": e, "doc_type": "faq", "doc_id": i}]}));
+        }
+    }
+    std::fs::create_dir_all(dir.join("val")).unwrap();
+    std::fs::write(dir.join("knowledge.json"), serde_json::json!({"hotel": hotels}).to_string()).unwrap();
+    std::fs::write(dir.join("val/logs.json"), serde_json::Value::from(logs).to_string()).unwrap();
+    std::fs::write(dir.join("val/labels.json"), serde_json::Value::from(labels).to_string()).unwrap();
+}
+
+/// A sentence-transformers folder around the fixture's BERT: mean pooling, normalised.
+pub fn tiny_embedder(dir: &Path) {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cross-encoder-1");
+    for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture.join(file), dir.join(file)).unwrap();
+    }
+    std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
+    std::fs::write(
+        dir.join("modules.json"),
+        r#"[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("1_Pooling/config.json"),
+        r#"{"word_embedding_dimension": 32, "pooling_mode_cls_token": false, "pooling_mode_mean_tokens": true}"#,
+    )
+    .unwrap();
+    std::fs::write(dir.join("sentence_bert_config.json"), r#"{"max_seq_length": 64, "do_lower_case": false}"#).unwrap();
+}

@@ -25,19 +25,25 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61itl/v1/flywheel.proto\x12\x07\x61itl.v1\x1a\x1fgoogle/protobuf/timestamp.proto\")\n\x18ListKnowledgeGapsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"\x92\x02\n\x0cKnowledgeGap\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x14\n\x0cknowledge_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0b\n\x03uri\x18\x04 \x01(\t\x12\x0f\n\x07reports\x18\x05 \x01(\r\x12\x19\n\x11immediate_reports\x18\x06 \x01(\r\x12\x11\n\tagent_ids\x18\x07 \x03(\t\x12\x17\n\x0f\x65xample_queries\x18\x08 \x03(\t\x12\x35\n\x11\x66irst_reported_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_reported_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x95\x01\n\x19ListKnowledgeGapsResponse\x12#\n\x04gaps\x18\x01 \x03(\x0b\x32\x15.aitl.v1.KnowledgeGap\x12\r\n\x05total\x18\x02 \x01(\r\x12.\n\nupdated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0clog_sequence\x18\x04 \x01(\x04\x32m\n\x0f\x46lywheelService\x12Z\n\x11ListKnowledgeGaps\x12!.aitl.v1.ListKnowledgeGapsRequest\x1a\".aitl.v1.ListKnowledgeGapsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61itl/v1/flywheel.proto\x12\x07\x61itl.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x19\n\x17GetServingModelsRequest\"\x95\x01\n\x0cServingModel\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10registry_version\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x12\n\nchallenger\x18\x05 \x01(\t\x12\x14\n\x0cswitching_to\x18\x06 \x01(\t\x12\x12\n\nlast_error\x18\x07 \x01(\t\"[\n\x18GetServingModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.aitl.v1.ServingModel\x12\x18\n\x10\x63hallenger_share\x18\x02 \x01(\x01\")\n\x18ListKnowledgeGapsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"\x92\x02\n\x0cKnowledgeGap\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x14\n\x0cknowledge_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0b\n\x03uri\x18\x04 \x01(\t\x12\x0f\n\x07reports\x18\x05 \x01(\r\x12\x19\n\x11immediate_reports\x18\x06 \x01(\r\x12\x11\n\tagent_ids\x18\x07 \x03(\t\x12\x17\n\x0f\x65xample_queries\x18\x08 \x03(\t\x12\x35\n\x11\x66irst_reported_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_reported_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x95\x01\n\x19ListKnowledgeGapsResponse\x12#\n\x04gaps\x18\x01 \x03(\x0b\x32\x15.aitl.v1.KnowledgeGap\x12\r\n\x05total\x18\x02 \x01(\r\x12.\n\nupdated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0clog_sequence\x18\x04 \x01(\x04\x32\xc6\x01\n\x0f\x46lywheelService\x12Z\n\x11ListKnowledgeGaps\x12!.aitl.v1.ListKnowledgeGapsRequest\x1a\".aitl.v1.ListKnowledgeGapsResponse\x12W\n\x10GetServingModels\x12 .aitl.v1.GetServingModelsRequest\x1a!.aitl.v1.GetServingModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aitl.v1.flywheel_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTKNOWLEDGEGAPSREQUEST']._serialized_start=68
-  _globals['_LISTKNOWLEDGEGAPSREQUEST']._serialized_end=109
-  _globals['_KNOWLEDGEGAP']._serialized_start=112
-  _globals['_KNOWLEDGEGAP']._serialized_end=386
-  _globals['_LISTKNOWLEDGEGAPSRESPONSE']._serialized_start=389
-  _globals['_LISTKNOWLEDGEGAPSRESPONSE']._serialized_end=538
-  _globals['_FLYWHEELSERVICE']._serialized_start=540
-  _globals['_FLYWHEELSERVICE']._serialized_end=649
+  _globals['_GETSERVINGMODELSREQUEST']._serialized_start=68
+  _globals['_GETSERVINGMODELSREQUEST']._serialized_end=93
+  _globals['_SERVINGMODEL']._serialized_start=96
+  _globals['_SERVINGMODEL']._serialized_end=245
+  _globals['_GETSERVINGMODELSRESPONSE']._serialized_start=247
+  _globals['_GETSERVINGMODELSRESPONSE']._serialized_end=338
+  _globals['_LISTKNOWLEDGEGAPSREQUEST']._serialized_start=340
+  _globals['_LISTKNOWLEDGEGAPSREQUEST']._serialized_end=381
+  _globals['_KNOWLEDGEGAP']._serialized_start=384
+  _globals['_KNOWLEDGEGAP']._serialized_end=658
+  _globals['_LISTKNOWLEDGEGAPSRESPONSE']._serialized_start=661
+  _globals['_LISTKNOWLEDGEGAPSRESPONSE']._serialized_end=810
+  _globals['_FLYWHEELSERVICE']._serialized_start=813
+  _globals['_FLYWHEELSERVICE']._serialized_end=1011
 # @@protoc_insertion_point(module_scope)

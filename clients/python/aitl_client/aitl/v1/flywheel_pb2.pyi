@@ -9,6 +9,36 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class GetServingModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServingModel(_message.Message):
+    __slots__ = ("role", "version", "registry_version", "source", "challenger", "switching_to", "last_error")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGER_FIELD_NUMBER: _ClassVar[int]
+    SWITCHING_TO_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    version: str
+    registry_version: str
+    source: str
+    challenger: str
+    switching_to: str
+    last_error: str
+    def __init__(self, role: _Optional[str] = ..., version: _Optional[str] = ..., registry_version: _Optional[str] = ..., source: _Optional[str] = ..., challenger: _Optional[str] = ..., switching_to: _Optional[str] = ..., last_error: _Optional[str] = ...) -> None: ...
+
+class GetServingModelsResponse(_message.Message):
+    __slots__ = ("models", "challenger_share")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGER_SHARE_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ServingModel]
+    challenger_share: float
+    def __init__(self, models: _Optional[_Iterable[_Union[ServingModel, _Mapping]]] = ..., challenger_share: _Optional[float] = ...) -> None: ...
+
 class ListKnowledgeGapsRequest(_message.Message):
     __slots__ = ("limit",)
     LIMIT_FIELD_NUMBER: _ClassVar[int]

@@ -39,6 +39,11 @@ class FlywheelServiceStub:
                 request_serializer=aitl_dot_v1_dot_flywheel__pb2.ListKnowledgeGapsRequest.SerializeToString,
                 response_deserializer=aitl_dot_v1_dot_flywheel__pb2.ListKnowledgeGapsResponse.FromString,
                 _registered_method=True)
+        self.GetServingModels = channel.unary_unary(
+                '/aitl.v1.FlywheelService/GetServingModels',
+                request_serializer=aitl_dot_v1_dot_flywheel__pb2.GetServingModelsRequest.SerializeToString,
+                response_deserializer=aitl_dot_v1_dot_flywheel__pb2.GetServingModelsResponse.FromString,
+                _registered_method=True)
 
 
 class FlywheelServiceServicer:
@@ -53,6 +58,15 @@ class FlywheelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServingModels(self, request, context):
+        """The model versions serving each role now, a switch in progress (a
+        promoted retriever re-embeds the knowledge base before it serves), and
+        why the last switch failed when one did.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FlywheelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +74,11 @@ def add_FlywheelServiceServicer_to_server(servicer, server):
                     servicer.ListKnowledgeGaps,
                     request_deserializer=aitl_dot_v1_dot_flywheel__pb2.ListKnowledgeGapsRequest.FromString,
                     response_serializer=aitl_dot_v1_dot_flywheel__pb2.ListKnowledgeGapsResponse.SerializeToString,
+            ),
+            'GetServingModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServingModels,
+                    request_deserializer=aitl_dot_v1_dot_flywheel__pb2.GetServingModelsRequest.FromString,
+                    response_serializer=aitl_dot_v1_dot_flywheel__pb2.GetServingModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +108,33 @@ class FlywheelService:
             '/aitl.v1.FlywheelService/ListKnowledgeGaps',
             aitl_dot_v1_dot_flywheel__pb2.ListKnowledgeGapsRequest.SerializeToString,
             aitl_dot_v1_dot_flywheel__pb2.ListKnowledgeGapsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServingModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aitl.v1.FlywheelService/GetServingModels',
+            aitl_dot_v1_dot_flywheel__pb2.GetServingModelsRequest.SerializeToString,
+            aitl_dot_v1_dot_flywheel__pb2.GetServingModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

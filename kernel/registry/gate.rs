@@ -1,0 +1,316 @@
+//! The promotion gate: a trained version replaces the serving one only if it
+//! scores better on the held-out queries of the data it was trained from
+//! (Recall@75 of Retrieve for a retriever, Precision@8 after Rank for a
+//! ranker) by a margin, and loses no more than a tolerance on a guard set
+//! of labelled queries the feedback never touched. Both models are scored
+//! the same way: an in-process server on loopback over a snapshot of the
+//! live knowledge base, through the real Retrieve and Rank RPCs.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::Role;
+use crate::{
+    config::Config,
+    error::{Error, Result},
+    eval::{
+        dstc11::{self, LabelledQuery, Split},
+        metrics::RankingMetrics,
+        retrieval::{self, EvalKnowledge, EvalSet, RetrievalReport},
+    },
+    proto::KnowledgeObject,
+};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PromotionOptions {
+    /// The candidate must beat the serving model on the held-out queries by
+    /// at least this much (absolute: 0.01 is one point of Recall@75).
+    pub min_gain: f64,
+    /// ... and may score at most this much below it on the guard set.
+    pub guard_tolerance: f64,
+    /// A DSTC11 Track 5 folder whose labelled queries guard against
+    /// regressions; empty: no guard set.
+    pub guard_dataset: PathBuf,
+    /// Which of its queries: "history", "eval" or "all".
+    pub guard_split: String,
+    /// At most this many of them, evenly spaced (0: all): a cross-encoder
+    /// reranks 75 passages per query, twice per gate.
+    pub guard_limit: usize,
+}
+
+impl Default for PromotionOptions {
+    fn default() -> Self {
+        PromotionOptions {
+            min_gain: 0.01,
+            guard_tolerance: 0.01,
+            guard_dataset: PathBuf::new(),
+            guard_split: "history".into(),
+            guard_limit: 300,
+        }
+    }
+}
+
+impl PromotionOptions {
+    pub fn guard_split(&self) -> Result<Split> {
+        match self.guard_split.as_str() {
+            "history" => Ok(Split::History),
+            "eval" => Ok(Split::Eval),
+            "all" => Ok(Split::All),
+            other => Err(Error::InvalidArgument(format!(
+                "config promotion.guard_split: {other:?} is not history, eval or all"
+            ))),
+        }
+    }
+}
+
+/// The models one evaluation serves, as config values (a path, "default",
+/// "similarity").
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelChoice {
+    pub embedder: String,
+    pub ranker: String,
+}
+
+impl ModelChoice {
+    /// With `version`'s folder in `role`'s place.
+    pub fn with(&self, role: Role, folder: &std::path::Path) -> ModelChoice {
+        let mut choice = self.clone();
+        let path = folder.to_string_lossy().into_owned();
+        match role {
+            Role::Retriever => choice.embedder = path,
+            Role::Ranker => choice.ranker = path,
+            Role::Generator => {}
+        }
+        choice
+    }
+}
+
+/// The role's metric from a report: Recall@75 of Retrieve, or Precision@8
+/// after Rank.
+pub fn metric(role: Role, report: &RetrievalReport) -> Result<(&'static str, f64, RankingMetrics)> {
+    match role {
+        Role::Retriever => Ok(("recall@75", report.metrics.recall_at(75).unwrap_or(0.0), report.metrics.clone())),
+        Role::Ranker => {
+            let ranked = report
+                .ranked
+                .as_ref()
+                .ok_or_else(|| Error::Unavailable("the evaluation server loaded no ranker".into()))?;
+            Ok(("precision@8", ranked.metrics.precision_at(8).unwrap_or(0.0), ranked.metrics.clone()))
+        }
+        Role::Generator => Err(Error::InvalidArgument(
+            "generators have no offline gate: compare them as champion and challenger (`aitl eval feedback`)".into(),
+        )),
+    }
+}
+
+/// Scores `models` on `queries` over `knowledge` for `role`'s metric.
+pub async fn score(
+    config: &Config,
+    role: Role,
+    models: &ModelChoice,
+    name: &str,
+    knowledge: EvalKnowledge,
+    queries: &[LabelledQuery],
+    split: &str,
+) -> Result<(&'static str, f64, RankingMetrics)> {
+    let mut config = config.clone();
+    config.models.embedder.clone_from(&models.embedder);
+    config.models.ranker.clone_from(&models.ranker);
+    let set = EvalSet { name, knowledge, queries, split: split.into() };
+    let report = retrieval::run(&config, set, config.retrieve.context_turns, role == Role::Ranker).await?;
+    metric(role, &report)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub set: String,
+    pub queries: usize,
+    pub metric: String,
+    pub serving: f64,
+    pub candidate: f64,
+    pub serving_metrics: RankingMetrics,
+    pub candidate_metrics: RankingMetrics,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GateReport {
+    pub role: Role,
+    pub candidate: String,
+    pub serving: String,
+    pub heldout: Comparison,
+    pub guard: Option<Comparison>,
+    pub accepted: bool,
+    /// Each check and how it went.
+    pub reasons: Vec<String>,
+}
+
+/// What the gate compares: the candidate's folder against what serves now.
+pub struct GateInput<'a> {
+    pub role: Role,
+    pub candidate_version: &'a str,
+    pub candidate_folder: &'a std::path::Path,
+    pub serving_label: String,
+    pub serving: ModelChoice,
+    /// The held-out queries of the candidate's training set.
+    pub heldout: &'a [LabelledQuery],
+    /// A snapshot of the live knowledge base.
+    pub knowledge: Vec<KnowledgeObject>,
+}
+
+pub async fn decide(config: &Config, options: &PromotionOptions, input: GateInput<'_>) -> Result<GateReport> {
+    let role = input.role;
+    if input.heldout.is_empty() {
+        return Err(Error::FailedPrecondition(format!(
+            "{}: the training set holds out no labelled queries, so the gate cannot score it",
+            input.candidate_version
+        )));
+    }
+    let candidate = input.serving.with(role, input.candidate_folder);
+    let compare =
+        |set: String, serving: (&str, f64, RankingMetrics), candidate: (&str, f64, RankingMetrics)| Comparison {
+            set,
+            queries: candidate.2.queries,
+            metric: candidate.0.into(),
+            serving: serving.1,
+            candidate: candidate.1,
+            serving_metrics: serving.2,
+            candidate_metrics: candidate.2,
+        };
+    let heldout_name = "held-out feedback";
+    let live = |objects: &Vec<KnowledgeObject>| EvalKnowledge::Objects(objects.clone());
+    let on_serving =
+        score(config, role, &input.serving, "live", live(&input.knowledge), input.heldout, heldout_name).await?;
+    let on_candidate =
+        score(config, role, &candidate, "live", live(&input.knowledge), input.heldout, heldout_name).await?;
+    let heldout = compare(heldout_name.into(), on_serving, on_candidate);
+
+    let guard = if options.guard_dataset.as_os_str().is_empty() {
+        None
+    } else {
+        let split = options.guard_split()?;
+        let mut queries = dstc11::read_queries(&options.guard_dataset, split)?;
+        if options.guard_limit > 0 && queries.len() > options.guard_limit {
+            let step = queries.len() as f64 / options.guard_limit as f64;
+            queries = (0..options.guard_limit).map(|i| queries[(i as f64 * step) as usize].clone()).collect();
+        }
+        let name = format!("guard: DSTC11 {} split", options.guard_split);
+        let knowledge = || EvalKnowledge::Dstc11(options.guard_dataset.clone());
+        // Shares its scratch knowledge base and vectors with `aitl eval retrieval`.
+        let serving = score(config, role, &input.serving, "dstc11", knowledge(), &queries, &name).await?;
+        let candidate = score(config, role, &candidate, "dstc11", knowledge(), &queries, &name).await?;
+        Some(compare(name, serving, candidate))
+    };
+
+    let (accepted, reasons) = verdict(&heldout, guard.as_ref(), options);
+    Ok(GateReport {
+        role,
+        candidate: input.candidate_version.into(),
+        serving: input.serving_label,
+        heldout,
+        guard,
+        accepted,
+        reasons,
+    })
+}
+
+/// Whether the candidate passes, and each check's outcome in words.
+pub fn verdict(heldout: &Comparison, guard: Option<&Comparison>, options: &PromotionOptions) -> (bool, Vec<String>) {
+    let mut accepted = true;
+    let mut reasons = Vec::new();
+    let gain = heldout.candidate - heldout.serving;
+    let scores = |c: &Comparison| {
+        format!("{} on {} queries of {}: {:.4} → {:.4}", c.metric, c.queries, c.set, c.serving, c.candidate)
+    };
+    if gain >= options.min_gain {
+        reasons.push(format!("{} ({gain:+.4} ≥ {})", scores(heldout), options.min_gain));
+    } else {
+        accepted = false;
+        reasons.push(format!("{} ({gain:+.4}), below the required gain of {}", scores(heldout), options.min_gain));
+    }
+    match guard {
+        Some(guard) => {
+            let change = guard.candidate - guard.serving;
+            let within = change >= -options.guard_tolerance;
+            accepted &= within;
+            reasons.push(format!(
+                "{} ({change:+.4}), {} the tolerance of {}",
+                scores(guard),
+                if within { "within" } else { "a regression beyond" },
+                options.guard_tolerance
+            ));
+        }
+        None => reasons.push("no guard set configured (promotion.guard_dataset)".into()),
+    }
+    (accepted, reasons)
+}
+
+/// The trained folder and the models it was trained from, on the training
+/// set's held-out queries: what its manifest records.
+pub async fn heldout(
+    config: &Config,
+    role: Role,
+    parent: &ModelChoice,
+    folder: &std::path::Path,
+    queries: &[LabelledQuery],
+    knowledge: Vec<KnowledgeObject>,
+) -> Result<super::manifest::HeldoutEvaluation> {
+    let name = "held-out feedback";
+    let (metric, parent_value, parent_metrics) =
+        score(config, role, parent, "live", EvalKnowledge::Objects(knowledge.clone()), queries, name).await?;
+    let trained = parent.with(role, folder);
+    let (_, value, model) =
+        score(config, role, &trained, "live", EvalKnowledge::Objects(knowledge), queries, name).await?;
+    Ok(super::manifest::HeldoutEvaluation { metric: metric.into(), value, parent_value, model, parent: parent_metrics })
+}
+
+impl std::fmt::Display for GateReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "promotion gate for {} {} (serving: {}): {}",
+            self.role,
+            self.candidate,
+            self.serving,
+            if self.accepted { "ACCEPTED" } else { "REFUSED" }
+        )?;
+        for reason in &self.reasons {
+            writeln!(f, "  - {reason}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn comparison(serving: f64, candidate: f64) -> Comparison {
+        Comparison {
+            set: "s".into(),
+            queries: 10,
+            metric: "recall@75".into(),
+            serving,
+            candidate,
+            serving_metrics: RankingMetrics::default(),
+            candidate_metrics: RankingMetrics::default(),
+        }
+    }
+
+    #[test]
+    fn the_gate_wants_a_gain_on_held_out_and_no_regression_on_the_guard() {
+        let options = PromotionOptions { min_gain: 0.02, guard_tolerance: 0.01, ..Default::default() };
+        let pass = |heldout: (f64, f64), guard: Option<(f64, f64)>| {
+            let guard = guard.map(|(a, b)| comparison(a, b));
+            verdict(&comparison(heldout.0, heldout.1), guard.as_ref(), &options).0
+        };
+        assert!(pass((0.50, 0.53), None));
+        assert!(!pass((0.50, 0.51), None), "a gain below the margin");
+        assert!(!pass((0.50, 0.40), None), "a loss");
+        assert!(pass((0.50, 0.60), Some((0.70, 0.695))), "a guard loss within the tolerance");
+        assert!(!pass((0.50, 0.60), Some((0.70, 0.68))), "a guard regression beyond it");
+        let (_, reasons) = verdict(&comparison(0.5, 0.6), Some(&comparison(0.7, 0.68)), &options);
+        assert!(reasons[1].contains("a regression beyond the tolerance of 0.01"), "{reasons:?}");
+    }
+}

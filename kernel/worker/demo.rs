@@ -1,0 +1,285 @@
+//! `aitl demo flywheel`: one round of the flywheel from an empty data dir,
+//! every stage through the real components: DSTC11's knowledge ingested
+//! into a server on loopback; Retrieve and Rank scored on the held-out
+//! queries; simulated agents working through the history questions over
+//! gRPC; the worker judging their annotations; training sets exported;
+//! retriever and ranker trained, gated and promoted into the running server
+//! (which re-embeds the knowledge base and switches); the held-out queries
+//! scored again.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use super::{
+    Worker, datasets,
+    journal::Journal,
+    round::{self, Trainer},
+    simulate::{self, SimulationOptions, SimulationReport},
+    train_ranker::RankerTraining,
+    train_retriever::RetrieverTraining,
+};
+use crate::{
+    config::Config,
+    error::{Error, Result},
+    eval::{
+        dstc11::Split,
+        retrieval::{self, RetrievalReport},
+    },
+    kb::{self, KnowledgeStore, QueryComposition},
+    registry::{Registry, Role, gate::GateReport},
+    worker::datasets::KnowledgeSource,
+};
+
+pub struct DemoOptions {
+    pub dataset: PathBuf,
+    pub agents: usize,
+    pub careless_share: f64,
+    /// The judge's verdicts filter the training sets (off: the ablation).
+    pub judge: bool,
+    pub generate_share: f64,
+    /// Only the first this many history questions.
+    pub limit: Option<usize>,
+    pub seed: u64,
+    pub retriever: RetrieverTraining,
+    /// None: the ranker is not trained (the similarity ranker follows the retriever).
+    pub ranker: Option<RankerTraining>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Stage {
+    pub stage: String,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DemoReport {
+    pub before: RetrievalReport,
+    pub after: RetrievalReport,
+    pub simulation: SimulationReport,
+    pub training_set: datasets::Manifest,
+    pub gates: Vec<GateReport>,
+    pub promoted: Vec<String>,
+    pub stages: Vec<Stage>,
+}
+
+/// Times each stage as it runs, and says what it is doing.
+struct Clock {
+    stages: Vec<Stage>,
+}
+
+impl Clock {
+    async fn time<T>(&mut self, stage: &str, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        eprintln!("== {stage}");
+        let started = Instant::now();
+        let out = work.await?;
+        let seconds = started.elapsed().as_secs_f64();
+        eprintln!("== {stage}: {seconds:.1} s");
+        self.stages.push(Stage { stage: stage.into(), seconds });
+        Ok(out)
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Internal(format!("demo task: {e}")))?
+}
+
+/// Waits until the server serves `version` as `role` (a promoted retriever
+/// first re-embeds the knowledge base).
+async fn switched(server: &crate::server::RunningServer, role: Role, version: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(3_600);
+    loop {
+        let status = server.state.serving.get().remove(&role).unwrap_or_default();
+        if status.registry_version.as_deref() == Some(version) && status.switching_to.is_none() {
+            return Ok(());
+        }
+        if let Some(why) = status.last_error.filter(|_| status.switching_to.is_none()) {
+            return Err(Error::Internal(why));
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Unavailable(format!(
+                "the server did not switch its {role} to {version} within an hour"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn run(config: &Config, options: &DemoOptions) -> Result<DemoReport> {
+    let mut clock = Clock { stages: Vec::new() };
+    if config.log_dir().exists() {
+        return Err(Error::AlreadyExists(format!(
+            "{} already holds a training log: the demo starts from an empty data dir",
+            config.data_dir.display()
+        )));
+    }
+    let mut config = config.clone();
+    config.listen = "127.0.0.1:0".parse().expect("literal address");
+    // Simulated agents only; the demo's figures are about retrieval and ranking.
+    config.judge.llm = "off".into();
+    // The data set's own labels on past questions guard the gate unless the config names a guard.
+    if config.promotion.guard_dataset.as_os_str().is_empty() {
+        config.promotion.guard_dataset = options.dataset.clone();
+        config.promotion.guard_split = "history".into();
+    }
+    let turns = config.retrieve.context_turns;
+
+    let (dataset, kb_path) = (options.dataset.clone(), config.knowledge_path());
+    let data_dir = config.data_dir.clone();
+    clock
+        .time(
+            "ingest DSTC11 knowledge",
+            blocking(move || {
+                std::fs::create_dir_all(&data_dir)
+                    .map_err(|e| Error::Internal(format!("{}: {e}", data_dir.display())))?;
+                let store = KnowledgeStore::open(&kb_path)?;
+                for chunk in kb::read_dstc11(&dataset)?.chunks(crate::api::convert::MAX_ITEMS) {
+                    store.upsert_batch(chunk.to_vec())?;
+                }
+                Ok(())
+            }),
+        )
+        .await?;
+    let server =
+        clock.time("start the server (embeds the knowledge base)", crate::server::start(config.clone())).await?;
+    let url = format!("http://{}", server.addr);
+
+    let before = clock
+        .time(
+            "score the held-out queries before",
+            retrieval::run_dstc11(&config, &options.dataset, Split::Eval, turns, true),
+        )
+        .await?;
+    eprintln!("{before}");
+
+    let simulation = SimulationOptions {
+        server: url.clone(),
+        dataset: options.dataset.clone(),
+        agents: options.agents,
+        careless_share: options.careless_share,
+        generate_share: options.generate_share,
+        max_new_tokens: 32,
+        late_missing_share: 0.0,
+        fatigue_after: None,
+        limit: options.limit,
+        seed: options.seed,
+        truth: config.data_dir.join("truth.json"),
+    };
+    let simulation = clock.time("simulate agents over the history questions", simulate::run(&simulation)).await?;
+
+    let mut judge = config.judge.clone();
+    judge.enabled &= options.judge;
+    let (worker_dir, log_dir) = (config.worker_dir(), config.log_dir());
+    let report = clock
+        .time(
+            "worker: join and judge the annotations",
+            blocking(move || Worker::open(&worker_dir, &log_dir, judge)?.run_once(&log_dir)),
+        )
+        .await?;
+    eprintln!(
+        "worker: {} annotations, {} verdicts ({} failed)",
+        report.annotations, report.verdicts, report.failed_verdicts
+    );
+
+    let kb = server.state.kb.clone();
+    let (worker_dir, datasets_dir) = (config.worker_dir(), config.datasets_dir());
+    let judged = config.judge.enabled && options.judge;
+    let (dataset_dir, training_set) = clock
+        .time(
+            "export the training sets",
+            blocking(move || {
+                let journal = Journal::open(&worker_dir)?;
+                let sets = datasets::build(&journal, kb.as_ref(), QueryComposition { context_turns: turns }, judged)?;
+                Ok((sets.export(&datasets_dir)?, sets.manifest))
+            }),
+        )
+        .await?;
+
+    let mut gates = Vec::new();
+    let mut promoted = Vec::new();
+    let mut trainers = vec![Trainer::Retriever(options.retriever.clone())];
+    if let Some(ranker) = &options.ranker {
+        trainers.push(Trainer::Ranker(ranker.clone(), None));
+    }
+    for trainer in trainers {
+        let role = trainer.role();
+        let kb = server.state.kb.clone();
+        let knowledge = blocking(move || kb.live_objects()).await?;
+        let progress = |step: usize, total: usize, loss: f32| {
+            if step.is_multiple_of(10) || step == total {
+                eprintln!("step {step}/{total} loss {loss:.4}");
+            }
+        };
+        let trained = clock
+            .time(
+                &format!("train the {role}"),
+                round::train(&config, &dataset_dir, None, trainer, knowledge.clone(), progress),
+            )
+            .await?;
+        let promotion = clock
+            .time(&format!("promotion gate for the {role}"), round::promote(&config, &trained.name, knowledge, false))
+            .await?;
+        if let Some(gate) = &promotion.gate {
+            eprint!("{gate}");
+        }
+        gates.extend(promotion.gate);
+        if promotion.promoted {
+            clock.time(&format!("server switches its {role}"), switched(&server, role, &trained.name)).await?;
+            promoted.push(trained.name);
+        }
+    }
+
+    let serving = Registry::load(&config.data_dir)?.serving_config(&config);
+    let after = clock
+        .time(
+            "score the held-out queries after",
+            retrieval::run_dstc11(&serving, &options.dataset, Split::Eval, turns, true),
+        )
+        .await?;
+    server.shutdown().await?;
+    Ok(DemoReport { before, after, simulation, training_set, gates, promoted, stages: clock.stages })
+}
+
+impl std::fmt::Display for DemoReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let lift = |before: f64, after: f64| if before > 0.0 { (after / before - 1.0) * 100.0 } else { 0.0 };
+        let r75 = |r: &RetrievalReport| r.metrics.recall_at(75).unwrap_or(0.0);
+        let p8 = |r: &RetrievalReport| r.ranked.as_ref().and_then(|m| m.metrics.precision_at(8)).unwrap_or(0.0);
+        writeln!(f, "flywheel round on DSTC11: {} held-out queries", self.after.metrics.queries)?;
+        writeln!(
+            f,
+            "simulation: {} questions, {} annotations ({} careless); training set {}: {} rejected by the judge",
+            self.simulation.questions,
+            self.simulation.annotations,
+            self.simulation.careless_annotations,
+            self.training_set.version,
+            self.training_set.rejected
+        )?;
+        writeln!(f, "| metric | before | after | lift |")?;
+        writeln!(f, "| --- | --- | --- | --- |")?;
+        let (b, a) = (r75(&self.before), r75(&self.after));
+        writeln!(f, "| Recall@75 (Retrieve) | {b:.3} | {a:.3} | {:+.1}% |", lift(b, a))?;
+        let (b, a) = (p8(&self.before), p8(&self.after));
+        writeln!(f, "| Precision@8 (Retrieve 75, then Rank) | {b:.3} | {a:.3} | {:+.1}% |", lift(b, a))?;
+        writeln!(
+            f,
+            "served before: {} / {}; after: {} / {}",
+            self.before.embedder,
+            self.before.ranked.as_ref().map_or("-", |r| r.ranker.as_str()),
+            self.after.embedder,
+            self.after.ranked.as_ref().map_or("-", |r| r.ranker.as_str())
+        )?;
+        for gate in &self.gates {
+            write!(f, "{gate}")?;
+        }
+        writeln!(f, "| stage | wall time (s) |")?;
+        writeln!(f, "| --- | --- |")?;
+        for stage in &self.stages {
+            writeln!(f, "| {} | {:.1} |", stage.stage, stage.seconds)?;
+        }
+        Ok(())
+    }
+}
