@@ -95,6 +95,19 @@ fn fixture_covers_experts_that_receive_no_tokens() {
     assert!(counts.iter().any(|layer| !layer.contains(&0)), "and some layer uses every expert");
 }
 
+/// Qwen2-MoE: softmax routing without renormalisation, the always-on shared
+/// expert behind its sigmoid gate, and Q/K/V biases.
+#[test]
+fn qwen_moe_safetensors_matches_transformers() {
+    let golden: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/tiny_qwen_moe_golden.json")).expect("fixture parses");
+    let model = Llama::from_hf_folder(&Device::Cpu, &fixtures().join("tiny-qwen-moe")).unwrap();
+    let moe = model.config().moe.unwrap();
+    assert_eq!((moe.experts, moe.used, moe.normalize, moe.shared_ffn), (6, 2, false, Some(48)));
+    assert!(model.config().qkv_bias);
+    check(&model, &golden["tiny-qwen-moe"], FLOAT_TOLERANCE, "tiny Qwen2-MoE, safetensors f32", "transformers");
+}
+
 #[test]
 fn mixtral_safetensors_matches_transformers() {
     let model = Llama::from_hf_folder(&Device::Cpu, &fixtures().join("tiny-mixtral")).unwrap();

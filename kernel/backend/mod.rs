@@ -502,6 +502,42 @@ impl Device {
         Ok(())
     }
 
+    /// `x[r] += bias` for every row `r` (Qwen's Q, K and V biases).
+    pub fn add_bias(&self, x: &mut Tensor, bias: &Tensor) -> Result<()> {
+        let width = x.cols();
+        if bias.shape != [width] {
+            return Err(Error::Internal(format!("add_bias: bias {:?} for rows of {width}", bias.shape)));
+        }
+        match self {
+            Device::Cpu => {
+                let bias = bias.cpu().to_vec();
+                x.cpu_mut().chunks_exact_mut(width).for_each(|row| row.iter_mut().zip(&bias).for_each(|(a, b)| *a += b))
+            }
+        }
+        Ok(())
+    }
+
+    /// `x[r] += sigmoid(gate[r]) · y[r]`, `gate` one logit per row: a gated
+    /// always-on expert (Qwen-MoE's shared expert).
+    pub fn add_gated(&self, x: &mut Tensor, y: &Tensor, gate: &Tensor) -> Result<()> {
+        if x.shape != y.shape || gate.shape != [x.rows(), 1] {
+            return Err(Error::Internal("add_gated: shapes do not fit".into()));
+        }
+        let width = x.cols();
+        match self {
+            Device::Cpu => {
+                let gate = gate.cpu().to_vec();
+                x.cpu_mut().chunks_exact_mut(width).zip(y.cpu().chunks_exact(width)).zip(gate).for_each(
+                    |((row, y), g)| {
+                        let g = 1.0 / (1.0 + (-g).exp());
+                        row.iter_mut().zip(y).for_each(|(a, b)| *a += g * b)
+                    },
+                )
+            }
+        }
+        Ok(())
+    }
+
     /// Causal grouped-query attention of `q` (`[new, heads · head_dim]`, at
     /// positions `past..past + new`) over a sequence's KV cache, whose first
     /// `past + new` rows are filled.

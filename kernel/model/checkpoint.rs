@@ -21,6 +21,8 @@ pub trait DecoderWeights {
     /// Matrix `name` mapping `k` inputs to `n` outputs.
     fn matrix(&self, device: &Device, name: &str, k: usize, n: usize) -> Result<QuantMatrix>;
     fn vector(&self, device: &Device, name: &str, width: usize) -> Result<Tensor>;
+    /// The bias of matrix `name`, when the checkpoint has one.
+    fn bias(&self, device: &Device, name: &str, width: usize) -> Result<Option<Tensor>>;
     /// `count` experts' matrices `name` (`blk.{l}.ffn_gate_exps`), each `k → n`,
     /// stacked along the outputs in expert order.
     fn experts(&self, device: &Device, name: &str, count: usize, k: usize, n: usize) -> Result<QuantMatrix>;
@@ -28,6 +30,18 @@ pub trait DecoderWeights {
 
 fn wrong_shape(origin: &str, name: &str, found: &[usize], expected: &[usize]) -> Error {
     Error::InvalidArgument(format!("{origin}: {name} has dims {found:?}, the model's config implies {expected:?}"))
+}
+
+impl GgufFile {
+    fn tensor_1d(&self, device: &Device, name: &str, width: usize) -> Result<Tensor> {
+        let info = self.info(name)?;
+        if info.dims != [width] {
+            return Err(wrong_shape(self.path(), name, &info.dims, &[width]));
+        }
+        let mut values = vec![0f32; width];
+        crate::backend::quant::dequantize_row(info.dtype, self.bytes(name)?, &mut values);
+        device.tensor(&[width], values)
+    }
 }
 
 impl DecoderWeights for GgufFile {
@@ -49,14 +63,15 @@ impl DecoderWeights for GgufFile {
     }
 
     fn vector(&self, device: &Device, name: &str, width: usize) -> Result<Tensor> {
-        let name = format!("{name}.weight");
-        let info = self.info(&name)?;
-        if info.dims != [width] {
-            return Err(wrong_shape(self.path(), &name, &info.dims, &[width]));
+        self.tensor_1d(device, &format!("{name}.weight"), width)
+    }
+
+    fn bias(&self, device: &Device, name: &str, width: usize) -> Result<Option<Tensor>> {
+        let name = format!("{name}.bias");
+        if self.info(&name).is_err() {
+            return Ok(None);
         }
-        let mut values = vec![0f32; width];
-        crate::backend::quant::dequantize_row(info.dtype, self.bytes(&name)?, &mut values);
-        device.tensor(&[width], values)
+        self.tensor_1d(device, &name, width).map(Some)
     }
 
     fn experts(&self, device: &Device, name: &str, count: usize, k: usize, n: usize) -> Result<QuantMatrix> {
@@ -108,17 +123,34 @@ impl HfCheckpoint {
         Ok(HfCheckpoint { origin, shards, index })
     }
 
+    /// The checkpoint's name for one of llama.cpp's (`suffix` "weight" or
+    /// "bias"), when it has that tensor.
+    fn find(&self, name: &str, suffix: &str) -> Option<String> {
+        hf_names(name).into_iter().map(|base| format!("{base}.{suffix}")).find(|hf| self.index.contains_key(hf))
+    }
+
     /// The stored tensor for one of llama.cpp's names.
-    fn raw(&self, name: &str) -> Result<(Dtype, Vec<usize>, &[u8], String)> {
-        let hf = hf_name(name)
-            .ok_or_else(|| Error::Internal(format!("{}: no Hugging Face name for {name}", self.origin)))?;
-        let shard = self
-            .index
-            .get(&hf)
-            .ok_or_else(|| Error::InvalidArgument(format!("{}: tensor {hf:?} is missing", self.origin)))?;
+    fn raw(&self, name: &str, suffix: &str) -> Result<(Dtype, Vec<usize>, &[u8], String)> {
+        let hf = self.find(name, suffix).ok_or_else(|| {
+            let expected: Vec<String> = hf_names(name).iter().map(|b| format!("{b}.{suffix}")).collect();
+            Error::InvalidArgument(format!("{}: tensor {} is missing", self.origin, expected.join(" or ")))
+        })?;
+        let shard = &self.index[&hf];
         let tensors: SafeTensors<'_> = self.shards[*shard].parse()?;
         let view = tensors.tensor(&hf).map_err(|e| Error::InvalidArgument(format!("{}: {hf}: {e}", self.origin)))?;
         Ok((view.dtype(), view.shape().to_vec(), view.data(), hf))
+    }
+}
+
+impl HfCheckpoint {
+    fn tensor_1d(&self, device: &Device, name: &str, suffix: &str, width: usize) -> Result<Tensor> {
+        let (dtype, shape, bytes, hf) = self.raw(name, suffix)?;
+        if shape != [width] {
+            return Err(wrong_shape(&self.origin, &hf, &shape, &[width]));
+        }
+        let mut values = vec![0f32; width];
+        crate::backend::quant::dequantize_row(ggml_type(&self.origin, &hf, dtype)?, bytes, &mut values);
+        device.tensor(&[width], values)
     }
 }
 
@@ -139,11 +171,11 @@ impl DecoderWeights for HfCheckpoint {
     }
 
     fn has(&self, name: &str) -> bool {
-        hf_name(name).is_some_and(|hf| self.index.contains_key(&hf))
+        self.find(name, "weight").is_some()
     }
 
     fn matrix(&self, device: &Device, name: &str, k: usize, n: usize) -> Result<QuantMatrix> {
-        let (dtype, shape, bytes, hf) = self.raw(name)?;
+        let (dtype, shape, bytes, hf) = self.raw(name, "weight")?;
         // PyTorch's Linear stores [out, in]: n rows of k values, ggml's row layout.
         if shape != [n, k] {
             return Err(wrong_shape(&self.origin, &hf, &shape, &[n, k]));
@@ -152,13 +184,14 @@ impl DecoderWeights for HfCheckpoint {
     }
 
     fn vector(&self, device: &Device, name: &str, width: usize) -> Result<Tensor> {
-        let (dtype, shape, bytes, hf) = self.raw(name)?;
-        if shape != [width] {
-            return Err(wrong_shape(&self.origin, &hf, &shape, &[width]));
+        self.tensor_1d(device, name, "weight", width)
+    }
+
+    fn bias(&self, device: &Device, name: &str, width: usize) -> Result<Option<Tensor>> {
+        match self.find(name, "bias") {
+            Some(_) => self.tensor_1d(device, name, "bias", width).map(Some),
+            None => Ok(None),
         }
-        let mut values = vec![0f32; width];
-        crate::backend::quant::dequantize_row(ggml_type(&self.origin, &hf, dtype)?, bytes, &mut values);
-        device.tensor(&[width], values)
     }
 
     fn experts(&self, device: &Device, name: &str, count: usize, k: usize, n: usize) -> Result<QuantMatrix> {
@@ -171,9 +204,11 @@ impl DecoderWeights for HfCheckpoint {
     }
 }
 
-/// llama.cpp's tensor name → the Hugging Face Llama/Mistral/Mixtral name.
-/// Experts are `blk.{l}.ffn_{gate,up,down}_exps.{e}`.
-fn hf_name(name: &str) -> Option<String> {
+/// llama.cpp's tensor name → the Hugging Face names it may have (without
+/// `.weight`/`.bias`): Llama, Mistral and Mixtral (`block_sparse_moe`), or
+/// Qwen2-MoE (`mlp.experts`, the shared expert and its gate). Experts are
+/// `blk.{l}.ffn_{gate,up,down}_exps.{e}`.
+fn hf_names(name: &str) -> Vec<String> {
     let whole = match name {
         "token_embd" => Some("model.embed_tokens"),
         "output_norm" => Some("model.norm"),
@@ -181,48 +216,63 @@ fn hf_name(name: &str) -> Option<String> {
         _ => None,
     };
     if let Some(whole) = whole {
-        return Some(format!("{whole}.weight"));
+        return vec![whole.to_owned()];
     }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
+    let Some((layer, part)) = name.strip_prefix("blk.").and_then(|rest| rest.split_once('.')) else {
+        return Vec::new();
+    };
+    let Ok(layer) = layer.parse::<usize>() else { return Vec::new() };
     let (part, expert) = match part.split_once('.') {
-        Some((p, e)) => (p, Some(e.parse::<usize>().ok()?)),
+        Some((p, e)) => match e.parse::<usize>() {
+            Ok(e) => (p, Some(e)),
+            Err(_) => return Vec::new(),
+        },
         None => (part, None),
     };
-    let local = match (part, expert) {
-        ("attn_norm", None) => "input_layernorm".to_owned(),
-        ("ffn_norm", None) => "post_attention_layernorm".to_owned(),
-        ("attn_q", None) => "self_attn.q_proj".to_owned(),
-        ("attn_k", None) => "self_attn.k_proj".to_owned(),
-        ("attn_v", None) => "self_attn.v_proj".to_owned(),
-        ("attn_output", None) => "self_attn.o_proj".to_owned(),
-        ("ffn_gate", None) => "mlp.gate_proj".to_owned(),
-        ("ffn_up", None) => "mlp.up_proj".to_owned(),
-        ("ffn_down", None) => "mlp.down_proj".to_owned(),
-        ("ffn_gate_inp", None) => "block_sparse_moe.gate".to_owned(),
-        ("ffn_gate_exps", Some(e)) => format!("block_sparse_moe.experts.{e}.w1"),
-        ("ffn_down_exps", Some(e)) => format!("block_sparse_moe.experts.{e}.w2"),
-        ("ffn_up_exps", Some(e)) => format!("block_sparse_moe.experts.{e}.w3"),
-        _ => return None,
+    let locals: Vec<String> = match (part, expert) {
+        ("attn_norm", None) => vec!["input_layernorm".into()],
+        ("ffn_norm", None) => vec!["post_attention_layernorm".into()],
+        ("attn_q", None) => vec!["self_attn.q_proj".into()],
+        ("attn_k", None) => vec!["self_attn.k_proj".into()],
+        ("attn_v", None) => vec!["self_attn.v_proj".into()],
+        ("attn_output", None) => vec!["self_attn.o_proj".into()],
+        ("ffn_gate", None) => vec!["mlp.gate_proj".into()],
+        ("ffn_up", None) => vec!["mlp.up_proj".into()],
+        ("ffn_down", None) => vec!["mlp.down_proj".into()],
+        ("ffn_gate_inp", None) => vec!["block_sparse_moe.gate".into(), "mlp.gate".into()],
+        ("ffn_gate_exps", Some(e)) => {
+            vec![format!("block_sparse_moe.experts.{e}.w1"), format!("mlp.experts.{e}.gate_proj")]
+        }
+        ("ffn_down_exps", Some(e)) => {
+            vec![format!("block_sparse_moe.experts.{e}.w2"), format!("mlp.experts.{e}.down_proj")]
+        }
+        ("ffn_up_exps", Some(e)) => {
+            vec![format!("block_sparse_moe.experts.{e}.w3"), format!("mlp.experts.{e}.up_proj")]
+        }
+        ("ffn_gate_shexp", None) => vec!["mlp.shared_expert.gate_proj".into()],
+        ("ffn_up_shexp", None) => vec!["mlp.shared_expert.up_proj".into()],
+        ("ffn_down_shexp", None) => vec!["mlp.shared_expert.down_proj".into()],
+        ("ffn_gate_inp_shexp", None) => vec!["mlp.shared_expert_gate".into()],
+        _ => return Vec::new(),
     };
-    Some(format!("model.layers.{layer}.{local}.weight"))
+    locals.into_iter().map(|local| format!("model.layers.{layer}.{local}")).collect()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::hf_name;
+    use super::hf_names;
 
     #[test]
     fn llama_cpp_names_map_to_hugging_face_names() {
-        assert_eq!(hf_name("token_embd").as_deref(), Some("model.embed_tokens.weight"));
-        assert_eq!(hf_name("blk.3.attn_k").as_deref(), Some("model.layers.3.self_attn.k_proj.weight"));
+        assert_eq!(hf_names("token_embd"), ["model.embed_tokens"]);
+        assert_eq!(hf_names("blk.3.attn_k"), ["model.layers.3.self_attn.k_proj"]);
         assert_eq!(
-            hf_name("blk.0.ffn_down_exps.7").as_deref(),
-            Some("model.layers.0.block_sparse_moe.experts.7.w2.weight")
+            hf_names("blk.0.ffn_down_exps.7"),
+            ["model.layers.0.block_sparse_moe.experts.7.w2", "model.layers.0.mlp.experts.7.down_proj"]
         );
-        assert_eq!(hf_name("blk.0.ffn_gate_exps"), None, "experts are read one by one");
-        assert_eq!(hf_name("blk.x.attn_q"), None);
-        assert_eq!(hf_name("rope_freqs"), None);
+        assert_eq!(hf_names("blk.1.ffn_gate_inp_shexp"), ["model.layers.1.mlp.shared_expert_gate"]);
+        assert!(hf_names("blk.0.ffn_gate_exps").is_empty(), "experts are read one by one");
+        assert!(hf_names("blk.x.attn_q").is_empty());
+        assert!(hf_names("rope_freqs").is_empty());
     }
 }

@@ -35,6 +35,8 @@ pub struct LlamaConfig {
     pub rms_eps: f32,
     /// Every block's feed-forward is a mixture of experts.
     pub moe: Option<MoeConfig>,
+    /// Q, K and V have biases (Qwen).
+    pub qkv_bias: bool,
     /// The output projection is the token embeddings.
     pub tied_embeddings: bool,
 }
@@ -110,6 +112,8 @@ impl LlamaConfig {
             rope_style: RopeStyle::Normal,
             rms_eps: file.meta_f64(&key("attention.layer_norm_rms_epsilon"))? as f32,
             moe,
+            // Checked per block at load: a llama GGUF has no biases.
+            qkv_bias: false,
             tied_embeddings: !file.has("output"),
         }
         .check(file.path())
@@ -121,8 +125,17 @@ impl LlamaConfig {
         let c: HfConfig = super::hf_folder::read_json(&path)?
             .ok_or_else(|| Error::NotFound(format!("{origin} is missing: not a Hugging Face model folder")))?;
         let bad = |why: String| Err(Error::InvalidArgument(format!("{origin}: {why}")));
-        if !matches!(c.model_type.as_str(), "llama" | "mistral" | "mixtral") {
-            return bad(format!("model_type {:?}; aitl reads llama, mistral and mixtral checkpoints", c.model_type));
+        let qwen_moe = c.model_type == "qwen2_moe";
+        if !matches!(c.model_type.as_str(), "llama" | "mistral" | "mixtral" | "qwen2_moe") {
+            return bad(format!(
+                "model_type {:?}; aitl reads llama, mistral, mixtral and qwen2_moe checkpoints",
+                c.model_type
+            ));
+        }
+        if qwen_moe && (c.decoder_sparse_step.is_some_and(|s| s != 1) || !c.mlp_only_layers.is_empty()) {
+            return bad("Qwen-MoE with dense layers between sparse ones (decoder_sparse_step, mlp_only_layers) \
+                 is not supported"
+                .into());
         }
         if c.hidden_act.as_deref().is_some_and(|a| a != "silu") {
             return bad(format!("hidden_act {:?}; Llama-family SwiGLU uses silu", c.hidden_act));
@@ -138,8 +151,13 @@ impl LlamaConfig {
         }
         let rope_base = c.rope_parameters.as_ref().and_then(|r| r.rope_theta).or(c.rope_theta).unwrap_or(10_000.0);
         let heads = c.num_attention_heads;
-        let moe = match (c.num_local_experts, c.num_experts_per_tok) {
-            (Some(experts), Some(used)) => Some(MoeConfig::new(experts, used, true, &origin)?),
+        let moe = match (c.num_local_experts.or(c.num_experts), c.num_experts_per_tok) {
+            // Mixtral renormalises the chosen experts' weights; Qwen-MoE only if norm_topk_prob.
+            (Some(experts), Some(used)) => {
+                let mut moe = MoeConfig::new(experts, used, c.norm_topk_prob.unwrap_or(!qwen_moe), &origin)?;
+                moe.shared_ffn = c.shared_expert_intermediate_size.filter(|&w| w > 0);
+                Some(moe)
+            }
             _ => None,
         };
         LlamaConfig {
@@ -148,16 +166,23 @@ impl LlamaConfig {
             heads,
             kv_heads: c.num_key_value_heads.unwrap_or(heads),
             head_dim: c.head_dim.unwrap_or(if heads > 0 { c.hidden_size / heads } else { 0 }),
-            ffn: c.intermediate_size,
+            ffn: match &moe {
+                Some(_) => c.moe_intermediate_size.unwrap_or(c.intermediate_size),
+                None => c.intermediate_size,
+            },
             vocab: c.vocab_size,
             // Attention is over the whole context: a sliding window (Mistral)
             // bounds the context instead of being emulated.
-            context: c.sliding_window.map_or(c.max_position_embeddings, |w| w.min(c.max_position_embeddings)),
+            context: match c.sliding_window {
+                Some(w) if w > 0 && c.use_sliding_window != Some(false) => w.min(c.max_position_embeddings),
+                _ => c.max_position_embeddings,
+            },
             rope_base: rope_base as f32,
             // Hugging Face keeps Q and K unpermuted and rotates halves.
             rope_style: RopeStyle::Neox,
             rms_eps: c.rms_norm_eps as f32,
             moe,
+            qkv_bias: c.qkv_bias.unwrap_or(qwen_moe),
             tied_embeddings: c.tie_word_embeddings,
         }
         .check(&origin)
@@ -190,8 +215,18 @@ struct HfConfig {
     #[serde(default)]
     mlp_bias: bool,
     sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
     num_local_experts: Option<usize>,
     num_experts_per_tok: Option<usize>,
+    /// Qwen-MoE's names and options.
+    num_experts: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    shared_expert_intermediate_size: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    decoder_sparse_step: Option<usize>,
+    #[serde(default)]
+    mlp_only_layers: Vec<usize>,
+    qkv_bias: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -235,17 +270,37 @@ impl Projection {
 struct Attention {
     /// Q, K, V.
     qkv: Projection,
+    /// Q, K and V biases, when the model has them.
+    bias: Option<[Tensor; 3]>,
     o: QuantMatrix,
 }
 
 /// SwiGLU: `down(silu(gate · x) ⊙ up · x)`.
-struct DenseFeedForward {
+pub(super) struct DenseFeedForward {
     gate_up: Projection,
     down: QuantMatrix,
 }
 
 impl DenseFeedForward {
-    fn forward(&self, device: &Device, x: &Tensor) -> Result<Tensor> {
+    /// Block `layer`'s `ffn_{gate,up,down}{suffix}` (suffix "" for the dense
+    /// feed-forward, "shexp" for Qwen-MoE's shared expert).
+    pub(super) fn load(
+        device: &Device,
+        weights: &dyn DecoderWeights,
+        layer: usize,
+        suffix: &str,
+        hidden: usize,
+        ffn: usize,
+    ) -> Result<Self> {
+        let sep = if suffix.is_empty() { "" } else { "_" };
+        let matrix = |part: &str, k, n| weights.matrix(device, &format!("blk.{layer}.{part}{sep}{suffix}"), k, n);
+        Ok(DenseFeedForward {
+            gate_up: Projection::new(vec![matrix("ffn_gate", hidden, ffn)?, matrix("ffn_up", hidden, ffn)?])?,
+            down: matrix("ffn_down", ffn, hidden)?,
+        })
+    }
+
+    pub(super) fn forward(&self, device: &Device, x: &Tensor) -> Result<Tensor> {
         let mut parts = self.gate_up.apply(device, x)?.into_iter();
         let (Some(mut g), Some(u)) = (parts.next(), parts.next()) else {
             return Err(Error::Internal("the gate/up projection gave fewer than two parts".into()));
@@ -330,13 +385,19 @@ impl Llama {
                             weights.origin()
                         )));
                     }
-                    None => FeedForward::Dense(DenseFeedForward {
-                        gate_up: Projection::new(vec![
-                            matrix("ffn_gate", h, config.ffn)?,
-                            matrix("ffn_up", h, config.ffn)?,
-                        ])?,
-                        down: matrix("ffn_down", config.ffn, h)?,
-                    }),
+                    None => FeedForward::Dense(DenseFeedForward::load(device, weights, l, "", h, config.ffn)?),
+                };
+                let bias = |part: &str, width| weights.bias(device, &name(part), width);
+                let bias = match (bias("attn_q", q)?, bias("attn_k", kv)?, bias("attn_v", kv)?) {
+                    (Some(bq), Some(bk), Some(bv)) => Some([bq, bk, bv]),
+                    (None, None, None) if !config.qkv_bias => None,
+                    _ => {
+                        return Err(Error::InvalidArgument(format!(
+                            "{}: block {l} has some but not all of the Q, K and V biases, or none though the \
+                             config names them",
+                            weights.origin()
+                        )));
+                    }
                 };
                 Ok(Block {
                     attention_norm: weights.vector(device, &name("attn_norm"), h)?,
@@ -346,6 +407,7 @@ impl Llama {
                             matrix("attn_k", h, kv)?,
                             matrix("attn_v", h, kv)?,
                         ])?,
+                        bias,
                         o: matrix("attn_output", q, h)?,
                     },
                     ffn_norm: weights.vector(device, &name("ffn_norm"), h)?,
@@ -410,9 +472,14 @@ impl Llama {
         for (l, block) in self.blocks.iter().enumerate() {
             let normed = device.rms_norm(&x, &block.attention_norm, c.rms_eps)?;
             let mut qkv = block.attention.qkv.apply(device, &normed)?.into_iter();
-            let (Some(mut q), Some(mut k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
+            let (Some(mut q), Some(mut k), Some(mut v)) = (qkv.next(), qkv.next(), qkv.next()) else {
                 return Err(Error::Internal("the QKV projection gave fewer than three parts".into()));
             };
+            if let Some([bq, bk, bv]) = &block.attention.bias {
+                device.add_bias(&mut q, bq)?;
+                device.add_bias(&mut k, bk)?;
+                device.add_bias(&mut v, bv)?;
+            }
             device.rope(&mut q, &positions, c.head_dim, c.rope_base, c.rope_style)?;
             device.rope(&mut k, &positions, c.head_dim, c.rope_base, c.rope_style)?;
             let mut attended = Vec::with_capacity(ids.len() * c.heads * c.head_dim);
