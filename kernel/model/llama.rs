@@ -312,7 +312,7 @@ impl DenseFeedForward {
 
 enum FeedForward {
     Dense(DenseFeedForward),
-    Moe(MixtureOfExperts),
+    Moe(Box<MixtureOfExperts>),
 }
 
 struct Block {
@@ -378,7 +378,9 @@ impl Llama {
                 let name = |part: &str| format!("blk.{l}.{part}");
                 let matrix = |part: &str, k, n| weights.matrix(device, &name(part), k, n);
                 let ffn = match config.moe {
-                    Some(moe) => FeedForward::Moe(MixtureOfExperts::load(device, weights, l, moe, h, config.ffn)?),
+                    Some(moe) => {
+                        FeedForward::Moe(Box::new(MixtureOfExperts::load(device, weights, l, moe, h, config.ffn)?))
+                    }
                     None if weights.has(&name("ffn_gate_inp")) => {
                         return Err(Error::InvalidArgument(format!(
                             "{}: block {l} has a router but the metadata names no experts",
