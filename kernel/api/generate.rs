@@ -81,7 +81,16 @@ fn submit(
     let (events, mut from_engine) = mpsc::unbounded_channel();
     engine.submit(GenerateJob { prompt, candidates: candidates.len(), sampling, max_new_tokens, stop, events })?;
     tokio::spawn(async move {
-        while let Some(event) = from_engine.recv().await {
+        loop {
+            // A caller that goes away closes `merged`; dropping `from_engine`
+            // then tells the engine at once, even while the request still waits.
+            let event = tokio::select! {
+                event = from_engine.recv() => match event {
+                    Some(event) => event,
+                    None => break,
+                },
+                _ = merged.closed() => break,
+            };
             let event = match event {
                 EngineEvent::Delta { candidate, text } => EngineEvent::Delta { candidate: candidates[candidate], text },
                 EngineEvent::Finished { candidate, text, finish, completion_tokens } => {
