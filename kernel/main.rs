@@ -223,6 +223,20 @@ struct TrainArgs {
     server: Option<String>,
 }
 
+impl TrainArgs {
+    /// The trainer's `defaults` with what the command line set.
+    fn schedule(&self, defaults: aitl::worker::train_bert::Schedule) -> aitl::worker::train_bert::Schedule {
+        aitl::worker::train_bert::Schedule {
+            epochs: self.epochs.unwrap_or(defaults.epochs),
+            batch_size: self.batch_size.unwrap_or(defaults.batch_size),
+            learning_rate: self.learning_rate.unwrap_or(defaults.learning_rate),
+            max_tokens: self.max_tokens.unwrap_or(defaults.max_tokens),
+            max_steps: self.max_steps,
+            ..defaults
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum EvalCommand {
     /// From the worker's journal: held-out retrieval and ranking quality by agents' (or a data set's)
@@ -419,27 +433,13 @@ fn run(cli: Cli) -> Result<()> {
             worker_export(&config, no_judge, server)
         }
         Command::Worker { command: WorkerCommand::TrainRetriever { args } } => {
-            let defaults = aitl::worker::train_retriever::RetrieverTraining::default();
-            let options = aitl::worker::train_retriever::RetrieverTraining {
-                epochs: args.epochs.unwrap_or(defaults.epochs),
-                batch_size: args.batch_size.unwrap_or(defaults.batch_size),
-                learning_rate: args.learning_rate.unwrap_or(defaults.learning_rate),
-                max_tokens: args.max_tokens.unwrap_or(defaults.max_tokens),
-                max_steps: args.max_steps,
-                ..defaults
-            };
+            let mut options = aitl::worker::train_retriever::RetrieverTraining::default();
+            options.schedule = args.schedule(options.schedule);
             train(&config, &args.dataset, args.output, Trainer::Retriever(options), args.server)
         }
         Command::Worker { command: WorkerCommand::TrainRanker { base, args } } => {
-            let defaults = aitl::worker::train_ranker::RankerTraining::default();
-            let options = aitl::worker::train_ranker::RankerTraining {
-                epochs: args.epochs.unwrap_or(defaults.epochs),
-                batch_size: args.batch_size.unwrap_or(defaults.batch_size),
-                learning_rate: args.learning_rate.unwrap_or(defaults.learning_rate),
-                max_tokens: args.max_tokens.unwrap_or(defaults.max_tokens),
-                max_steps: args.max_steps,
-                ..defaults
-            };
+            let mut options = aitl::worker::train_ranker::RankerTraining::default();
+            options.schedule = args.schedule(options.schedule);
             train(&config, &args.dataset, args.output, Trainer::Ranker(options, base), args.server)
         }
         Command::Gaps { limit, json } => gaps(&config, limit, json),
@@ -467,14 +467,16 @@ fn run(cli: Cli) -> Result<()> {
                 generate_share,
                 limit,
                 seed,
-                retriever: aitl::worker::train_retriever::RetrieverTraining {
-                    epochs,
-                    max_steps: retriever_steps,
-                    ..Default::default()
+                retriever: {
+                    let mut retriever = aitl::worker::train_retriever::RetrieverTraining::default();
+                    retriever.schedule.epochs = epochs;
+                    retriever.schedule.max_steps = retriever_steps;
+                    retriever
                 },
-                ranker: (ranker_steps > 0).then(|| aitl::worker::train_ranker::RankerTraining {
-                    max_steps: ranker_steps,
-                    ..Default::default()
+                ranker: (ranker_steps > 0).then(|| {
+                    let mut ranker = aitl::worker::train_ranker::RankerTraining::default();
+                    ranker.schedule.max_steps = ranker_steps;
+                    ranker
                 }),
             };
             let report = runtime()?.block_on(aitl::worker::demo::run(&config, &options))?;

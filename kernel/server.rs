@@ -95,7 +95,7 @@ pub async fn start(config: Config) -> Result<RunningServer> {
     tracing::info!(records, interactions = interactions.len(), elapsed = ?started.elapsed(), "indexes rebuilt from the training log");
     // Promoted versions replace the configured models; the follower below
     // applies later promotions while serving.
-    let registry = Registry::load(&config.data_dir)?;
+    let (registry, registry_bytes) = Registry::read(&config.data_dir)?;
     let targets = Targets::of(&config, &registry);
     let serving = registry.serving_config(&config);
     let named = |role: Role, e: Error| match &registry.role(role).serving {
@@ -144,7 +144,7 @@ pub async fn start(config: Config) -> Result<RunningServer> {
         default_top_k: config.retrieve.default_top_k,
     });
 
-    let follower = Follower::new(state.clone(), config.clone(), targets)
+    let follower = Follower::new(state.clone(), config.clone(), targets, registry_bytes)
         .spawn(Duration::from_millis(config.models.registry_poll_ms.max(10)));
 
     let (reporter, health_service) = tonic_health::server::health_reporter();

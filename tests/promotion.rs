@@ -12,7 +12,7 @@ use std::path::Path;
 use aitl::{
     kb::KnowledgeStore,
     registry::{Registry, Role, manifest::TrainedManifest},
-    worker::{datasets::KnowledgeSource, round},
+    worker::{datasets::KnowledgeSource, round, train_bert::Schedule},
 };
 
 /// A trained-version folder: `model`'s files and a manifest naming `dataset`.
@@ -143,16 +143,11 @@ async fn the_flywheel_demo_runs_a_round_end_to_end() {
         limit: None,
         seed: 5,
         retriever: aitl::worker::train_retriever::RetrieverTraining {
-            batch_size: 8,
-            max_steps: 2,
-            max_tokens: 48,
+            schedule: Schedule { batch_size: 8, max_steps: 2, max_tokens: 48, ..Default::default() },
             ..Default::default()
         },
         ranker: Some(aitl::worker::train_ranker::RankerTraining {
-            batch_size: 8,
-            max_steps: 2,
-            max_tokens: 64,
-            ..Default::default()
+            schedule: Schedule { batch_size: 8, max_steps: 2, max_tokens: 64, ..Default::default() },
         }),
     };
     let report = aitl::worker::demo::run(&config, &options).await.unwrap();

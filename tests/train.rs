@@ -10,6 +10,7 @@ use aitl::{
     model::sentence::SentenceEmbedder,
     worker::{
         datasets::RetrieverTriplet,
+        train_bert::Schedule,
         train_retriever::{RetrieverTraining, embed_with_candle, train_retriever},
     },
 };
@@ -39,11 +40,14 @@ fn training_lowers_the_loss_and_the_trained_folder_serves_what_training_computed
     std::fs::create_dir_all(&base).unwrap();
     common::tiny_embedder(&base);
     let options = RetrieverTraining {
-        epochs: 12,
-        batch_size: 4,
-        learning_rate: 2e-3,
-        warmup_share: 0.05,
-        max_tokens: 32,
+        schedule: Schedule {
+            epochs: 12,
+            batch_size: 4,
+            learning_rate: 2e-3,
+            warmup_share: 0.05,
+            max_tokens: 32,
+            ..Default::default()
+        },
         checkpoint_every: 0,
         ..Default::default()
     };
@@ -77,12 +81,8 @@ fn a_checkpointed_run_resumes_where_it_stopped() {
     common::tiny_embedder(&base);
     let output = dir.path().join("trained");
     let first = RetrieverTraining {
-        epochs: 4,
-        batch_size: 4,
-        learning_rate: 1e-3,
+        schedule: Schedule { epochs: 4, batch_size: 4, learning_rate: 1e-3, max_tokens: 32, ..Default::default() },
         checkpoint_every: 5,
-        max_steps: 0,
-        max_tokens: 32,
         ..Default::default()
     };
     // A run that stops after step 10 (as a crash would), leaving its checkpoint.
@@ -92,7 +92,8 @@ fn a_checkpointed_run_resumes_where_it_stopped() {
     assert!(stopped.is_err());
     assert!(output.join("checkpoint/checkpoint.json").exists());
     // A rerun too short to reach the checkpoint is refused with the reason, not resumed past its end.
-    let shorter = RetrieverTraining { max_steps: 5, ..first.clone() };
+    let mut shorter = first.clone();
+    shorter.schedule.max_steps = 5;
     let refused = train_retriever(&base, &triplets(), &[], &output, &shorter, |_, _, _| {}).unwrap_err().to_string();
     assert!(refused.contains("checkpoint is at step 10"), "{refused}");
     let resumed = train_retriever(&base, &triplets(), &[], &output, &first, |_, _, _| {}).unwrap();
@@ -128,8 +129,9 @@ fn ranker_training_lowers_the_loss_and_rank_serves_what_training_computed() {
             }
         })
         .collect();
-    let options =
-        RankerTraining { epochs: 8, batch_size: 8, learning_rate: 2e-3, max_tokens: 48, ..Default::default() };
+    let options = RankerTraining {
+        schedule: Schedule { epochs: 8, batch_size: 8, learning_rate: 2e-3, max_tokens: 48, ..Default::default() },
+    };
     let output = dir.path().join("ranker");
     let report = train_ranker(&base, &rows, &output, &options, |_, _, _| {}).unwrap();
     assert_eq!(report.steps, 32);

@@ -113,12 +113,19 @@ fn now_ms() -> i64 {
 impl Registry {
     /// The registry of `data_dir`; empty (everything configured) when there is none yet.
     pub fn load(data_dir: &Path) -> Result<Registry> {
+        Registry::read(data_dir).map(|(registry, _)| registry)
+    }
+
+    /// The registry and the bytes it was parsed from (None: no file), so a
+    /// follower can tell a later change from the state it started with.
+    pub fn read(data_dir: &Path) -> Result<(Registry, Option<Vec<u8>>)> {
         let path = data_dir.join(FILE);
         match std::fs::read(&path) {
-            Ok(bytes) => {
-                Registry::parse(&bytes).map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Registry::default()),
+            Ok(bytes) => match Registry::parse(&bytes) {
+                Ok(registry) => Ok((registry, Some(bytes))),
+                Err(e) => Err(Error::InvalidArgument(format!("{}: {e}", path.display()))),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((Registry::default(), None)),
             Err(e) => Err(Error::Internal(format!("{}: {e}", path.display()))),
         }
     }

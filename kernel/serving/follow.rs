@@ -68,8 +68,8 @@ fn read_registry(data_dir: &Path) -> Option<Vec<u8>> {
 }
 
 impl Follower {
-    pub fn new(state: Arc<AppState>, config: Config, serving: Targets) -> Self {
-        let seen = read_registry(&config.data_dir);
+    /// `seen`: the registry bytes the server loaded its models from.
+    pub fn new(state: Arc<AppState>, config: Config, serving: Targets, seen: Option<Vec<u8>>) -> Self {
         Follower { state, config, serving, seen }
     }
 

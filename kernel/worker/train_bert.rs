@@ -11,9 +11,60 @@ use std::path::Path;
 
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder, VarMap, ops::layer_norm_slow};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::weights::SafetensorsFile;
+
+/// How long and how fast a trainer runs: what the retriever and the ranker
+/// trainers share.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Schedule {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    /// Share of the steps with a linear warm-up; the rest decay linearly to 0.
+    pub warmup_share: f64,
+    pub weight_decay: f64,
+    /// Tokens per text or pair (longer ones are cut).
+    pub max_tokens: usize,
+    pub seed: u64,
+    /// Stop after this many steps (0: no cap).
+    pub max_steps: usize,
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Schedule {
+            epochs: 1,
+            batch_size: 32,
+            learning_rate: 2e-5,
+            warmup_share: 0.1,
+            weight_decay: 0.01,
+            max_tokens: 128,
+            seed: 7,
+            max_steps: 0,
+        }
+    }
+}
+
+impl Schedule {
+    /// (batch size, steps per epoch, total steps) over `examples`, with
+    /// batches of at least `min_batch`.
+    pub fn steps(&self, examples: usize, min_batch: usize) -> (usize, usize, usize) {
+        let batch = self.batch_size.clamp(min_batch, examples.max(min_batch));
+        let per_epoch = examples / batch;
+        let total = per_epoch * self.epochs.max(1);
+        (batch, per_epoch, if self.max_steps > 0 { total.min(self.max_steps) } else { total })
+    }
+
+    /// AdamW over `vars` at the peak rate (each step sets its own rate).
+    pub fn optimizer(&self, vars: Vec<candle_core::Var>) -> crate::error::Result<candle_nn::AdamW> {
+        let params =
+            candle_nn::ParamsAdamW { lr: self.learning_rate, weight_decay: self.weight_decay, ..Default::default() };
+        candle_nn::Optimizer::new(vars, params).map_err(candle)
+    }
+}
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct TrainBertConfig {

@@ -12,12 +12,12 @@ use std::{
 };
 
 use candle_core::{DType, Device as CandleDevice, Module, Tensor};
-use candle_nn::{AdamW, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{Linear, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use super::{
     datasets::RankerRow,
-    train_bert::{TrainBert, TrainBertConfig, candle, epoch_order, fill_from, learning_rate, optimizer_step},
+    train_bert::{Schedule, TrainBert, TrainBertConfig, candle, epoch_order, fill_from, learning_rate, optimizer_step},
     train_retriever::TrainingReport,
 };
 use crate::{
@@ -28,30 +28,14 @@ use crate::{
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RankerTraining {
-    pub epochs: usize,
-    pub batch_size: usize,
-    pub learning_rate: f64,
-    pub warmup_share: f64,
-    pub weight_decay: f64,
-    /// Tokens per (query, passage) pair.
-    pub max_tokens: usize,
-    pub seed: u64,
-    /// Stop after this many steps (0: no cap).
-    pub max_steps: usize,
+    /// `max_tokens` counts a (query, passage) pair.
+    #[serde(flatten)]
+    pub schedule: Schedule,
 }
 
 impl Default for RankerTraining {
     fn default() -> Self {
-        RankerTraining {
-            epochs: 1,
-            batch_size: 16,
-            learning_rate: 2e-5,
-            warmup_share: 0.1,
-            weight_decay: 0.01,
-            max_tokens: 256,
-            seed: 7,
-            max_steps: 0,
-        }
+        RankerTraining { schedule: Schedule { batch_size: 16, max_tokens: 256, ..Schedule::default() } }
     }
 }
 
@@ -160,23 +144,18 @@ pub fn train_ranker(
     if rows.len() < 2 {
         return Err(Error::InvalidArgument(format!("the ranker set has {} rows", rows.len())));
     }
-    let (net, varmap, fresh) = load(base, options.max_tokens)?;
+    let schedule = &options.schedule;
+    let (net, varmap, fresh) = load(base, schedule.max_tokens)?;
     if !fresh.is_empty() {
         tracing::info!(?fresh, "new cross-encoder head");
     }
-    let batch = options.batch_size.clamp(1, rows.len());
-    let per_epoch = rows.len() / batch;
-    let mut total = per_epoch * options.epochs.max(1);
-    if options.max_steps > 0 {
-        total = total.min(options.max_steps);
-    }
-    let params = ParamsAdamW { lr: options.learning_rate, weight_decay: options.weight_decay, ..Default::default() };
-    let mut optimizer = AdamW::new(varmap.all_vars(), params).map_err(candle)?;
+    let (batch, per_epoch, total) = schedule.steps(rows.len(), 1);
+    let mut optimizer = schedule.optimizer(varmap.all_vars())?;
     let mut order = Vec::new();
     let mut losses = Vec::new();
     for step in 0..total {
         if step % per_epoch == 0 {
-            order = epoch_order(rows.len(), options.seed.wrapping_add((step / per_epoch) as u64));
+            order = epoch_order(rows.len(), schedule.seed.wrapping_add((step / per_epoch) as u64));
         }
         let chunk: Vec<&RankerRow> =
             order[(step % per_epoch) * batch..(step % per_epoch + 1) * batch].iter().map(|&i| &rows[i]).collect();
@@ -185,7 +164,7 @@ pub fn train_ranker(
             .map_err(candle)?;
         let logits = net.logits(&pairs)?;
         let loss = binary_cross_entropy(&logits, &labels).map_err(candle)?;
-        let rate = learning_rate(options.learning_rate, options.warmup_share, step, total);
+        let rate = learning_rate(schedule.learning_rate, schedule.warmup_share, step, total);
         let value = optimizer_step(&mut optimizer, &loss, rate, step)?;
         losses.push(value);
         progress(step + 1, total, value);

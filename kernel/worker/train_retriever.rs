@@ -16,13 +16,13 @@ use std::{
     time::Instant,
 };
 
-use candle_core::{DType, Device as CandleDevice, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_core::{DType, Device as CandleDevice, Tensor};
+use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use super::{
     datasets::{RetrieverPair, RetrieverTriplet},
-    train_bert::{TrainBert, TrainBertConfig, candle, epoch_order, fill_from, learning_rate, optimizer_step},
+    train_bert::{Schedule, TrainBert, TrainBertConfig, candle, epoch_order, fill_from, learning_rate, optimizer_step},
 };
 use crate::{
     error::{Error, Result},
@@ -32,37 +32,17 @@ use crate::{
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RetrieverTraining {
-    pub epochs: usize,
-    pub batch_size: usize,
-    pub learning_rate: f64,
-    /// Share of the steps with a linear warm-up; the rest decay linearly to 0.
-    pub warmup_share: f64,
-    pub weight_decay: f64,
-    /// Tokens per text (longer texts are cut).
-    pub max_tokens: usize,
+    #[serde(flatten)]
+    pub schedule: Schedule,
     /// MultipleNegativesRankingLoss's similarity scale.
     pub scale: f64,
-    pub seed: u64,
     /// Write a checkpoint every this many steps (0: only at the end).
     pub checkpoint_every: usize,
-    /// Stop after this many steps (tests; 0: no cap).
-    pub max_steps: usize,
 }
 
 impl Default for RetrieverTraining {
     fn default() -> Self {
-        RetrieverTraining {
-            epochs: 1,
-            batch_size: 32,
-            learning_rate: 2e-5,
-            warmup_share: 0.1,
-            weight_decay: 0.01,
-            max_tokens: 128,
-            scale: 20.0,
-            seed: 7,
-            checkpoint_every: 200,
-            max_steps: 0,
-        }
+        RetrieverTraining { schedule: Schedule::default(), scale: 20.0, checkpoint_every: 200 }
     }
 }
 
@@ -196,15 +176,11 @@ pub fn train_retriever(
     let checkpoint_dir = output.join("checkpoint");
     let resumed: Option<Checkpoint> = hf_folder::read_json(&checkpoint_dir.join("checkpoint.json"))?;
     let start_from = if resumed.is_some() { &checkpoint_dir } else { base };
-    let (encoder, varmap) = load(start_from, options.max_tokens)?;
+    let schedule = &options.schedule;
+    let (encoder, varmap) = load(start_from, schedule.max_tokens)?;
     let resumed_at = resumed.map_or(0, |c| c.step);
 
-    let batch = options.batch_size.clamp(2, examples.len());
-    let per_epoch = examples.len() / batch;
-    let mut total = per_epoch * options.epochs.max(1);
-    if options.max_steps > 0 {
-        total = total.min(options.max_steps);
-    }
+    let (batch, per_epoch, total) = schedule.steps(examples.len(), 2);
     if resumed_at > total {
         return Err(Error::InvalidArgument(format!(
             "{}: the checkpoint is at step {resumed_at}, beyond this run's {total} steps; \
@@ -212,14 +188,12 @@ pub fn train_retriever(
             checkpoint_dir.display()
         )));
     }
-    let params = ParamsAdamW { lr: options.learning_rate, weight_decay: options.weight_decay, ..Default::default() };
-    let vars: Vec<Var> = varmap.all_vars();
-    let mut optimizer = AdamW::new(vars, params).map_err(candle)?;
+    let mut optimizer = schedule.optimizer(varmap.all_vars())?;
     let mut losses = Vec::new();
     let mut order = Vec::new();
     for step in resumed_at..total {
         if step == resumed_at || step % per_epoch == 0 {
-            order = epoch_order(examples.len(), options.seed.wrapping_add((step / per_epoch) as u64));
+            order = epoch_order(examples.len(), schedule.seed.wrapping_add((step / per_epoch) as u64));
         }
         let chunk: Vec<&Example> =
             order[(step % per_epoch) * batch..(step % per_epoch + 1) * batch].iter().map(|&i| &examples[i]).collect();
@@ -231,7 +205,7 @@ pub fn train_retriever(
         let scores = a.matmul(&d.t().map_err(candle)?).and_then(|s| s * options.scale).map_err(candle)?;
         let targets = Tensor::arange(0u32, chunk.len() as u32, &encoder.device).map_err(candle)?;
         let loss = candle_nn::loss::cross_entropy(&scores, &targets).map_err(candle)?;
-        let rate = learning_rate(options.learning_rate, options.warmup_share, step, total);
+        let rate = learning_rate(schedule.learning_rate, schedule.warmup_share, step, total);
         let value = optimizer_step(&mut optimizer, &loss, rate, step)?;
         losses.push(value);
         progress(step + 1, total, value);
