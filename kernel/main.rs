@@ -221,6 +221,9 @@ struct TrainArgs {
     /// Read the knowledge base (for held-out metrics) through this running server.
     #[arg(long)]
     server: Option<String>,
+    /// Where to train: auto picks a CUDA GPU when this build has CUDA and one answers.
+    #[arg(long, value_enum)]
+    device: Option<aitl::worker::train_bert::TrainingDevice>,
 }
 
 impl TrainArgs {
@@ -232,6 +235,7 @@ impl TrainArgs {
             learning_rate: self.learning_rate.unwrap_or(defaults.learning_rate),
             max_tokens: self.max_tokens.unwrap_or(defaults.max_tokens),
             max_steps: self.max_steps,
+            device: self.device.unwrap_or(defaults.device),
             ..defaults
         }
     }

@@ -37,6 +37,7 @@ fn trained_version(data: &Path, name: &str, model: &Path, dataset: &Path) {
         first_loss: None,
         last_loss: None,
         seconds: 0.0,
+        device: None,
         created_ms: 0,
         heldout: None,
     };

@@ -151,3 +151,44 @@ fn ranker_training_lowers_the_loss_and_rank_serves_what_training_computed() {
     }
     assert!(served[0][0] > served[1][0], "the trained ranker prefers the relevant passage: {served:?}");
 }
+
+/// With CUDA built in, the same run on the GPU follows the CPU's losses step
+/// by step (cuBLAS and candle's kernels sum in other orders, so not to the
+/// last bit), and both trained folders embed alike.
+#[cfg(feature = "cuda")]
+#[test]
+fn training_on_the_gpu_follows_the_cpu() {
+    use aitl::worker::train_bert::TrainingDevice;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    common::tiny_embedder(&base);
+    let run = |device: TrainingDevice, name: &str| {
+        let options = RetrieverTraining {
+            schedule: Schedule {
+                epochs: 2,
+                batch_size: 4,
+                learning_rate: 1e-3,
+                max_tokens: 32,
+                device,
+                ..Default::default()
+            },
+            checkpoint_every: 0,
+            ..Default::default()
+        };
+        train_retriever(&base, &triplets(), &[], &dir.path().join(name), &options, |_, _, _| {}).unwrap()
+    };
+    let (cpu, gpu) = (run(TrainingDevice::Cpu, "cpu"), run(TrainingDevice::Cuda, "gpu"));
+    assert_eq!((cpu.device.as_str(), gpu.device.as_str()), ("cpu", "cuda:0"));
+    println!("cpu losses {:?}\ngpu losses {:?}", cpu.losses, gpu.losses);
+    for (step, (c, g)) in cpu.losses.iter().zip(&gpu.losses).enumerate() {
+        assert!((c - g).abs() <= 2e-3 * c.abs().max(1.0), "step {step}: cpu loss {c}, gpu loss {g}");
+    }
+    let texts = ["question 3 about the pool", "the hotel gym policy"];
+    let on_cpu = embed_with_candle(&cpu.output, &texts, 32).unwrap();
+    let on_gpu = embed_with_candle(&gpu.output, &texts, 32).unwrap();
+    for (a, b) in on_cpu.iter().zip(&on_gpu) {
+        let cosine: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        assert!(cosine > 0.9999, "cpu- and gpu-trained folders embed differently: cosine {cosine}");
+    }
+}

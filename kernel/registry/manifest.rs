@@ -31,6 +31,9 @@ pub struct TrainedManifest {
     pub first_loss: Option<f32>,
     pub last_loss: Option<f32>,
     pub seconds: f64,
+    /// What trained it: "cpu" or "cuda:N".
+    #[serde(default)]
+    pub device: Option<String>,
     #[serde(default)]
     pub created_ms: i64,
     #[serde(default)]

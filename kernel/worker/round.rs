@@ -127,6 +127,7 @@ pub async fn train(
         first_loss: report.losses.first().copied(),
         last_loss: report.losses.last().copied(),
         seconds: report.seconds,
+        device: Some(report.device.clone()),
         created_ms: now_ms(),
         heldout,
     };

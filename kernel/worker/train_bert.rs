@@ -31,6 +31,7 @@ pub struct Schedule {
     pub seed: u64,
     /// Stop after this many steps (0: no cap).
     pub max_steps: usize,
+    pub device: TrainingDevice,
 }
 
 impl Default for Schedule {
@@ -44,6 +45,7 @@ impl Default for Schedule {
             max_tokens: 128,
             seed: 7,
             max_steps: 0,
+            device: TrainingDevice::Auto,
         }
     }
 }
@@ -63,6 +65,60 @@ impl Schedule {
         let params =
             candle_nn::ParamsAdamW { lr: self.learning_rate, weight_decay: self.weight_decay, ..Default::default() };
         candle_nn::Optimizer::new(vars, params).map_err(candle)
+    }
+}
+
+/// Where a trainer computes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainingDevice {
+    /// The first CUDA GPU when this build has CUDA and one answers, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    /// The first CUDA GPU, or an error.
+    Cuda,
+}
+
+impl TrainingDevice {
+    /// The candle device to train on. Never panics: a build without CUDA,
+    /// or a machine without a GPU, gives the CPU (`Auto`) or an error naming
+    /// the cause (`Cuda`).
+    pub fn open(self) -> crate::error::Result<candle_core::Device> {
+        match self {
+            TrainingDevice::Cpu => Ok(candle_core::Device::Cpu),
+            TrainingDevice::Cuda => cuda_device(),
+            TrainingDevice::Auto => Ok(cuda_device().unwrap_or_else(|e| {
+                if cfg!(feature = "cuda") {
+                    tracing::warn!("{e}; training on the CPU");
+                }
+                candle_core::Device::Cpu
+            })),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device() -> crate::error::Result<candle_core::Device> {
+    candle_core::Device::new_cuda(0)
+        .map_err(|e| crate::error::Error::FailedPrecondition(format!("training: no usable CUDA GPU: {e}")))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device() -> crate::error::Result<candle_core::Device> {
+    Err(crate::error::Error::FailedPrecondition(
+        "training: this aitl was built without CUDA; build it with `scripts/build-cuda` (cargo's `cuda` feature) \
+         to train on a GPU"
+            .into(),
+    ))
+}
+
+/// A device as reports name it: "cpu", "cuda:0".
+pub fn device_name(device: &candle_core::Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
 }
 
@@ -261,4 +317,27 @@ pub fn optimizer_step(
         return Err(crate::error::Error::Internal(format!("training diverged at step {step}: loss {value}")));
     }
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn without_cuda_auto_trains_on_the_cpu_and_cuda_says_how_to_build_it() {
+        assert_eq!(device_name(&TrainingDevice::Auto.open().unwrap()), "cpu");
+        assert_eq!(device_name(&TrainingDevice::Cpu.open().unwrap()), "cpu");
+        let refused = TrainingDevice::Cuda.open().unwrap_err();
+        assert!(matches!(refused, crate::error::Error::FailedPrecondition(_)), "{refused:?}");
+        assert!(refused.to_string().contains("scripts/build-cuda"), "{refused}");
+    }
+
+    #[test]
+    fn the_device_reads_from_config_in_lower_case() {
+        let schedule: Schedule = toml::from_str("device = \"cuda\"").unwrap();
+        assert_eq!(schedule.device, TrainingDevice::Cuda);
+        assert_eq!(Schedule::default().device, TrainingDevice::Auto);
+        assert!(toml::from_str::<Schedule>("device = \"tpu\"").is_err());
+    }
 }

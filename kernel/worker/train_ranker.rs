@@ -17,7 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     datasets::RankerRow,
-    train_bert::{Schedule, TrainBert, TrainBertConfig, candle, epoch_order, fill_from, learning_rate, optimizer_step},
+    train_bert::{
+        Schedule, TrainBert, TrainBertConfig, candle, device_name, epoch_order, fill_from, learning_rate,
+        optimizer_step,
+    },
     train_retriever::TrainingReport,
 };
 use crate::{
@@ -67,16 +70,16 @@ impl CrossEncoderNet {
         let shape = (pairs.len(), longest);
         let tensor = |v: Vec<u32>| Tensor::from_vec(v, shape, &self.device).map_err(candle);
         let hidden = self.bert.forward(&tensor(ids)?, &tensor(types)?, &tensor(mask)?).map_err(candle)?;
-        let cls = hidden.narrow(1, 0, 1).and_then(|c| c.squeeze(1)).map_err(candle)?;
+        // Contiguous: CUDA's matrix product takes no row stride wider than the row.
+        let cls = hidden.narrow(1, 0, 1).and_then(|c| c.squeeze(1)).and_then(|c| c.contiguous()).map_err(candle)?;
         let pooled = self.pooler.forward(&cls).and_then(|p| p.tanh()).map_err(candle)?;
         self.classifier.forward(&pooled).and_then(|l| l.squeeze(1)).map_err(candle)
     }
 }
 
-fn load(dir: &Path, max_tokens: usize) -> Result<(CrossEncoderNet, VarMap, Vec<String>)> {
+fn load(dir: &Path, max_tokens: usize, device: CandleDevice) -> Result<(CrossEncoderNet, VarMap, Vec<String>)> {
     let config: TrainBertConfig = hf_folder::read_json(&dir.join("config.json"))?
         .ok_or_else(|| Error::NotFound(format!("{}/config.json is missing", dir.display())))?;
-    let device = CandleDevice::Cpu;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
     let h = config.hidden_size;
@@ -145,7 +148,7 @@ pub fn train_ranker(
         return Err(Error::InvalidArgument(format!("the ranker set has {} rows", rows.len())));
     }
     let schedule = &options.schedule;
-    let (net, varmap, fresh) = load(base, schedule.max_tokens)?;
+    let (net, varmap, fresh) = load(base, schedule.max_tokens, schedule.device.open()?)?;
     if !fresh.is_empty() {
         tracing::info!(?fresh, "new cross-encoder head");
     }
@@ -176,12 +179,13 @@ pub fn train_ranker(
         seconds: started.elapsed().as_secs_f64(),
         output: PathBuf::from(output),
         resumed_at: 0,
+        device: device_name(&net.device),
     })
 }
 
 /// Sigmoid scores of `pairs` by the (trained) folder, computed with candle.
 pub fn score_with_candle(dir: &Path, pairs: &[(&str, &str)], max_tokens: usize) -> Result<Vec<f32>> {
-    let (net, _, _) = load(dir, max_tokens)?;
+    let (net, _, _) = load(dir, max_tokens, CandleDevice::Cpu)?;
     let scores = candle_nn::ops::sigmoid(&net.logits(pairs)?).map_err(candle)?;
     scores.to_vec1::<f32>().map_err(candle)
 }

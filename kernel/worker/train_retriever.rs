@@ -22,7 +22,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     datasets::{RetrieverPair, RetrieverTriplet},
-    train_bert::{Schedule, TrainBert, TrainBertConfig, candle, epoch_order, fill_from, learning_rate, optimizer_step},
+    train_bert::{
+        Schedule, TrainBert, TrainBertConfig, candle, device_name, epoch_order, fill_from, learning_rate,
+        optimizer_step,
+    },
 };
 use crate::{
     error::{Error, Result},
@@ -55,6 +58,8 @@ pub struct TrainingReport {
     pub output: PathBuf,
     /// The step the run resumed from (0 for a fresh run).
     pub resumed_at: usize,
+    /// What computed it: "cpu" or "cuda:N".
+    pub device: String,
 }
 
 /// One training example: anchor, positive, optional hard negative.
@@ -116,7 +121,7 @@ impl Encoder {
 }
 
 /// Loads `dir`'s BERT into trainable variables.
-fn load(dir: &Path, max_tokens: usize) -> Result<(Encoder, VarMap)> {
+fn load(dir: &Path, max_tokens: usize, device: CandleDevice) -> Result<(Encoder, VarMap)> {
     let config: TrainBertConfig = hf_folder::read_json(&dir.join("config.json"))?
         .ok_or_else(|| Error::NotFound(format!("{}/config.json is missing", dir.display())))?;
     let pooling: Option<serde_json::Value> = hf_folder::read_json(&dir.join("1_Pooling/config.json"))?;
@@ -126,7 +131,6 @@ fn load(dir: &Path, max_tokens: usize) -> Result<(Encoder, VarMap)> {
             dir.display()
         )));
     }
-    let device = CandleDevice::Cpu;
     let varmap = VarMap::new();
     let model = TrainBert::load(VarBuilder::from_varmap(&varmap, DType::F32, &device), &config).map_err(candle)?;
     let missing = fill_from(&varmap, &dir.join("model.safetensors"))?;
@@ -177,7 +181,7 @@ pub fn train_retriever(
     let resumed: Option<Checkpoint> = hf_folder::read_json(&checkpoint_dir.join("checkpoint.json"))?;
     let start_from = if resumed.is_some() { &checkpoint_dir } else { base };
     let schedule = &options.schedule;
-    let (encoder, varmap) = load(start_from, schedule.max_tokens)?;
+    let (encoder, varmap) = load(start_from, schedule.max_tokens, schedule.device.open()?)?;
     let resumed_at = resumed.map_or(0, |c| c.step);
 
     let (batch, per_epoch, total) = schedule.steps(examples.len(), 2);
@@ -225,12 +229,13 @@ pub fn train_retriever(
         seconds: started.elapsed().as_secs_f64(),
         output: output.to_owned(),
         resumed_at,
+        device: device_name(&encoder.device),
     })
 }
 
 /// Embeddings of `texts` by the (trained) folder, computed with candle: what
 /// aitl's own encoder must reproduce when it serves the folder.
 pub fn embed_with_candle(dir: &Path, texts: &[&str], max_tokens: usize) -> Result<Vec<Vec<f32>>> {
-    let (encoder, _) = load(dir, max_tokens)?;
+    let (encoder, _) = load(dir, max_tokens, CandleDevice::Cpu)?;
     encoder.embed(texts)?.to_vec2::<f32>().map_err(candle)
 }
