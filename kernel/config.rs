@@ -44,6 +44,10 @@ pub struct ModelsConfig {
     pub embed_token_budget: usize,
     /// Embedding requests waiting beyond this are refused (RESOURCE_EXHAUSTED).
     pub embed_queue_capacity: usize,
+    /// Matrix products of the embedding model and cross-encoder: "f32"
+    /// (default), or "bf16" (operands rounded to bf16, sums in f32, on Intel
+    /// AMX; about 3× the speed, cosine ≥ 0.999 to f32; f32 where the CPU has no AMX).
+    pub encoder_precision: crate::backend::Precision,
     /// `"similarity"` (cold start: the embedding model's cosine similarity),
     /// `"none"` (Rank answers UNAVAILABLE), or the path of a cross-encoder
     /// folder (BertForSequenceClassification, as sentence-transformers'
@@ -87,6 +91,7 @@ impl Default for ModelsConfig {
             cache_dir: PathBuf::new(),
             embed_token_budget: 8_192,
             embed_queue_capacity: 1_024,
+            encoder_precision: crate::backend::Precision::F32,
             ranker: "similarity".into(),
             ranker_activation: String::new(),
             ranker_label: None,
@@ -291,7 +296,11 @@ impl Config {
             "" => None,
             name => Some(crate::model::cross_encoder::ScoreActivation::parse(name)?),
         };
-        Ok(crate::model::cross_encoder::CrossEncoderOptions { activation, label: self.models.ranker_label })
+        Ok(crate::model::cross_encoder::CrossEncoderOptions {
+            activation,
+            label: self.models.ranker_label,
+            precision: self.models.encoder_precision,
+        })
     }
 
     pub fn model_cache(&self) -> PathBuf {

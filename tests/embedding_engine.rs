@@ -17,7 +17,7 @@ fn long_text(i: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_concurrent_requests_and_refuses_when_full() {
-    let options = EncoderOptions { token_budget: 1024, queue_capacity: 2 };
+    let options = EncoderOptions { token_budget: 1024, queue_capacity: 2, ..Default::default() };
     let engine = EmbeddingEngine::load(Device::Cpu, &common::default_embedder_dir(), options).unwrap();
     let alone = engine.embed(&["Can I get a refund?"]).await.unwrap().0.remove(0);
 
@@ -53,7 +53,7 @@ async fn batches_concurrent_requests_and_refuses_when_full() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_whose_caller_left_are_dropped_unrun() {
-    let options = EncoderOptions { token_budget: 2048, queue_capacity: 64 };
+    let options = EncoderOptions { token_budget: 2048, queue_capacity: 64, ..Default::default() };
     let engine = EmbeddingEngine::load(Device::Cpu, &common::default_embedder_dir(), options).unwrap();
     let texts: Vec<String> = (0..48).map(long_text).collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();

@@ -49,3 +49,33 @@ fn minilm_matches_sentence_transformers() {
     assert!(max_diff <= 1e-5, "batched vs single differ by {max_diff}");
     println!("batched vs single: max abs difference {max_diff:e}");
 }
+
+/// The opt-in bf16 mode (`encoder_precision = "bf16"`, Intel AMX) keeps
+/// cosine ≥ 0.999 to sentence-transformers on the same texts. On a CPU
+/// without AMX the mode falls back to f32, which the test says and checks.
+#[test]
+fn minilm_in_bf16_stays_within_cosine_0_999_of_sentence_transformers() {
+    use aitl::backend::Precision;
+    let fixture: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/minilm_golden.json")).expect("fixture parses");
+    let device = Device::Cpu;
+    let runs_as = Precision::Bf16.effective(&device);
+    println!("bf16 requested, products run as {runs_as:?}");
+    let embedder = SentenceEmbedder::load_in(&device, &common::default_embedder_dir(), Precision::Bf16).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
+    let got = embedder.embed(&device, &texts, 8192).unwrap();
+    let f32_embedder = SentenceEmbedder::load(&device, &common::default_embedder_dir()).unwrap();
+    let full = f32_embedder.embed(&device, &texts, 8192).unwrap();
+    let (mut worst, mut differs) = (1.0f64, false);
+    for ((case, got), full) in cases.iter().zip(&got).zip(&full) {
+        let want: Vec<f32> = case["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let c = cosine(got, &want);
+        worst = worst.min(c);
+        assert!(c >= 0.999, "bf16 cosine {c} for {:?}", case["text"]);
+        differs |= got != full;
+    }
+    println!("bf16: worst cosine to sentence-transformers over {} texts: {worst:.6}", texts.len());
+    // bf16 products are not f32 ones: the mode is really on where AMX is.
+    assert_eq!(differs, runs_as == Precision::Bf16, "bf16 outputs differ from f32 only where AMX runs them");
+}

@@ -94,7 +94,8 @@ fn long_pairs_cut_the_passage_and_never_the_query() {
 fn configured_activation_and_label_override_the_folder() {
     let fixture = fixture();
     let device = Device::Cpu;
-    let options = CrossEncoderOptions { activation: Some(ScoreActivation::Identity), label: Some(1) };
+    let options =
+        CrossEncoderOptions { activation: Some(ScoreActivation::Identity), label: Some(1), ..Default::default() };
     let model = CrossEncoder::load(&device, &model_dir("cross-encoder-3"), &options).unwrap();
     assert_eq!(model.labels().len(), 3);
     let pair = &fixture["models"]["cross-encoder-3"]["pairs"][1];

@@ -61,8 +61,14 @@ pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// reduction and a degree-6 polynomial; relative error below 2e-7.
 #[inline(always)]
 fn exp(x: f32) -> f32 {
+    // Integer-lane arithmetic only (no float-to-int casts, which do not
+    // vectorise): adding 1.5·2²³ rounds x·log2(e) to the nearest integer n
+    // and leaves n in the low mantissa bits.
+    const SHIFTER: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
+    let shifted = x.mul_add(std::f32::consts::LOG2_E, SHIFTER);
+    let n = shifted - SHIFTER;
+    let scale = f32::from_bits((shifted.to_bits().wrapping_sub(SHIFTER.to_bits()).wrapping_add(127)) << 23);
     let r = n.mul_add(-0.693_145_75, x);
     let r = n.mul_add(-1.428_606_8e-6, r);
     let p = 1.0 / 720.0;
@@ -72,7 +78,7 @@ fn exp(x: f32) -> f32 {
     let p = p * r + 0.5;
     let p = p * r + 1.0;
     let p = p * r + 1.0;
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    p * scale
 }
 
 /// erf, branch free so it vectorises: the Maclaurin series (to x¹³) below
@@ -117,6 +123,18 @@ fn activate_rows(out: &mut [f32], bias: Option<&[f32]>, act: Activation, n: usiz
             }
         }
     }
+}
+
+#[inline(always)]
+fn to_bf16_generic(src: &[f32], dst: &mut [u16]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = super::amx::to_bf16(*s);
+    }
+}
+
+/// Rounds a row to bf16 (the AMX path's activations).
+pub(super) fn to_bf16_row(src: &[f32], dst: &mut [u16]) {
+    dispatch!(to_bf16_generic(src, dst))
 }
 
 /// Applies `act` in place (a matmul epilogue on one finished tile row).
@@ -327,15 +345,29 @@ pub(super) fn embed(table: &[f32], ids: &[u32], extra: &[(&[f32], &[u32])], widt
 #[inline(always)]
 fn softmax_rows(scores: &mut [f32], len: usize, scale: f32) {
     for row in scores.chunks_exact_mut(len) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        let mut acc = [0f32; LANES];
-        for chunk in row.chunks_mut(LANES) {
-            for (a, s) in acc.iter_mut().zip(chunk.iter_mut()) {
-                *s = exp((*s - max) * scale);
-                *a += *s;
+        // Whole 16-lane chunks with lane-wise maxima and sums (kept in
+        // registers, so the loops vectorise), then the ragged tail.
+        let whole = len / LANES * LANES;
+        let mut maxima = [f32::NEG_INFINITY; LANES];
+        for chunk in row[..whole].chunks_exact(LANES) {
+            for l in 0..LANES {
+                maxima[l] = if chunk[l] > maxima[l] { chunk[l] } else { maxima[l] };
             }
         }
-        let inv = 1.0 / acc.iter().sum::<f32>();
+        let max = row[whole..].iter().chain(&maxima).fold(f32::NEG_INFINITY, |m, &s| if s > m { s } else { m });
+        let mut sums = [0f32; LANES];
+        for chunk in row[..whole].chunks_exact_mut(LANES) {
+            for l in 0..LANES {
+                chunk[l] = exp((chunk[l] - max) * scale);
+                sums[l] += chunk[l];
+            }
+        }
+        let mut sum = sums.iter().sum::<f32>();
+        for s in &mut row[whole..] {
+            *s = exp((*s - max) * scale);
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
         for s in row.iter_mut() {
             *s *= inv;
         }

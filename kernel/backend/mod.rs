@@ -7,6 +7,7 @@
 //! `[total_tokens, hidden]` matrix with a [`SeqLayout`] giving each
 //! sequence's offset, so no FLOP is spent on padding.
 
+mod amx;
 mod cpu;
 mod cpu_decode;
 mod experts;
@@ -101,6 +102,12 @@ enum Storage {
         plain: Vec<f32>,
         packed: packed::PackedWeights,
     },
+    /// A `[k, n]` weight, row-major and as AMX bf16 tiles (products round
+    /// both operands to bf16).
+    CpuAmx {
+        plain: Vec<f32>,
+        tiles: amx::AmxWeights,
+    },
 }
 
 impl Tensor {
@@ -122,7 +129,7 @@ impl Tensor {
     pub fn to_host(&self) -> Vec<f32> {
         match &self.storage {
             Storage::Cpu(data) => data.clone(),
-            Storage::CpuPacked { plain, .. } => plain.clone(),
+            Storage::CpuPacked { plain, .. } | Storage::CpuAmx { plain, .. } => plain.clone(),
         }
     }
 
@@ -156,7 +163,7 @@ impl Tensor {
 
     fn cpu(&self) -> &[f32] {
         match &self.storage {
-            Storage::Cpu(data) | Storage::CpuPacked { plain: data, .. } => data,
+            Storage::Cpu(data) | Storage::CpuPacked { plain: data, .. } | Storage::CpuAmx { plain: data, .. } => data,
         }
     }
 
@@ -165,7 +172,7 @@ impl Tensor {
             Storage::Cpu(data) => data,
             // In-place ops take activations; a weight changed here would
             // leave its packed copy stale.
-            Storage::CpuPacked { .. } => unreachable!("weights are never modified in place"),
+            Storage::CpuPacked { .. } | Storage::CpuAmx { .. } => unreachable!("weights are never modified in place"),
         }
     }
 }
@@ -278,8 +285,48 @@ pub enum RopeStyle {
     Neox,
 }
 
+/// The arithmetic of matrix products against weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 throughout.
+    #[default]
+    F32,
+    /// Operands rounded to bf16, sums in f32, on a bf16 matrix unit (Intel
+    /// AMX); where the device has none, f32.
+    Bf16,
+}
+
+impl Precision {
+    /// What products in `self` actually run as on `device`.
+    pub fn effective(self, device: &Device) -> Precision {
+        match (self, device) {
+            (Precision::Bf16, Device::Cpu) if amx::available() => Precision::Bf16,
+            _ => Precision::F32,
+        }
+    }
+}
+
 /// Up to this many rows, `linear` uses the pre-packed kernel.
 const PACKED_MAX_ROWS: usize = 64;
+
+/// Makes glibc's malloc keep freed memory for reuse. A forward pass
+/// allocates and frees activations of megabytes per op; by default each one
+/// is a fresh `mmap` whose pages the kernel faults in and zeroes again, which
+/// cost a tenth of an encoder batch's time.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: mallopt only changes allocator thresholds.
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+            }
+        });
+    }
+}
 
 /// The devices aitl runs on. Chosen at run time; model code is the same.
 #[derive(Debug, Clone)]
@@ -296,6 +343,7 @@ impl Device {
 
     /// Uploads host values.
     pub fn tensor(&self, shape: &[usize], data: Vec<f32>) -> Result<Tensor> {
+        keep_freed_memory();
         let expected: usize = shape.iter().product();
         if data.len() != expected {
             return Err(Error::Internal(format!(
@@ -309,8 +357,19 @@ impl Device {
     /// A `[k, n]` weight for [`Device::linear`], laid out once for the
     /// fastest kernel this device has.
     pub fn weight(&self, k: usize, n: usize, data: Vec<f32>) -> Result<Tensor> {
+        self.weight_in(Precision::F32, k, n, data)
+    }
+
+    /// As [`Device::weight`], for products in `precision` (bf16 where this
+    /// device has a bf16 matrix unit, else f32).
+    pub fn weight_in(&self, precision: Precision, k: usize, n: usize, data: Vec<f32>) -> Result<Tensor> {
         let plain = self.tensor(&[k, n], data)?;
         match self {
+            Device::Cpu if precision == Precision::Bf16 && amx::available() => {
+                let tiles = amx::AmxWeights::pack(plain.cpu(), k, n);
+                let Storage::Cpu(plain) = plain.storage else { unreachable!("tensor() makes plain storage") };
+                Ok(Tensor { shape: vec![k, n], storage: Storage::CpuAmx { plain, tiles } })
+            }
             Device::Cpu if packed::available() => {
                 let packed = packed::PackedWeights::pack(plain.cpu(), k, n);
                 let Storage::Cpu(plain) = plain.storage else { unreachable!("tensor() makes plain storage") };
@@ -361,17 +420,23 @@ impl Device {
                 bias.map(|b| b.shape.clone())
             )));
         }
-        let mut out = vec![0f32; m * n];
-        match &w.storage {
+        let out = match &w.storage {
+            Storage::CpuAmx { tiles, .. } => {
+                amx::matmul(x.cpu(), tiles, bias.map(|b| b.cpu()), m, &|row| cpu::activate(row, act))
+            }
             // Few rows: the weight read dominates, and it is packed already.
             Storage::CpuPacked { packed, .. } if m <= PACKED_MAX_ROWS => {
+                let mut out = vec![0f32; m * n];
                 packed::matmul(x.cpu(), packed, bias.map(|b| b.cpu()), m, &mut out, &|tile| cpu::activate(tile, act));
+                out
             }
             // Many rows: the gemm crate's cache blocking wins (benches/matmul.rs).
             Storage::Cpu(w) | Storage::CpuPacked { plain: w, .. } => {
-                cpu::linear(x.cpu(), w, bias.map(|b| b.cpu()), act, m, k, n, &mut out)
+                let mut out = vec![0f32; m * n];
+                cpu::linear(x.cpu(), w, bias.map(|b| b.cpu()), act, m, k, n, &mut out);
+                out
             }
-        }
+        };
         self.tensor(&[m, n], out)
     }
 

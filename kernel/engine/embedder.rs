@@ -24,7 +24,7 @@ impl EncoderModel for SentenceEmbedder {
 impl EncoderEngine<SentenceEmbedder> {
     /// Loads the model from a sentence-transformers folder and starts its worker.
     pub fn load(device: Device, dir: &Path, options: EncoderOptions) -> Result<Self> {
-        let model = SentenceEmbedder::load(&device, dir)?;
+        let model = SentenceEmbedder::load_in(&device, dir, options.precision)?;
         let engine = EncoderEngine::start(device, model, options, "embedding")?;
         tracing::info!(model = engine.version(), dimension = engine.dimension(), "embedding model loaded");
         Ok(engine)

@@ -36,11 +36,13 @@ pub struct EncoderOptions {
     pub token_budget: usize,
     /// Requests waiting beyond this are refused.
     pub queue_capacity: usize,
+    /// Arithmetic of the model's matrix products.
+    pub precision: crate::backend::Precision,
 }
 
 impl Default for EncoderOptions {
     fn default() -> Self {
-        EncoderOptions { token_budget: 8_192, queue_capacity: 1_024 }
+        EncoderOptions { token_budget: 8_192, queue_capacity: 1_024, precision: crate::backend::Precision::F32 }
     }
 }
 

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::weights::SafetensorsFile;
 use crate::{
-    backend::{Activation, AttentionShape, Device, SeqLayout, Tensor},
+    backend::{Activation, AttentionShape, Device, Precision, SeqLayout, Tensor},
     error::{Error, Result},
 };
 
@@ -148,6 +148,12 @@ pub struct BertEncoder {
 
 impl BertEncoder {
     pub fn load(device: &Device, dir: &Path) -> Result<Self> {
+        Self::load_in(device, dir, Precision::F32)
+    }
+
+    /// Loads with the four matrix products of each layer in `precision`
+    /// (embeddings, norms and attention stay f32).
+    pub fn load_in(device: &Device, dir: &Path, precision: Precision) -> Result<Self> {
         let config = BertConfig::read(dir)?;
         let weights = SafetensorsFile::open(&dir.join("model.safetensors"))?;
         let h = config.hidden_size;
@@ -167,11 +173,23 @@ impl BertEncoder {
             ];
             let qkv_names: Vec<&str> = qkv_names.iter().map(String::as_str).collect();
             layers.push(Layer {
-                qkv: weights.linear(device, &qkv_names, h, h)?,
-                attention_out: weights.linear(device, &[&format!("{p}.attention.output.dense")], h, h)?,
+                qkv: weights.linear_in(device, precision, &qkv_names, h, h)?,
+                attention_out: weights.linear_in(device, precision, &[&format!("{p}.attention.output.dense")], h, h)?,
                 attention_norm: norm(&format!("{p}.attention.output"))?,
-                ffn_in: weights.linear(device, &[&format!("{p}.intermediate.dense")], h, config.intermediate_size)?,
-                ffn_out: weights.linear(device, &[&format!("{p}.output.dense")], config.intermediate_size, h)?,
+                ffn_in: weights.linear_in(
+                    device,
+                    precision,
+                    &[&format!("{p}.intermediate.dense")],
+                    h,
+                    config.intermediate_size,
+                )?,
+                ffn_out: weights.linear_in(
+                    device,
+                    precision,
+                    &[&format!("{p}.output.dense")],
+                    config.intermediate_size,
+                    h,
+                )?,
                 output_norm: norm(&format!("{p}.output"))?,
             });
         }
@@ -199,6 +217,17 @@ impl BertEncoder {
 
     /// Hidden states of every token, `[tokens, hidden_size]`.
     pub fn forward(&self, device: &Device, input: &EncoderInput) -> Result<Tensor> {
+        // On a thread outside rayon's pool every parallel op is handed to a
+        // pool thread while the caller sleeps: two thread switches per op,
+        // which for one short query cost more than its arithmetic. Run the
+        // pass on a pool thread, where the ops' parallel parts start at once.
+        if rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| self.forward_in_pool(device, input));
+        }
+        self.forward_in_pool(device, input)
+    }
+
+    fn forward_in_pool(&self, device: &Device, input: &EncoderInput) -> Result<Tensor> {
         let layout = &input.layout;
         let mut positions = Vec::with_capacity(layout.total_tokens());
         for seq in 0..layout.len() {

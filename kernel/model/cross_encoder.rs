@@ -19,7 +19,7 @@ use super::{
     weights::SafetensorsFile,
 };
 use crate::{
-    backend::{Activation, Device, Tensor},
+    backend::{Activation, Device, Precision, Tensor},
     error::{Error, Result},
 };
 
@@ -72,6 +72,8 @@ pub struct CrossEncoderOptions {
     /// With several labels, the one whose score ranks (default: the last,
     /// the "relevant" class of two-label relevance classifiers).
     pub label: Option<usize>,
+    /// Arithmetic of the encoder's matrix products.
+    pub precision: Precision,
 }
 
 #[derive(Deserialize)]
@@ -126,7 +128,7 @@ impl CrossEncoder {
                 config.architectures
             )));
         }
-        let encoder = BertEncoder::load(device, dir)?;
+        let encoder = BertEncoder::load_in(device, dir, options.precision)?;
         let hidden = encoder.config().hidden_size;
         let weights = SafetensorsFile::open(&dir.join("model.safetensors"))?;
         let classes = config.num_labels.unwrap_or(config.id2label.len().max(1));

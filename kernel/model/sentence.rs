@@ -15,7 +15,7 @@ use super::{
     hf_folder::{self, read_json},
 };
 use crate::{
-    backend::Device,
+    backend::{Device, Precision},
     error::{Error, Result},
 };
 
@@ -61,7 +61,12 @@ struct Module {
 
 impl SentenceEmbedder {
     pub fn load(device: &Device, dir: &Path) -> Result<Self> {
-        let encoder = BertEncoder::load(device, dir)?;
+        Self::load_in(device, dir, Precision::F32)
+    }
+
+    /// Loads with the encoder's matrix products in `precision`.
+    pub fn load_in(device: &Device, dir: &Path, precision: Precision) -> Result<Self> {
+        let encoder = BertEncoder::load_in(device, dir, precision)?;
         let modules: Vec<Module> = read_json(&dir.join("modules.json"))?.unwrap_or_default();
         let pooling_dir = modules.iter().find(|m| m.kind.ends_with("Pooling")).map_or("1_Pooling", |m| m.path.as_str());
         let pooling = match read_json::<PoolingConfig>(&dir.join(pooling_dir).join("config.json"))? {

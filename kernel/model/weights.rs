@@ -6,7 +6,7 @@ use std::{fs::File, path::Path};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::{
-    backend::{Device, Tensor},
+    backend::{Device, Precision, Tensor},
     error::{Error, Result},
 };
 
@@ -80,6 +80,18 @@ impl SafetensorsFile {
     /// the layout the backend's `linear` takes; several are concatenated
     /// along `out` (fused projections such as Q, K, V).
     pub fn linear(&self, device: &Device, names: &[&str], inputs: usize, outputs: usize) -> Result<(Tensor, Tensor)> {
+        self.linear_in(device, Precision::F32, names, inputs, outputs)
+    }
+
+    /// As [`SafetensorsFile::linear`], for products in `precision`.
+    pub fn linear_in(
+        &self,
+        device: &Device,
+        precision: Precision,
+        names: &[&str],
+        inputs: usize,
+        outputs: usize,
+    ) -> Result<(Tensor, Tensor)> {
         let total = outputs * names.len();
         let mut weight = vec![0f32; inputs * total];
         let mut bias = Vec::with_capacity(total);
@@ -105,7 +117,7 @@ impl SafetensorsFile {
             }
             bias.extend(b);
         }
-        Ok((device.weight(inputs, total, weight)?, device.tensor(&[total], bias)?))
+        Ok((device.weight_in(precision, inputs, total, weight)?, device.tensor(&[total], bias)?))
     }
 }
 

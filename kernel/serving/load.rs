@@ -23,6 +23,7 @@ pub async fn embedder(config: &Config) -> Result<Option<EmbeddingEngine>> {
         let options = EncoderOptions {
             token_budget: config.models.embed_token_budget,
             queue_capacity: config.models.embed_queue_capacity,
+            precision: config.models.encoder_precision,
         };
         EmbeddingEngine::load(Device::Cpu, &dir, options).map(Some)
     })
@@ -67,6 +68,7 @@ pub async fn ranker(config: &Config, semantic: Option<&Arc<SemanticIndex>>) -> R
             let options = EncoderOptions {
                 token_budget: config.models.embed_token_budget,
                 queue_capacity: config.models.embed_queue_capacity,
+                precision: config.models.encoder_precision,
             };
             tokio::task::spawn_blocking(move || Ranker::cross_encoder(Device::Cpu, &dir, &model, options).map(Some))
                 .await
