@@ -108,3 +108,37 @@ fn configured_activation_and_label_override_the_folder() {
     let err = CrossEncoder::load(&device, &model_dir("cross-encoder-3"), &out_of_range).err().expect("refused");
     assert!(err.to_string().contains("3 labels"), "{err}");
 }
+
+/// In bf16 (`encoder_precision = "bf16"`, Intel AMX) the cross-encoders'
+/// scores stay within 1e-2 of sentence-transformers' and rank each query's
+/// pairs alike wherever the reference scores are 0.05 apart.
+#[test]
+fn cross_encoders_in_bf16_stay_close_to_sentence_transformers() {
+    use aitl::backend::Precision;
+    let fixture = fixture();
+    let device = Device::Cpu;
+    println!("bf16 requested, products run as {:?}", Precision::Bf16.effective(&device));
+    for (name, expected) in fixture["models"].as_object().unwrap() {
+        let options = CrossEncoderOptions { precision: Precision::Bf16, ..Default::default() };
+        let model = CrossEncoder::load(&device, &model_dir(name), &options).unwrap();
+        let mut worst = 0f32;
+        let mut scored = Vec::new();
+        for pair in expected["pairs"].as_array().unwrap() {
+            let (query, passage) = (pair["query"].as_str().unwrap(), pair["passage"].as_str().unwrap());
+            let tokens = model.tokenize_pairs(query, &[passage]).unwrap().remove(0);
+            let scores = model.score_tokens(&device, &[&tokens]).unwrap().remove(0);
+            let want = floats(&pair["scores"]);
+            worst = worst.max(max_diff(&scores, &want));
+            scored.push((scores[0], want[0]));
+        }
+        println!("{name} in bf16: worst absolute score difference {worst:e}");
+        assert!(worst <= 1e-2, "{name}: bf16 scores differ by {worst}");
+        for (i, a) in scored.iter().enumerate() {
+            for b in &scored[i + 1..] {
+                if (a.1 - b.1).abs() > 0.05 {
+                    assert_eq!(a.0 > b.0, a.1 > b.1, "{name}: bf16 orders {a:?} and {b:?} unlike the reference");
+                }
+            }
+        }
+    }
+}

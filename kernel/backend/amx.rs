@@ -164,11 +164,14 @@ pub fn matmul(
     // Few chunks: split the columns too, so every core works.
     let groups = if chunks >= 2 * threads { 1 } else { threads.min(column_pairs).max(1) };
     let dst = Out(out.as_mut_ptr());
-    (0..chunks * groups).into_par_iter().for_each(|task| {
+    let task = |task: usize, groups: usize| {
         let dst = dst;
         let (chunk, group) = (task / groups, task % groups);
         let per_group = column_pairs.div_ceil(groups);
         let pairs = group * per_group..((group + 1) * per_group).min(column_pairs);
+        if pairs.is_empty() {
+            return;
+        }
         let blocks = chunk * CHUNK..((chunk + 1) * CHUNK).min(row_blocks);
         let mut results = [0f32; BLOCK * BLOCK];
         // SAFETY: AMX is available; the tile configuration is loaded before
@@ -200,7 +203,16 @@ pub fn matmul(
             // SAFETY: this task's rows and columns, written above.
             epilogue(unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * n + columns.start), columns.len()) });
         }
-    });
+    };
+    if chunks == 1 {
+        // One block of rows (a query or two): the weights' read is the work,
+        // split over the awake team's members (see team.rs), which start at
+        // once where rayon's sleeping workers would first be woken.
+        let team = super::team::Team::global();
+        team.run(&|member| task(member, team.size()));
+    } else {
+        (0..chunks * groups).into_par_iter().for_each(|t| task(t, groups));
+    }
     // SAFETY: the tasks wrote every row < m and column < n.
     unsafe { out.set_len(m * n) };
     out

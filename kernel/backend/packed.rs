@@ -103,7 +103,7 @@ pub fn matmul(
     let dst = Out(out.as_mut_ptr());
     // Too few row blocks for the cores: give each task a share of the panels.
     let panel_groups = if row_blocks >= 2 * threads || m * n * k < (1 << 20) { 1 } else { threads.min(panels) };
-    (0..row_blocks * panel_groups).into_par_iter().for_each(|task| {
+    let task = |task: usize, panel_groups: usize| {
         let (block, group) = (task / panel_groups, task % panel_groups);
         let rows = block * MC..((block + 1) * MC).min(m);
         let per_group = panels.div_ceil(panel_groups);
@@ -137,7 +137,16 @@ pub fn matmul(
                 r += mr;
             }
         }
-    });
+    };
+    if row_blocks == 1 && panel_groups > 1 {
+        // A few rows (a query): the weights' read is the work, split over
+        // the awake team's members (see team.rs), which start at once where
+        // rayon's sleeping workers would first be woken.
+        let team = super::team::Team::global();
+        team.run(&|member| task(member, team.size()));
+    } else {
+        (0..row_blocks * panel_groups).into_par_iter().for_each(|t| task(t, panel_groups));
+    }
 }
 
 /// Dispatches a tile of `mr ≤ MR` rows to the kernel specialised for it.
