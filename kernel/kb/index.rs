@@ -53,6 +53,11 @@ pub trait VectorIndex: Send + Sync {
     fn remove(&self, id: &str);
     /// The `k` best matches for a unit `query`, best first.
     fn search(&self, query: &[f32], k: usize, filter: &KnowledgeFilter) -> Vec<Hit>;
+    /// [`VectorIndex::search`] for several queries at once; an index that
+    /// reads its vectors once for all of them overrides this.
+    fn search_many(&self, queries: &[Query]) -> Vec<Vec<Hit>> {
+        queries.iter().map(|q| self.search(&q.vector, q.k, &q.filter)).collect()
+    }
     /// The stored vector of `id` if the index holds exactly `version` of it.
     fn vector(&self, id: &str, version: u64) -> Option<Vec<f32>>;
     /// (id, version) of every indexed object.
@@ -61,6 +66,14 @@ pub trait VectorIndex: Send + Sync {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// One search of a [`VectorIndex::search_many`] batch.
+#[derive(Debug, Clone)]
+pub struct Query {
+    pub vector: Vec<f32>,
+    pub k: usize,
+    pub filter: KnowledgeFilter,
 }
 
 #[derive(Default)]
@@ -78,9 +91,9 @@ pub struct ExactIndex {
 }
 
 /// Rows scored per parallel task.
-const ROWS_PER_TASK: usize = 4_096;
+const ROWS_PER_TASK: usize = 1_024;
 
-#[derive(PartialEq)]
+#[derive(Clone, Copy, PartialEq)]
 struct Scored(f32, usize);
 
 impl Eq for Scored {}
@@ -159,41 +172,61 @@ impl VectorIndex for ExactIndex {
     }
 
     fn search(&self, query: &[f32], k: usize, filter: &KnowledgeFilter) -> Vec<Hit> {
-        if k == 0 || query.len() != self.dimension {
-            return Vec::new();
-        }
+        let query = Query { vector: query.to_vec(), k, filter: filter.clone() };
+        self.search_many(std::slice::from_ref(&query)).pop().unwrap_or_default()
+    }
+
+    /// One pass over the vectors for all `queries`: each chunk of rows is
+    /// read from memory once and scored against every query while it sits
+    /// in cache, so concurrent searches cost little more than one.
+    fn search_many(&self, queries: &[Query]) -> Vec<Vec<Hit>> {
         let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
         let dim = self.dimension;
-        let unfiltered = filter.kinds.is_empty() && filter.metadata.is_empty();
-        let heaps: Vec<BinaryHeap<Scored>> = slots
+        let valid = |q: &Query| q.k > 0 && q.vector.len() == dim;
+        let heaps: Vec<Vec<BinaryHeap<Scored>>> = slots
             .vectors
             .par_chunks(ROWS_PER_TASK * dim)
             .enumerate()
             .map(|(task, rows)| {
                 let mut scores = vec![0f32; rows.len() / dim];
-                crate::backend::dot_rows(query, rows, &mut scores);
-                let mut heap = BinaryHeap::with_capacity(k + 1);
-                for (i, score) in scores.into_iter().enumerate() {
-                    let slot = task * ROWS_PER_TASK + i;
-                    let live = match &slots.entries[slot] {
-                        Some(entry) => unfiltered || entry.matches(filter),
-                        None => false,
-                    };
-                    if live {
-                        push_top(&mut heap, k, Scored(score, slot));
-                    }
-                }
-                heap
+                queries
+                    .iter()
+                    .map(|q| {
+                        let mut heap = BinaryHeap::with_capacity(q.k + 1);
+                        if !valid(q) {
+                            return heap;
+                        }
+                        let unfiltered = q.filter.kinds.is_empty() && q.filter.metadata.is_empty();
+                        crate::backend::dot_rows(&q.vector, rows, &mut scores);
+                        for (i, &score) in scores.iter().enumerate() {
+                            let slot = task * ROWS_PER_TASK + i;
+                            let live = match &slots.entries[slot] {
+                                Some(entry) => unfiltered || entry.matches(&q.filter),
+                                None => false,
+                            };
+                            if live {
+                                push_top(&mut heap, q.k, Scored(score, slot));
+                            }
+                        }
+                        heap
+                    })
+                    .collect()
             })
             .collect();
-        let mut best = BinaryHeap::with_capacity(k + 1);
-        for item in heaps.into_iter().flatten() {
-            push_top(&mut best, k, item);
-        }
-        best.into_sorted_vec()
-            .into_iter()
-            .filter_map(|Scored(score, slot)| {
-                slots.entries[slot].as_ref().map(|e| Hit { id: e.id.clone(), version: e.version, score })
+        queries
+            .iter()
+            .enumerate()
+            .map(|(qi, q)| {
+                let mut best = BinaryHeap::with_capacity(q.k + 1);
+                for item in heaps.iter().flat_map(|per_query| per_query[qi].iter().copied()) {
+                    push_top(&mut best, q.k, item);
+                }
+                best.into_sorted_vec()
+                    .into_iter()
+                    .filter_map(|Scored(score, slot)| {
+                        slots.entries[slot].as_ref().map(|e| Hit { id: e.id.clone(), version: e.version, score })
+                    })
+                    .collect()
             })
             .collect()
     }
@@ -265,5 +298,70 @@ mod tests {
             assert_eq!(hit.id, i.to_string());
             assert!((hit.score - score).abs() < 1e-5);
         }
+    }
+
+    /// Deterministic pseudo-random unit vectors.
+    fn vectors(count: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
+        let mut state = seed;
+        (0..count)
+            .map(|_| {
+                let v: Vec<f32> = (0..dim)
+                    .map(|_| {
+                        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                        ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+                    })
+                    .collect();
+                unit(&v)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_shared_scan_answers_each_query_as_its_own_search_would() {
+        let (dim, count) = (16, 5_000);
+        let index = ExactIndex::new(dim, "m@1");
+        for (i, v) in vectors(count, dim, 1).iter().enumerate() {
+            let entry = IndexEntry {
+                id: format!("o{i}"),
+                version: 1,
+                kind: (i % 3) as i32,
+                metadata: [("team".to_string(), if i % 2 == 0 { "x" } else { "y" }.to_string())].into(),
+            };
+            index.upsert(entry, v);
+        }
+        index.remove("o7");
+        let filters = [
+            KnowledgeFilter::default(),
+            KnowledgeFilter { kinds: vec![2], ..Default::default() },
+            KnowledgeFilter { metadata: [("team".to_string(), "y".to_string())].into(), ..Default::default() },
+        ];
+        let queries: Vec<Query> = vectors(9, dim, 2)
+            .into_iter()
+            .enumerate()
+            .map(|(i, vector)| Query { vector, k: [1, 75, 1_000][i % 3], filter: filters[i / 3].clone() })
+            .chain([Query { vector: vec![1.0; 3], k: 5, filter: KnowledgeFilter::default() }])
+            .collect();
+        let shared = index.search_many(&queries);
+        for (q, hits) in queries.iter().zip(&shared).take(9) {
+            let alone: Vec<(String, f32)> = {
+                // The reference: score every live object and sort.
+                let slots = index.slots.read().unwrap();
+                let mut all: Vec<(String, f32)> = (0..count)
+                    .filter_map(|slot| {
+                        let e = slots.entries[slot].as_ref()?;
+                        let mut score = [0f32];
+                        crate::backend::dot_rows(&q.vector, &slots.vectors[slot * dim..(slot + 1) * dim], &mut score);
+                        e.matches(&q.filter).then(|| (e.id.clone(), score[0]))
+                    })
+                    .collect();
+                all.sort_by(|a, b| b.1.total_cmp(&a.1));
+                all.truncate(q.k);
+                all
+            };
+            let got: Vec<(String, f32)> = hits.iter().map(|h| (h.id.clone(), h.score)).collect();
+            assert_eq!(got, alone, "k {} filter {:?}", q.k, q.filter);
+        }
+        assert!(shared[9].is_empty(), "a query of the wrong dimension finds nothing");
+        assert!(!shared.iter().flatten().any(|h| h.id == "o7"), "removed objects stay out");
     }
 }

@@ -6,6 +6,7 @@
 mod dstc11;
 pub mod index;
 mod jsonl;
+mod scan;
 pub mod semantic;
 mod store;
 

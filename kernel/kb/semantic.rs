@@ -7,7 +7,8 @@ use std::{sync::Arc, time::Instant};
 
 use super::{
     KnowledgeStore,
-    index::{ExactIndex, Hit, IndexEntry, VectorIndex},
+    index::{ExactIndex, Hit, IndexEntry, Query, VectorIndex},
+    scan::SharedScan,
 };
 use crate::{
     engine::{EmbeddingEngine, EncodeTimings},
@@ -39,6 +40,8 @@ const INDEX_CHUNK: usize = 256;
 pub struct SemanticIndex {
     engine: EmbeddingEngine,
     index: Arc<dyn VectorIndex>,
+    /// Concurrent searches share scans of `index`.
+    scan: SharedScan,
     kb: Arc<KnowledgeStore>,
 }
 
@@ -63,7 +66,7 @@ impl SemanticIndex {
             }
         }
         let loaded = index.len();
-        let this = SemanticIndex { engine, index, kb };
+        let this = SemanticIndex { engine, scan: SharedScan::new(index.clone()), index, kb };
         if !stale.is_empty() {
             tracing::info!(objects = stale.len(), "embedding knowledge objects without a current vector");
         }
@@ -159,11 +162,7 @@ impl SemanticIndex {
     pub async fn search(&self, text: &str, k: usize, filter: &KnowledgeFilter) -> Result<(Vec<Hit>, EncodeTimings)> {
         let (mut vectors, timings) = self.engine.embed(&[text]).await?;
         let query = vectors.pop().ok_or_else(|| Error::Internal("the embedder returned no vector".into()))?;
-        let index = self.index.clone();
-        let filter = filter.clone();
-        let hits = tokio::task::spawn_blocking(move || index.search(&query, k, &filter))
-            .await
-            .map_err(|e| Error::Internal(format!("vector search: {e}")))?;
+        let hits = self.scan.search(Query { vector: query, k, filter: filter.clone() }).await?;
         Ok((hits, timings))
     }
 }
