@@ -19,6 +19,8 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::packed::Out;
+
 /// Tile edge: rows of every tile; f32 columns of a result tile.
 const EDGE: usize = 16;
 /// `k` values per tile multiply (bf16 pairs × 16 columns).
@@ -124,13 +126,6 @@ const CONFIG: TileConfig = TileConfig {
     bytes_per_row: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
     rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
 };
-
-/// Output pointer shared by tasks that write disjoint blocks.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: tasks write disjoint blocks of rows × columns.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
 
 /// `x[m, k] · w + bias` (`[m, n]`), then `epilogue` on each finished row
 /// segment (the columns one task computed). Requires [`available`].

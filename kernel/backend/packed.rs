@@ -77,9 +77,10 @@ pub fn available() -> bool {
     }
 }
 
-/// Output pointer shared by tasks that write disjoint tiles.
+/// Output pointer shared by tasks that write disjoint tiles (here and in
+/// the AMX kernel).
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+pub(super) struct Out(pub(super) *mut f32);
 // SAFETY: tasks write disjoint regions (distinct rows or distinct columns).
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
