@@ -317,7 +317,8 @@ mod tests {
             eprintln!("no AMX here: skipped");
             return;
         }
-        for (m, k, n) in [(1, 1, 1), (13, 7, 33), (32, 64, 32), (70, 384, 1152), (33, 40, 17)] {
+        // 300 rows: several tasks of row blocks (rayon); the others one (the awake team).
+        for (m, k, n) in [(1, 1, 1), (13, 7, 33), (32, 64, 32), (70, 384, 1152), (33, 40, 17), (300, 64, 96)] {
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.37).collect();
             let w: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.21).collect();
             let bias: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
