@@ -67,6 +67,12 @@ pub struct ModelsConfig {
     pub generator: String,
     /// Generate requests waiting beyond this are refused (RESOURCE_EXHAUSTED).
     pub generate_queue_capacity: usize,
+    /// A prompt's matrix products against a quantized GGUF generator:
+    /// "bf16" (default: weights expanded to bf16 tiles per product, on Intel
+    /// AMX; block arithmetic where the CPU has none) or "f32" (llama.cpp's
+    /// block arithmetic, 8-bit activations). Decoding steps always use the
+    /// block arithmetic; float checkpoints always f32.
+    pub generator_precision: crate::backend::Precision,
     /// Most candidates decoded together in one step.
     pub max_decoding_sequences: usize,
     /// New tokens per candidate when a request leaves max_new_tokens at 0.
@@ -98,6 +104,7 @@ impl Default for ModelsConfig {
             ranker_label: None,
             generator: "default".into(),
             generate_queue_capacity: 64,
+            generator_precision: crate::model::llama::DEFAULT_PREFILL,
             max_decoding_sequences: 16,
             default_max_new_tokens: 256,
             registry_poll_ms: 1_000,

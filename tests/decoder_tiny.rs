@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use aitl::{
-    backend::Device,
+    backend::{Device, Precision},
     engine::{
         generator::{GenerateEvent, GenerateJob, GeneratorEngine, GeneratorOptions},
         sampler::SamplingConfig,
@@ -31,6 +31,14 @@ const FLOAT_TOLERANCE: f32 = 1e-4;
 /// on the file's dequantized weights, which keeps activations in f32, both
 /// differ by up to 0.9 on these random high-gain weights.)
 const Q8_0_TOLERANCE: f32 = 1e-4;
+
+/// The bf16 prefill on the Q8_0 file, against llama.cpp and against
+/// transformers on the file's dequantized weights (f32 activations). These
+/// random weights amplify any rounding: llama.cpp's own 8-bit activations
+/// put it 0.92 from transformers. Observed for the bf16 prefill (on the
+/// 64-token prompt, the one long enough to take it): 0.94 from llama.cpp,
+/// 0.91 from transformers. The kernels' own tests are the tight ones.
+const BF16_PREFILL_TOLERANCE: f32 = 1.0;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -125,13 +133,35 @@ fn mixtral_gguf_f32_matches_transformers() {
 #[test]
 fn mixtral_gguf_q8_0_matches_llama_cpp() {
     let file = GgufFile::open(&fixtures().join("tiny-mixtral-q8_0.gguf")).unwrap();
-    let model = Llama::from_gguf(&Device::Cpu, &file).unwrap();
+    let model = Llama::from_gguf_in(&Device::Cpu, &file, Precision::F32).unwrap();
     check(
         &model,
         &golden()["tiny-mixtral-q8_0.gguf/llama.cpp"],
         Q8_0_TOLERANCE,
         "tiny Mixtral, GGUF Q8_0",
         "llama.cpp",
+    );
+}
+
+/// The default prefill (bf16 tiles on AMX for prompts of 32 tokens or more;
+/// the 64-token case takes it) against llama.cpp's 8-bit block arithmetic.
+#[test]
+fn mixtral_gguf_q8_0_bf16_prefill_stays_near_llama_cpp() {
+    let file = GgufFile::open(&fixtures().join("tiny-mixtral-q8_0.gguf")).unwrap();
+    let model = Llama::from_gguf_in(&Device::Cpu, &file, Precision::Bf16).unwrap();
+    check(
+        &model,
+        &golden()["tiny-mixtral-q8_0.gguf/llama.cpp"],
+        BF16_PREFILL_TOLERANCE,
+        "tiny Mixtral, GGUF Q8_0, bf16 prefill",
+        "llama.cpp",
+    );
+    check(
+        &model,
+        &golden()["tiny-mixtral-q8_0.gguf"],
+        BF16_PREFILL_TOLERANCE,
+        "tiny Mixtral, GGUF Q8_0, bf16 prefill",
+        "transformers on the file's dequantized weights",
     );
 }
 
@@ -209,7 +239,7 @@ fn unsupported_checkpoints_are_refused_with_the_reason() {
 fn decoding_engine_serves_a_hugging_face_folder() {
     let dir = fixtures().join("tiny-llama");
     let case = &golden()["tiny-llama-chat"];
-    let options = GeneratorOptions { queue_capacity: 4, max_sequences: 4 };
+    let options = GeneratorOptions { queue_capacity: 4, max_sequences: 4, ..Default::default() };
     let engine = GeneratorEngine::load(Device::Cpu, &dir, options).unwrap();
     assert!(engine.version().starts_with("tiny-llama@"), "{}", engine.version());
     let greedy = ids(&case["greedy"]);

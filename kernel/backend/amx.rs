@@ -77,9 +77,109 @@ impl AmxWeights {
         AmxWeights { k, n, k_padded, column_blocks, tiles }
     }
 
+    /// A weight stored as `n` rows of `k` inputs (ggml's block formats, one
+    /// row per output), expanded by `row(j, values)` into tiles for one
+    /// product. Prefill runs each quantized matrix once over hundreds of
+    /// rows, so expanding it per call costs a few percent of the product and
+    /// keeps the model in its compact form between calls.
+    pub fn from_rows(k: usize, n: usize, row: &(dyn Fn(usize, &mut [f32]) + Sync)) -> Self {
+        let k_padded = k.div_ceil(KB) * KB;
+        let column_blocks = n.div_ceil(BLOCK) * 2;
+        let steps = k_padded / KB;
+        let block_len = steps * EDGE * KB;
+        let mut tiles: Vec<u16> = Vec::with_capacity(column_blocks * block_len);
+        let dst = Out(tiles.as_mut_ptr().cast());
+        (0..column_blocks).into_par_iter().for_each(|cb| {
+            let dst = dst;
+            // 16 outputs' rows, zero past `k` and past `n` (the tiles' padding).
+            let mut values = vec![0f32; EDGE * k_padded];
+            for (j, values) in values.chunks_exact_mut(k_padded).enumerate() {
+                if cb * EDGE + j < n {
+                    row(cb * EDGE + j, &mut values[..k]);
+                }
+            }
+            for step in 0..steps {
+                // SAFETY: tile (cb, step) lies inside the capacity and only
+                // this task writes it; `values` holds 16 rows of k_padded.
+                unsafe {
+                    let tile = std::slice::from_raw_parts_mut(
+                        dst.0.cast::<u16>().add((cb * steps + step) * EDGE * KB),
+                        EDGE * KB,
+                    );
+                    transpose_into_tile(&values[step * KB..], k_padded, tile);
+                }
+            }
+        });
+        // SAFETY: every tile of every column block was written above.
+        unsafe { tiles.set_len(column_blocks * block_len) };
+        AmxWeights { k, n, k_padded, column_blocks, tiles }
+    }
+
     fn tile(&self, column_block: usize, step: usize) -> *const u16 {
         let steps = self.k_padded / KB;
         self.tiles[(column_block * steps + step) * EDGE * KB..].as_ptr()
+    }
+}
+
+/// One weight tile from 16 outputs' rows of 32 consecutive inputs each
+/// (`rows[j · stride..][..32]`): `tile[r][2j + t] = bf16(rows[j][2r + t])`.
+fn transpose_into_tile(rows: &[f32], stride: usize, tile: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16") {
+        assert!(rows.len() >= (EDGE - 1) * stride + KB && tile.len() >= EDGE * KB);
+        // SAFETY: the features are present; the bounds are checked above.
+        unsafe { transpose_into_tile_avx512(rows.as_ptr(), stride, tile.as_mut_ptr()) };
+        return;
+    }
+    for r in 0..EDGE {
+        for j in 0..EDGE {
+            for t in 0..2 {
+                tile[r * KB + 2 * j + t] = to_bf16(rows[j * stride + 2 * r + t]);
+            }
+        }
+    }
+}
+
+/// Each output's 32 values become one register of 16 bf16 pairs; a 16 × 16
+/// transpose of 32-bit pairs then gives the tile's rows.
+///
+/// # Safety
+/// AVX-512F and AVX-512 BF16; `rows` holds 16 rows of 32 at `stride`, `tile` 512 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn transpose_into_tile_avx512(rows: *const f32, stride: usize, tile: *mut u16) {
+    use std::arch::x86_64::*;
+    // SAFETY: (for the whole body) loads and stores stay inside the bounds the caller gives.
+    unsafe {
+        let mut r = [_mm512_setzero_si512(); EDGE];
+        for (j, r) in r.iter_mut().enumerate() {
+            let low = _mm512_loadu_ps(rows.add(j * stride));
+            let high = _mm512_loadu_ps(rows.add(j * stride + EDGE));
+            *r = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(high, low));
+        }
+        // Within each 128-bit lane: rows in fours, 32-bit then 64-bit interleaves.
+        let mut t = [_mm512_setzero_si512(); EDGE];
+        for q in 0..4 {
+            let (a, b, c, d) = (r[4 * q], r[4 * q + 1], r[4 * q + 2], r[4 * q + 3]);
+            let (ab_lo, ab_hi) = (_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+            let (cd_lo, cd_hi) = (_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+            t[4 * q] = _mm512_unpacklo_epi64(ab_lo, cd_lo);
+            t[4 * q + 1] = _mm512_unpackhi_epi64(ab_lo, cd_lo);
+            t[4 * q + 2] = _mm512_unpacklo_epi64(ab_hi, cd_hi);
+            t[4 * q + 3] = _mm512_unpackhi_epi64(ab_hi, cd_hi);
+        }
+        // t[4q + i], lane L, is column 4L + i of rows 4q..4q + 4: gather the
+        // four row groups' lanes.
+        for i in 0..4 {
+            let p = _mm512_shuffle_i32x4::<0x88>(t[i], t[4 + i]);
+            let q = _mm512_shuffle_i32x4::<0xDD>(t[i], t[4 + i]);
+            let p2 = _mm512_shuffle_i32x4::<0x88>(t[8 + i], t[12 + i]);
+            let q2 = _mm512_shuffle_i32x4::<0xDD>(t[8 + i], t[12 + i]);
+            _mm512_storeu_si512(tile.add(i * KB).cast(), _mm512_shuffle_i32x4::<0x88>(p, p2));
+            _mm512_storeu_si512(tile.add((8 + i) * KB).cast(), _mm512_shuffle_i32x4::<0xDD>(p, p2));
+            _mm512_storeu_si512(tile.add((4 + i) * KB).cast(), _mm512_shuffle_i32x4::<0x88>(q, q2));
+            _mm512_storeu_si512(tile.add((12 + i) * KB).cast(), _mm512_shuffle_i32x4::<0xDD>(q, q2));
+        }
     }
 }
 
@@ -307,6 +407,20 @@ mod tests {
         assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
         assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
         assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
+    }
+
+    /// Rows expanded straight into tiles (the transposing path) give the
+    /// same tiles, bit for bit, as packing the transposed matrix.
+    #[test]
+    fn tiles_from_rows_equal_tiles_packed_from_columns() {
+        for (k, n) in [(1, 1), (32, 16), (40, 17), (64, 96), (576, 192), (100, 70)] {
+            let rows: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1.3e-3).collect();
+            let columns: Vec<f32> = (0..k * n).map(|i| rows[(i % n) * k + i / n]).collect();
+            let from_rows = AmxWeights::from_rows(k, n, &|j, out| out.copy_from_slice(&rows[j * k..(j + 1) * k]));
+            let packed = AmxWeights::pack(&columns, k, n);
+            assert_eq!((from_rows.k_padded, from_rows.column_blocks), (packed.k_padded, packed.column_blocks));
+            assert!(from_rows.tiles == packed.tiles, "k {k}, n {n}");
+        }
     }
 
     /// Against the same product in f64 over the bf16-rounded inputs: only

@@ -36,7 +36,7 @@ macro_rules! dispatch {
     }};
 }
 
-const LANES: usize = 16;
+pub(super) const LANES: usize = 16;
 
 /// Dot product with 16 independent accumulators, so it vectorises without
 /// reassociating a single running sum.
@@ -60,7 +60,7 @@ pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// e^x for x ≤ 0 ranges used here (softmax, erf): Cody–Waite range
 /// reduction and a degree-6 polynomial; relative error below 2e-7.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(super) fn exp(x: f32) -> f32 {
     // Integer-lane arithmetic only (no float-to-int casts, which do not
     // vectorise): adding 1.5·2²³ rounds x·log2(e) to the nearest integer n
     // and leaves n in the low mantissa bits.
@@ -265,9 +265,25 @@ const QUANT_ROWS_PER_TASK: usize = 64;
 /// products run on the awake team rather than rayon.
 const TEAM_MAX_ROWS: usize = 16;
 
-pub(super) fn linear_quantized(x: &[f32], w: super::QuantRows<'_>, m: usize, out: &mut [f32]) {
+/// From this many activation rows (a prompt's prefill), block-quantized
+/// weights asked to (`Precision::Bf16`) run on AMX tiles where the processor
+/// has them: the weight is expanded to bf16 once per call and reused by
+/// every row. The block dot products round activations to 8 bits per block
+/// (as llama.cpp does); bf16's 8-bit mantissa is as close to f32. Float
+/// weights keep the f32 path, which bf16 would round.
+const AMX_MIN_ROWS: usize = 32;
+
+/// `x[m, k] · wᵀ` (`[m, n]`).
+pub(super) fn linear_quantized(x: &[f32], w: super::QuantRows<'_>, m: usize) -> Vec<f32> {
     let (k, n) = (w.k, w.n);
     let row_bytes = w.dtype.row_bytes(k);
+    if m >= AMX_MIN_ROWS && w.prefill == super::Precision::Bf16 && w.dtype.is_quantized() && super::amx::available() {
+        let tiles = super::amx::AmxWeights::from_rows(k, n, &|j, values| {
+            dequantize_row(w.dtype, &w.bytes[j * row_bytes..(j + 1) * row_bytes], values)
+        });
+        return super::amx::matmul(x, &tiles, None, m, &|_| {});
+    }
+    let mut out = vec![0f32; m * n];
     let activations: Vec<_> = x.chunks_exact(k).map(|row| quant::quantize_activations(w.dtype, row)).collect();
     // `outputs` holds m values per weight row, for rows from `first_row` on;
     // activation rows go four at a time, sharing each weight block's unpacking.
@@ -288,7 +304,7 @@ pub(super) fn linear_quantized(x: &[f32], w: super::QuantRows<'_>, m: usize, out
     // Weight-row major (m outputs per weight row): each weight row is read
     // once for all m activation rows. With one row that is `out` itself.
     let mut transposed = if m == 1 { Vec::new() } else { vec![0f32; n * m] };
-    let target: &mut [f32] = if m == 1 { out } else { &mut transposed };
+    let target: &mut [f32] = if m == 1 { &mut out } else { &mut transposed };
     if m <= TEAM_MAX_ROWS {
         // Decoding steps: the awake team splits the weight rows (see team.rs).
         let team = super::team::Team::global();
@@ -312,6 +328,13 @@ pub(super) fn linear_quantized(x: &[f32], w: super::QuantRows<'_>, m: usize, out
             }
         }
     }
+    out
+}
+
+/// [`quant::dequantize_row`] compiled for the widest instruction set here.
+fn dequantize_row(dtype: quant::GgmlType, bytes: &[u8], out: &mut [f32]) {
+    use quant::dequantize_row_inline;
+    dispatch!(dequantize_row_inline(dtype, bytes, out))
 }
 
 pub(super) fn add_layer_norm(

@@ -144,13 +144,10 @@ fn experts_swiglu_cpu(x: &[f32], routing: &Routing, experts: &StackedExperts, ou
         let m = chosen.len();
         let rows: Vec<f32> =
             chosen.iter().flat_map(|&(t, _)| x[t * hidden..(t + 1) * hidden].iter().copied()).collect();
-        let mut gate = vec![0f32; m * ffn];
-        let mut up = vec![0f32; m * ffn];
-        cpu::linear_quantized(&rows, experts.gate.rows(e * ffn..(e + 1) * ffn), m, &mut gate);
-        cpu::linear_quantized(&rows, experts.up.rows(e * ffn..(e + 1) * ffn), m, &mut up);
+        let mut gate = cpu::linear_quantized(&rows, experts.gate.rows(e * ffn..(e + 1) * ffn), m);
+        let up = cpu::linear_quantized(&rows, experts.up.rows(e * ffn..(e + 1) * ffn), m);
         cpu_decode::silu_mul(&mut gate, &up);
-        let mut down = vec![0f32; m * hidden];
-        cpu::linear_quantized(&gate, experts.down.rows(e * hidden..(e + 1) * hidden), m, &mut down);
+        let down = cpu::linear_quantized(&gate, experts.down.rows(e * hidden..(e + 1) * hidden), m);
         for (&(t, w), y) in chosen.iter().zip(down.chunks_exact(hidden)) {
             out[t * hidden..(t + 1) * hidden].iter_mut().zip(y).for_each(|(o, v)| *o += w * v);
         }

@@ -29,9 +29,18 @@ pub struct QuantMatrix {
     k: usize,
     n: usize,
     bytes: Vec<u8>,
+    /// How products over many rows (a prompt) run: F32 is llama.cpp's block
+    /// arithmetic; Bf16 expands a block-quantized weight to bf16 tiles.
+    prefill: Precision,
 }
 
 impl QuantMatrix {
+    /// The same weight with products over many rows in `prefill` (which
+    /// applies to block-quantized types only: float weights keep f32).
+    pub fn with_prefill(self, prefill: Precision) -> Self {
+        QuantMatrix { prefill, ..self }
+    }
+
     pub fn dtype(&self) -> GgmlType {
         self.dtype
     }
@@ -50,8 +59,9 @@ impl QuantMatrix {
             return Err(Error::Internal("concat_outputs: matrices differ in type or width".into()));
         }
         let n = parts.iter().map(|p| p.n).sum();
+        let prefill = first.prefill;
         let bytes = parts.into_iter().flat_map(|p| p.bytes).collect();
-        Ok(QuantMatrix { dtype, k, n, bytes })
+        Ok(QuantMatrix { dtype, k, n, bytes, prefill })
     }
 
     /// Outputs `range` (whole rows, in place): one expert of a stacked set.
@@ -62,6 +72,7 @@ impl QuantMatrix {
             k: self.k,
             n: range.len(),
             bytes: &self.bytes[range.start * row..range.end * row],
+            prefill: self.prefill,
         }
     }
 
@@ -85,6 +96,7 @@ struct QuantRows<'a> {
     k: usize,
     n: usize,
     bytes: &'a [u8],
+    prefill: Precision,
 }
 
 /// A dense row-major f32 tensor on a device.
@@ -388,7 +400,7 @@ impl Device {
                 bytes.len()
             )));
         }
-        Ok(QuantMatrix { dtype, k, n, bytes })
+        Ok(QuantMatrix { dtype, k, n, bytes, prefill: Precision::F32 })
     }
 
     /// `x[m, k] · wᵀ` for a block-quantized `w` of `n` rows: activations are
@@ -402,10 +414,9 @@ impl Device {
                 x.shape, w.n, w.k
             )));
         }
-        let mut out = vec![0f32; m * w.n];
-        match self {
-            Device::Cpu => cpu::linear_quantized(x.cpu(), w.all(), m, &mut out),
-        }
+        let out = match self {
+            Device::Cpu => cpu::linear_quantized(x.cpu(), w.all(), m),
+        };
         self.tensor(&[m, w.n], out)
     }
 
@@ -605,7 +616,9 @@ impl Device {
 
     /// Causal grouped-query attention of `q` (`[new, heads · head_dim]`, at
     /// positions `past..past + new`) over a sequence's KV cache, whose first
-    /// `past + new` rows are filled.
+    /// `past + new` rows are filled. `ggml_order` keeps ggml's summation
+    /// order in every score (llama.cpp's results to the bit); otherwise a
+    /// prompt's many rows take a blocked kernel, f32 as well.
     pub fn cached_attention(
         &self,
         q: &Tensor,
@@ -613,6 +626,7 @@ impl Device {
         past: usize,
         shape: AttentionShape,
         kv_heads: usize,
+        ggml_order: bool,
     ) -> Result<Tensor> {
         let new = q.rows();
         if q.cols() != shape.heads * shape.head_dim
@@ -625,7 +639,9 @@ impl Device {
         }
         let mut out = vec![0f32; q.cpu().len()];
         match self {
-            Device::Cpu => cpu_decode::cached_attention(q.cpu(), &cache.k, &cache.v, past, shape, kv_heads, &mut out),
+            Device::Cpu => {
+                cpu_decode::cached_attention(q.cpu(), &cache.k, &cache.v, past, shape, kv_heads, ggml_order, &mut out)
+            }
         }
         self.tensor(q.shape(), out)
     }

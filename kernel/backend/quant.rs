@@ -130,6 +130,13 @@ fn q6k_quads(ql: &[u8], qh: &[u8], l: usize) -> [i32; 4] {
 /// Expands one row (`out.len()` values, whole blocks) to f32: the reference
 /// every kernel is tested against.
 pub fn dequantize_row(dtype: GgmlType, bytes: &[u8], out: &mut [f32]) {
+    dequantize_row_inline(dtype, bytes, out)
+}
+
+/// [`dequantize_row`]'s body, inlined into the CPU backend's copies for each
+/// instruction set (prefill expands every weight once per product).
+#[inline(always)]
+pub(super) fn dequantize_row_inline(dtype: GgmlType, bytes: &[u8], out: &mut [f32]) {
     let per = dtype.block_values();
     for (b, values) in out.chunks_exact_mut(per).enumerate() {
         let block = &bytes[b * dtype.block_bytes()..(b + 1) * dtype.block_bytes()];
@@ -505,6 +512,45 @@ mod tests {
                     assert!((value - f32_ref).abs() <= bound.max(1e-5), "{dtype:?}: {value} vs f32 {f32_ref}");
                 }
             }
+        }
+    }
+
+    /// A prompt's many rows take the AMX path where the processor has it:
+    /// bf16 weights and activations, f32 sums.
+    #[test]
+    fn prefill_products_on_tiles_match_the_dequantized_f32_reference() {
+        if !crate::backend::amx::available() {
+            eprintln!("no AMX here: skipped");
+            return;
+        }
+        let bf16 = |v: f32| f32::from_bits(u32::from(crate::backend::amx::to_bf16(v)) << 16) as f64;
+        let device = Device::Cpu;
+        let (m, k, n) = (70, 512, 40);
+        let mut seed = 5;
+        for dtype in ALL.into_iter().filter(|t| t.is_quantized() || *t == GgmlType::Bf16) {
+            let rows: Vec<Vec<u8>> = (0..n).map(|_| random_row(dtype, k, &mut seed)).collect();
+            let w = device.quant_matrix(dtype, k, n, rows.concat()).unwrap();
+            let x: Vec<f32> = (0..m * k).map(|_| noise(&mut seed)).collect();
+            let got = device.linear_quantized(&device.tensor(&[m, k], x.clone()).unwrap(), &w).unwrap().to_host();
+            let mut worst = 0f64;
+            for (j, row) in rows.iter().enumerate() {
+                let mut wj = vec![0f32; k];
+                dequantize_row(dtype, row, &mut wj);
+                for i in 0..m {
+                    let xi = &x[i * k..(i + 1) * k];
+                    let exact: f64 = wj.iter().zip(xi).map(|(a, b)| bf16(*a) * bf16(*b)).sum();
+                    let magnitude: f64 = wj.iter().zip(xi).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+                    let value = got[i * n + j] as f64;
+                    assert!(
+                        (value - exact).abs() <= 1e-5 * magnitude.max(1e-3),
+                        "{dtype:?} [{i},{j}]: tiles {value}, bf16 reference {exact}"
+                    );
+                    let f32_ref: f64 = wj.iter().zip(xi).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    worst = worst.max((value - f32_ref).abs() / magnitude.max(1e-3));
+                }
+            }
+            // Two bf16 roundings per product, 2^-9 each at most.
+            assert!(worst <= 2.0 * 2f64.powi(-9), "{dtype:?}: {worst} of the magnitude from the f32 product");
         }
     }
 

@@ -19,12 +19,12 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::sampler::{Sampler, SamplingConfig};
 use crate::{
-    backend::Device,
+    backend::{Device, Precision},
     error::{Error, Result},
     model::{
         chat::ChatTokenizer,
         gguf::GgufFile,
-        llama::{KvCache, Llama, Step},
+        llama::{DEFAULT_PREFILL, KvCache, Llama, Step},
     },
 };
 
@@ -34,11 +34,14 @@ pub struct GeneratorOptions {
     pub queue_capacity: usize,
     /// Most candidates decoded together.
     pub max_sequences: usize,
+    /// Prompts' products against block-quantized weights (see
+    /// [`crate::model::llama::DEFAULT_PREFILL`]).
+    pub prefill: Precision,
 }
 
 impl Default for GeneratorOptions {
     fn default() -> Self {
-        GeneratorOptions { queue_capacity: 64, max_sequences: 16 }
+        GeneratorOptions { queue_capacity: 64, max_sequences: 16, prefill: DEFAULT_PREFILL }
     }
 }
 
@@ -113,7 +116,7 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    pub fn load(device: &Device, path: &Path) -> Result<Self> {
+    pub fn load(device: &Device, path: &Path, prefill: Precision) -> Result<Self> {
         let (model, tokenizer, weights) = if path.is_dir() {
             let weights = match path.join("model.safetensors") {
                 single if single.exists() => single,
@@ -123,7 +126,7 @@ impl Checkpoint {
             (Llama::from_hf_folder(device, path)?, ChatTokenizer::from_hf_folder(path)?, weights)
         } else {
             let file = GgufFile::open(path)?;
-            (Llama::from_gguf(device, &file)?, ChatTokenizer::from_gguf(&file)?, path.to_owned())
+            (Llama::from_gguf_in(device, &file, prefill)?, ChatTokenizer::from_gguf(&file)?, path.to_owned())
         };
         let version = format!(
             "{}@{}",
@@ -137,7 +140,7 @@ impl Checkpoint {
 impl GeneratorEngine {
     /// Loads a llama-family GGUF file or Hugging Face folder and starts its worker.
     pub fn load(device: Device, path: &Path, options: GeneratorOptions) -> Result<Self> {
-        let Checkpoint { model, tokenizer, version } = Checkpoint::load(&device, path)?;
+        let Checkpoint { model, tokenizer, version } = Checkpoint::load(&device, path, options.prefill)?;
         let tokenizer = Arc::new(tokenizer);
         let context = model.config().context;
         let (queue, jobs) = mpsc::sync_channel(options.queue_capacity);

@@ -10,7 +10,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::{gguf::GgufFile, weights::SafetensorsFile};
 use crate::{
-    backend::{Device, QuantMatrix, Tensor, quant::GgmlType},
+    backend::{Device, Precision, QuantMatrix, Tensor, quant::GgmlType},
     error::{Error, Result},
 };
 
@@ -26,6 +26,38 @@ pub trait DecoderWeights {
     /// `count` experts' matrices `name` (`blk.{l}.ffn_gate_exps`), each `k → n`,
     /// stacked along the outputs in expert order.
     fn experts(&self, device: &Device, name: &str, count: usize, k: usize, n: usize) -> Result<QuantMatrix>;
+}
+
+/// Another checkpoint's weights, with prompts' products in `prefill`.
+pub(super) struct WithPrefill<'a> {
+    pub weights: &'a dyn DecoderWeights,
+    pub prefill: Precision,
+}
+
+impl DecoderWeights for WithPrefill<'_> {
+    fn origin(&self) -> &str {
+        self.weights.origin()
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.weights.has(name)
+    }
+
+    fn matrix(&self, device: &Device, name: &str, k: usize, n: usize) -> Result<QuantMatrix> {
+        Ok(self.weights.matrix(device, name, k, n)?.with_prefill(self.prefill))
+    }
+
+    fn vector(&self, device: &Device, name: &str, width: usize) -> Result<Tensor> {
+        self.weights.vector(device, name, width)
+    }
+
+    fn bias(&self, device: &Device, name: &str, width: usize) -> Result<Option<Tensor>> {
+        self.weights.bias(device, name, width)
+    }
+
+    fn experts(&self, device: &Device, name: &str, count: usize, k: usize, n: usize) -> Result<QuantMatrix> {
+        Ok(self.weights.experts(device, name, count, k, n)?.with_prefill(self.prefill))
+    }
 }
 
 fn wrong_shape(origin: &str, name: &str, found: &[usize], expected: &[usize]) -> Error {

@@ -42,6 +42,7 @@ pub async fn generator(config: &Config) -> Result<Option<GeneratorEngine>> {
         let options = GeneratorOptions {
             queue_capacity: config.models.generate_queue_capacity,
             max_sequences: config.models.max_decoding_sequences,
+            prefill: config.models.generator_precision,
         };
         GeneratorEngine::load(Device::Cpu, &path, options).map(Some)
     })

@@ -79,7 +79,8 @@ pub struct LlmJudge {
 
 impl LlmJudge {
     pub fn load(device: Device, path: &Path) -> Result<Self> {
-        let Checkpoint { model, tokenizer, version } = Checkpoint::load(&device, path)?;
+        let Checkpoint { model, tokenizer, version } =
+            Checkpoint::load(&device, path, crate::model::llama::DEFAULT_PREFILL)?;
         let first = |word: &str| -> Result<u32> {
             let ids = tokenizer.encode(word)?;
             ids.into_iter()
