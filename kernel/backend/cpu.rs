@@ -331,8 +331,16 @@ pub(super) fn linear_quantized(x: &[f32], w: super::QuantRows<'_>, m: usize) -> 
     out
 }
 
-/// [`quant::dequantize_row`] compiled for the widest instruction set here.
-fn dequantize_row(dtype: quant::GgmlType, bytes: &[u8], out: &mut [f32]) {
+/// [`quant::dequantize_row`] compiled for the widest instruction set here
+/// (and written out for Q4_1, the default generator's type).
+pub(super) fn dequantize_row(dtype: quant::GgmlType, bytes: &[u8], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if dtype == quant::GgmlType::Q4_1 && super::quant_x86::available() {
+        assert!(bytes.len() >= dtype.row_bytes(out.len()));
+        // SAFETY: the features are present and the row holds out.len() values.
+        unsafe { super::quant_x86::dequantize_q4_1(bytes, out) };
+        return;
+    }
     use quant::dequantize_row_inline;
     dispatch!(dequantize_row_inline(dtype, bytes, out))
 }

@@ -93,6 +93,28 @@ pub unsafe fn dot_q8_0(row: &[u8], d: &[f32], q: &[i8]) -> f32 {
     hsum(acc)
 }
 
+/// One Q4_1 row expanded to f32 (`out.len()` values): `d·q + m` per value,
+/// as the portable `dequantize_row` computes it, 16 at a time.
+///
+/// # Safety
+/// [`available`] must be true; `row` holds `out.len() / 32` blocks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub unsafe fn dequantize_q4_1(row: &[u8], out: &mut [f32]) {
+    let nibble = _mm_set1_epi8(0x0F);
+    for (block, values) in row.chunks_exact(20).zip(out.chunks_exact_mut(32)) {
+        let (d, m) = (_mm512_set1_ps(half(block, 0)), _mm512_set1_ps(half(block, 2)));
+        // SAFETY: 16 bytes of nibbles at 4 of the block; 32 values to store.
+        unsafe {
+            let packed = _mm_loadu_si128(block.as_ptr().add(4).cast());
+            let low = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(packed, nibble)));
+            let high = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), nibble)));
+            _mm512_storeu_ps(values.as_mut_ptr(), _mm512_fmadd_ps(low, d, m));
+            _mm512_storeu_ps(values.as_mut_ptr().add(16), _mm512_fmadd_ps(high, d, m));
+        }
+    }
+}
+
 /// Four activation rows against one Q4_1 weight row: each weight block is
 /// unpacked once for all four (prefill's many rows).
 ///
