@@ -294,10 +294,15 @@ pub(super) fn linear_quantized(x: &[f32], w: super::QuantRows<'_>, m: usize) -> 
             let mut fours = outputs.chunks_exact_mut(4);
             let mut acts = activations.chunks_exact(4);
             for (o, a) in (&mut fours).zip(&mut acts) {
-                o.copy_from_slice(&quant::vec_dot_x4(w.dtype, row, [&a[0], &a[1], &a[2], &a[3]]));
+                o.copy_from_slice(&quant::vec_dot_rows(w.dtype, row, [&a[0], &a[1], &a[2], &a[3]]));
             }
-            for (o, a) in fours.into_remainder().iter_mut().zip(acts.remainder()) {
-                *o = quant::vec_dot(w.dtype, row, a);
+            let (o, a) = (fours.into_remainder(), acts.remainder());
+            match a {
+                [] => {}
+                [x] => o[0] = quant::vec_dot(w.dtype, row, x),
+                [x, y] => o.copy_from_slice(&quant::vec_dot_rows(w.dtype, row, [x, y])),
+                [x, y, z] => o.copy_from_slice(&quant::vec_dot_rows(w.dtype, row, [x, y, z])),
+                _ => unreachable!("a remainder of chunks of four"),
             }
         }
     };

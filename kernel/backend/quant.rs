@@ -297,9 +297,9 @@ pub fn vec_dot(dtype: GgmlType, row: &[u8], x: &QuantizedActivations) -> f32 {
     vec_dot_portable(dtype, row, x)
 }
 
-/// `row · x` for four activation rows at once; the same numbers as four
+/// `row · x` for `R` activation rows at once; the same numbers as `R`
 /// [`vec_dot`] calls, faster where a kernel shares the weight unpacking.
-pub fn vec_dot_x4(dtype: GgmlType, row: &[u8], x: [&QuantizedActivations; 4]) -> [f32; 4] {
+pub fn vec_dot_rows<const R: usize>(dtype: GgmlType, row: &[u8], x: [&QuantizedActivations; R]) -> [f32; R] {
     #[cfg(target_arch = "x86_64")]
     if super::quant_x86::available() && matches!(dtype, GgmlType::Q4_1 | GgmlType::Q8_0) {
         let blocks = row.len() / dtype.block_bytes();
@@ -309,14 +309,14 @@ pub fn vec_dot_x4(dtype: GgmlType, row: &[u8], x: [&QuantizedActivations; 4]) ->
             }
             _ => None,
         });
-        if let [Some(a), Some(b), Some(c), Some(e)] = parts {
-            let d = [a.0, b.0, c.0, e.0];
-            let q = [a.2, b.2, c.2, e.2];
+        if parts.iter().all(Option::is_some) {
+            let parts = parts.map(|p| p.expect("checked"));
+            let (d, s, q) = (parts.map(|p| p.0), parts.map(|p| p.1), parts.map(|p| p.2));
             // SAFETY: the instructions are present and every row's lengths were checked above.
             return unsafe {
                 match dtype {
-                    GgmlType::Q4_1 => super::quant_x86::dot_q4_1_x4(row, d, [a.1, b.1, c.1, e.1], q),
-                    _ => super::quant_x86::dot_q8_0_x4(row, d, q),
+                    GgmlType::Q4_1 => super::quant_x86::dot_q4_1_rows(row, d, s, q),
+                    _ => super::quant_x86::dot_q8_0_rows(row, d, q),
                 }
             };
         }
@@ -584,6 +584,13 @@ mod tests {
                     (fast - reference).abs() <= 1e-5 * reference.abs().max(1.0),
                     "{dtype:?}: {fast} vs {reference}"
                 );
+                // Several rows sharing the unpacking: each row's number unchanged, to the bit.
+                let y: Vec<f32> = (0..k).map(|_| noise(&mut seed)).collect();
+                let b = quantize_activations(dtype, &y);
+                let single = [fast, vec_dot(dtype, &row, &b)];
+                assert_eq!(vec_dot_rows(dtype, &row, [&a, &b]), single, "{dtype:?}");
+                assert_eq!(vec_dot_rows(dtype, &row, [&b, &a, &b]), [single[1], single[0], single[1]], "{dtype:?}");
+                assert_eq!(vec_dot_rows(dtype, &row, [&a, &b, &a, &b]), [single[0], single[1], single[0], single[1]]);
             }
         }
     }

@@ -115,52 +115,64 @@ pub unsafe fn dequantize_q4_1(row: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Four activation rows against one Q4_1 weight row: each weight block is
-/// unpacked once for all four (prefill's many rows).
+/// `R` activation rows against one Q4_1 weight row: each weight block is
+/// unpacked once for all of them (a prompt's rows, or sequences decoded
+/// together); per row, the same arithmetic as [`dot_q4_1`].
 ///
 /// # Safety
-/// As [`dot_q4_1`], for each of the four activation rows.
+/// As [`dot_q4_1`], for each of the activation rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub unsafe fn dot_q4_1_x4(row: &[u8], d: [&[f32]; 4], s: [&[f32]; 4], q: [&[i8]; 4]) -> [f32; 4] {
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut minimums = [0f32; 4];
+pub unsafe fn dot_q4_1_rows<const R: usize>(row: &[u8], d: [&[f32]; R], s: [&[f32]; R], q: [&[i8]; R]) -> [f32; R] {
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut minimums = [0f32; R];
     let nibble = _mm_set1_epi8(0x0F);
     for (b, block) in row.chunks_exact(20).enumerate() {
+        _mm_prefetch::<_MM_HINT_T0>(block.as_ptr().wrapping_add(PREFETCH_AHEAD).cast());
         // SAFETY: as in dot_q4_1, for each row.
         let packed = unsafe { _mm_loadu_si128(block.as_ptr().add(4).cast()) };
         let low = _mm_and_si128(packed, nibble);
         let high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);
         let weights = _mm256_set_m128i(high, low);
         let (dw, mw) = (half(block, 0), half(block, 2));
-        for r in 0..4 {
+        for r in 0..R {
             let x = unsafe { _mm256_loadu_si256(q[r].as_ptr().add(b * 32).cast()) };
             let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), weights, x);
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(dw * d[r][b]), acc[r]);
             minimums[r] += mw * s[r][b];
         }
     }
-    [hsum(acc[0]) + minimums[0], hsum(acc[1]) + minimums[1], hsum(acc[2]) + minimums[2], hsum(acc[3]) + minimums[3]]
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum(acc[r]) + minimums[r];
+    }
+    out
 }
 
-/// Four activation rows against one Q8_0 weight row.
+/// `R` activation rows against one Q8_0 weight row; per row, the same
+/// arithmetic as [`dot_q8_0`].
 ///
 /// # Safety
-/// As [`dot_q8_0`], for each of the four activation rows.
+/// As [`dot_q8_0`], for each of the activation rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub unsafe fn dot_q8_0_x4(row: &[u8], d: [&[f32]; 4], q: [&[i8]; 4]) -> [f32; 4] {
-    let mut acc = [_mm256_setzero_ps(); 4];
+pub unsafe fn dot_q8_0_rows<const R: usize>(row: &[u8], d: [&[f32]; R], q: [&[i8]; R]) -> [f32; R] {
+    let mut acc = [_mm256_setzero_ps(); R];
     for (b, block) in row.chunks_exact(34).enumerate() {
+        _mm_prefetch::<_MM_HINT_T0>(block.as_ptr().wrapping_add(PREFETCH_AHEAD).cast());
         // SAFETY: as in dot_q8_0, for each row.
         let w = unsafe { _mm256_loadu_si256(block.as_ptr().add(2).cast()) };
         let magnitude = _mm256_sign_epi8(w, w);
         let dw = half(block, 0);
-        for r in 0..4 {
+        for r in 0..R {
             let x = unsafe { _mm256_loadu_si256(q[r].as_ptr().add(b * 32).cast()) };
             let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), magnitude, _mm256_sign_epi8(x, w));
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(dw * d[r][b]), acc[r]);
         }
     }
-    [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum(acc[r]);
+    }
+    out
 }
