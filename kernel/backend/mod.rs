@@ -405,7 +405,8 @@ impl Device {
 
     /// `x[m, k] · wᵀ` for a block-quantized `w` of `n` rows: activations are
     /// quantized per row as ggml does for that weight type, then each output
-    /// is one block dot product (both cores split the outputs).
+    /// is one block dot product (both cores split the outputs). A prompt's
+    /// many rows against a weight in bf16 prefill run on AMX tiles instead.
     pub fn linear_quantized(&self, x: &Tensor, w: &QuantMatrix) -> Result<Tensor> {
         let (m, k) = (x.rows(), x.cols());
         if k != w.k {
