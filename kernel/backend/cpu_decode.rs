@@ -54,15 +54,22 @@ pub(super) fn silu_mul(gate: &mut [f32], up: &[f32]) {
     });
 }
 
-/// Causal attention of `new` query rows (positions `past..past + new`) over
-/// the cache's first `past + new` rows. `q` is `[new, heads · head_dim]`; the
-/// caches are `[positions, kv_heads · head_dim]`; query head `h` reads KV head
-/// `h / (heads / kv_heads)`.
+/// One sequence's part of a step's attention: its next `rows` query rows
+/// (positions `past..past + rows`) over its cache, whose first `past + rows`
+/// rows are filled (`[positions, kv_heads · head_dim]`).
+pub(super) struct Sequence<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub past: usize,
+    pub rows: usize,
+}
+
+/// Causal attention for the sequences of one step, whose query rows are
+/// stacked in `q` (`[Σ rows, heads · head_dim]`, in order); query head `h`
+/// reads KV head `h / (heads / kv_heads)`.
 pub(super) fn cached_attention(
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    past: usize,
+    sequences: &[Sequence],
     shape: AttentionShape,
     kv_heads: usize,
     ggml_order: bool,
@@ -72,33 +79,48 @@ pub(super) fn cached_attention(
     let (width, kv_width) = (heads * head_dim, kv_heads * head_dim);
     let group = heads / kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    #[cfg(target_arch = "x86_64")]
-    if !ggml_order
-        && q.len() / width >= BLOCK_ROWS
-        && head_dim.is_multiple_of(KEYS)
-        && std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("fma")
-    {
-        prompt_attention(q, k_cache, v_cache, past, shape, kv_heads, out);
+    // (first row in q, sequence) of the sequences left to the row kernel.
+    let mut rowwise = Vec::new();
+    let mut first = 0;
+    for (i, s) in sequences.iter().enumerate() {
+        let rows = first * width..(first + s.rows) * width;
+        #[cfg(target_arch = "x86_64")]
+        if !ggml_order
+            && s.rows >= BLOCK_ROWS
+            && head_dim.is_multiple_of(KEYS)
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            prompt_attention(&q[rows.clone()], s.k, s.v, s.past, shape, kv_heads, &mut out[rows]);
+            first += s.rows;
+            continue;
+        }
+        rowwise.extend((0..s.rows).map(|t| (first + t, i, t)));
+        first += s.rows;
+    }
+    if rowwise.is_empty() {
         return;
     }
-    // One task per (query row, head), dealt round-robin to the awake team:
-    // a single decoding row still spreads its heads over the cores.
+    // One task per (query row, head) of every decoding sequence, dealt
+    // round-robin to the awake team in one pass: a single decoding row still
+    // spreads its heads over the cores, and several sequences share a join.
     let team = super::team::Team::global();
-    let tasks: Vec<std::sync::Mutex<&mut [f32]>> = out.chunks_mut(head_dim).map(std::sync::Mutex::new).collect();
+    let chunks: Vec<std::sync::Mutex<&mut [f32]>> = out.chunks_mut(head_dim).map(std::sync::Mutex::new).collect();
+    let tasks = rowwise.len() * heads;
     team.run(&|member| {
-        for task in (member..tasks.len()).step_by(team.size()) {
-            let (t, h) = (task / heads, task % heads);
-            let qh = &q[t * width + h * head_dim..t * width + (h + 1) * head_dim];
-            let head = KvHead { k: k_cache, v: v_cache, stride: kv_width, offset: (h / group) * head_dim };
-            let mut o = tasks[task].lock().unwrap_or_else(|e| e.into_inner());
+        for task in (member..tasks).step_by(team.size()) {
+            let ((row, i, t), h) = (rowwise[task / heads], task % heads);
+            let s = &sequences[i];
+            let qh = &q[row * width + h * head_dim..row * width + (h + 1) * head_dim];
+            let head = KvHead { k: s.k, v: s.v, stride: kv_width, offset: (h / group) * head_dim };
+            let mut o = chunks[row * heads + h].lock().unwrap_or_else(|e| e.into_inner());
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
                 // SAFETY: the processor has the features `attend_avx512` enables (checked above).
-                unsafe { attend_avx512(qh, &head, past + t + 1, scale, &mut o) };
+                unsafe { attend_avx512(qh, &head, s.past + t + 1, scale, &mut o) };
                 continue;
             }
-            attend(qh, &head, past + t + 1, scale, &mut o);
+            attend(qh, &head, s.past + t + 1, scale, &mut o);
         }
     });
 }
@@ -313,31 +335,57 @@ mod tests {
         ((*seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
     }
 
-    /// The blocked prompt path against the row-at-a-time one (the
-    /// reference): odd row counts, a cache with earlier positions, grouped
-    /// heads, and head sizes of one and several registers.
+    /// One step's sequences in one call, against `attend` per row and head
+    /// (the reference): a decoding row, a few rows and a prompt long enough
+    /// for the blocked path, each over its own cache with earlier positions;
+    /// grouped heads and head sizes of one and several registers. With
+    /// ggml's order every row takes `attend` and must equal it to the bit.
     #[test]
-    fn prompt_attention_matches_row_attention() {
-        for (new, past, heads, kv_heads, head_dim) in [(9, 0, 2, 1, 16), (37, 5, 6, 2, 64), (20, 31, 3, 3, 32)] {
+    fn step_attention_matches_row_attention() {
+        for (heads, kv_heads, head_dim) in [(2, 1, 16), (6, 2, 64), (3, 3, 32)] {
             let shape = AttentionShape { heads, head_dim };
-            let mut seed = (new * 1000 + past) as u64;
-            let q: Vec<f32> = (0..new * heads * head_dim).map(|_| noise(&mut seed)).collect();
-            let k: Vec<f32> = (0..(past + new) * kv_heads * head_dim).map(|_| noise(&mut seed)).collect();
-            let v: Vec<f32> = (0..(past + new) * kv_heads * head_dim).map(|_| noise(&mut seed)).collect();
-            let mut got = vec![0f32; q.len()];
-            cached_attention(&q, &k, &v, past, shape, kv_heads, false, &mut got);
             let (width, kv_width) = (heads * head_dim, kv_heads * head_dim);
             let scale = 1.0 / (head_dim as f32).sqrt();
-            for t in 0..new {
-                for h in 0..heads {
-                    let mut want = vec![0f32; head_dim];
-                    let head = KvHead { k: &k, v: &v, stride: kv_width, offset: (h / (heads / kv_heads)) * head_dim };
-                    attend(&q[t * width + h * head_dim..][..head_dim], &head, past + t + 1, scale, &mut want);
-                    for (i, w) in want.iter().enumerate() {
-                        let g = got[t * width + h * head_dim + i];
-                        assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "row {t} head {h} [{i}]: {g} vs {w}");
+            let mut seed = (heads * 100 + head_dim) as u64;
+            // (past, new rows) per sequence.
+            let shapes = [(40, 1), (5, 3), (7, 37), (0, 9)];
+            let caches: Vec<(Vec<f32>, Vec<f32>)> = shapes
+                .iter()
+                .map(|&(past, new)| {
+                    let len = (past + new) * kv_width;
+                    ((0..len).map(|_| noise(&mut seed)).collect(), (0..len).map(|_| noise(&mut seed)).collect())
+                })
+                .collect();
+            let rows: usize = shapes.iter().map(|s| s.1).sum();
+            let q: Vec<f32> = (0..rows * width).map(|_| noise(&mut seed)).collect();
+            let sequences: Vec<Sequence> =
+                shapes.iter().zip(&caches).map(|(&(past, rows), (k, v))| Sequence { k, v, past, rows }).collect();
+            for ggml_order in [false, true] {
+                let mut got = vec![0f32; q.len()];
+                cached_attention(&q, &sequences, shape, kv_heads, ggml_order, &mut got);
+                let mut row = 0;
+                for (&(past, new), (k, v)) in shapes.iter().zip(&caches) {
+                    for t in 0..new {
+                        for h in 0..heads {
+                            let mut want = vec![0f32; head_dim];
+                            let offset = (h / (heads / kv_heads)) * head_dim;
+                            let head = KvHead { k, v, stride: kv_width, offset };
+                            attend(&q[row * width + h * head_dim..][..head_dim], &head, past + t + 1, scale, &mut want);
+                            let got = &got[row * width + h * head_dim..][..head_dim];
+                            if ggml_order {
+                                assert_eq!(got, &want[..], "row {row} head {h}");
+                            }
+                            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                                assert!(
+                                    (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                                    "row {row} head {h} [{i}]: {g} vs {w}"
+                                );
+                            }
+                        }
+                        row += 1;
                     }
                 }
+                assert_eq!(row, rows);
             }
         }
     }

@@ -189,6 +189,14 @@ impl Tensor {
     }
 }
 
+/// One sequence's rows of a step's attention: `rows` new positions after
+/// `past` earlier ones, all already in `cache`.
+pub struct CachedRows<'a> {
+    pub cache: &'a KvLayer,
+    pub past: usize,
+    pub rows: usize,
+}
+
 /// One layer's keys and values for one sequence, `[positions, width]` each,
 /// grown as tokens are appended. Owned by whoever schedules the sequence.
 #[derive(Debug, Clone, Default)]
@@ -615,33 +623,37 @@ impl Device {
         Ok(())
     }
 
-    /// Causal grouped-query attention of `q` (`[new, heads · head_dim]`, at
-    /// positions `past..past + new`) over a sequence's KV cache, whose first
-    /// `past + new` rows are filled. `ggml_order` keeps ggml's summation
+    /// Causal grouped-query attention for the sequences of one step: `q`
+    /// (`[Σ rows, heads · head_dim]`) stacks each sequence's rows, at its
+    /// positions `past..past + rows`, over its KV cache, whose first
+    /// `past + rows` rows are filled. `ggml_order` keeps ggml's summation
     /// order in every score (llama.cpp's results to the bit); otherwise a
     /// prompt's many rows take a blocked kernel, f32 as well.
     pub fn cached_attention(
         &self,
         q: &Tensor,
-        cache: &KvLayer,
-        past: usize,
+        sequences: &[CachedRows<'_>],
         shape: AttentionShape,
         kv_heads: usize,
         ggml_order: bool,
     ) -> Result<Tensor> {
-        let new = q.rows();
+        let fits = |s: &CachedRows| s.cache.width == kv_heads * shape.head_dim && s.cache.len >= s.past + s.rows;
         if q.cols() != shape.heads * shape.head_dim
             || kv_heads == 0
             || !shape.heads.is_multiple_of(kv_heads)
-            || cache.width != kv_heads * shape.head_dim
-            || cache.len < past + new
+            || sequences.iter().map(|s| s.rows).sum::<usize>() != q.rows()
+            || !sequences.iter().all(fits)
         {
-            return Err(Error::Internal(format!("cached_attention: q {:?} does not fit the cache", q.shape)));
+            return Err(Error::Internal(format!("cached_attention: q {:?} does not fit the caches", q.shape)));
         }
         let mut out = vec![0f32; q.cpu().len()];
         match self {
             Device::Cpu => {
-                cpu_decode::cached_attention(q.cpu(), &cache.k, &cache.v, past, shape, kv_heads, ggml_order, &mut out)
+                let sequences: Vec<_> = sequences
+                    .iter()
+                    .map(|s| cpu_decode::Sequence { k: &s.cache.k, v: &s.cache.v, past: s.past, rows: s.rows })
+                    .collect();
+                cpu_decode::cached_attention(q.cpu(), &sequences, shape, kv_heads, ggml_order, &mut out)
             }
         }
         self.tensor(q.shape(), out)

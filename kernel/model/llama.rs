@@ -16,7 +16,9 @@ use super::{
     moe::{MixtureOfExperts, MoeConfig},
 };
 use crate::{
-    backend::{AttentionShape, Device, KvLayer, Precision, QuantMatrix, RopeStyle, Tensor, quant::GgmlType},
+    backend::{
+        AttentionShape, CachedRows, Device, KvLayer, Precision, QuantMatrix, RopeStyle, Tensor, quant::GgmlType,
+    },
     error::{Error, Result},
 };
 
@@ -502,25 +504,22 @@ impl Llama {
             }
             device.rope(&mut q, &positions, c.head_dim, c.rope_base, c.rope_style)?;
             device.rope(&mut k, &positions, c.head_dim, c.rope_base, c.rope_style)?;
-            let mut attended = Vec::with_capacity(ids.len() * c.heads * c.head_dim);
+            let mut pasts = Vec::with_capacity(steps.len());
             let mut start = 0;
             for step in steps.iter_mut() {
                 let rows = start..start + step.tokens.len();
                 let cache = &mut step.cache.layers[l];
-                let past = cache.len();
+                pasts.push(cache.len());
                 cache.append(&k.slice_rows(rows.clone())?, &v.slice_rows(rows.clone())?)?;
-                let out = device.cached_attention(
-                    &q.slice_rows(rows.clone())?,
-                    cache,
-                    past,
-                    shape,
-                    c.kv_heads,
-                    self.prefill == Precision::F32,
-                )?;
-                attended.extend(out.to_host());
                 start = rows.end;
             }
-            let attended = device.tensor(&[ids.len(), c.heads * c.head_dim], attended)?;
+            let sequences: Vec<CachedRows> = steps
+                .iter()
+                .zip(pasts)
+                .map(|(step, past)| CachedRows { cache: &step.cache.layers[l], past, rows: step.tokens.len() })
+                .collect();
+            let attended =
+                device.cached_attention(&q, &sequences, shape, c.kv_heads, self.prefill == Precision::F32)?;
             let projected = device.linear_quantized(&attended, &block.attention.o)?;
             device.add(&mut x, &projected)?;
             let normed = device.rms_norm(&x, &block.ffn_norm, c.rms_eps)?;
