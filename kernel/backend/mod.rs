@@ -309,11 +309,13 @@ pub enum RopeStyle {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// f32 throughout.
+    /// The reference arithmetic: f32 for float weights; for block-quantized
+    /// weights, llama.cpp's (activations quantized per block).
     #[default]
     F32,
     /// Operands rounded to bf16, sums in f32, on a bf16 matrix unit (Intel
-    /// AMX); where the device has none, f32.
+    /// AMX); where the device has none, the reference arithmetic. For a
+    /// decoder's quantized weights this applies to prompts only.
     Bf16,
 }
 
