@@ -18,6 +18,13 @@ use crate::error::{Error, Result};
 pub struct Config {
     /// Address the gRPC server listens on; port 0 picks a free one.
     pub listen: SocketAddr,
+    /// Where the embedding model, the cross-encoder and vector search run:
+    /// "auto" (a CUDA GPU when one answers and every kernel compiles for it,
+    /// else the CPU), "cpu", "cuda" or "cuda:N" (fails without that GPU).
+    /// The generator runs on the CPU until the decoder's CUDA kernels land.
+    pub device: crate::backend::DeviceChoice,
+    /// Where compiled CUDA kernels are cached; empty means `{data_dir}/kernels`.
+    pub kernel_cache_dir: PathBuf,
     /// Holds the knowledge base (`knowledge.redb`) and the training log (`log/`).
     pub data_dir: PathBuf,
     pub log: LogConfig,
@@ -89,6 +96,9 @@ pub struct RetrieveConfig {
     pub context_turns: usize,
     /// Objects returned when a request leaves top_k at 0.
     pub default_top_k: u32,
+    /// How a GPU keeps the index's vectors: "f32" (default: the same order
+    /// as the CPU's exact search), "f16" or "bf16" (half the memory).
+    pub vector_precision: crate::backend::cuda::search::VectorPrecision,
 }
 
 impl Default for ModelsConfig {
@@ -114,7 +124,7 @@ impl Default for ModelsConfig {
 
 impl Default for RetrieveConfig {
     fn default() -> Self {
-        RetrieveConfig { context_turns: 3, default_top_k: 10 }
+        RetrieveConfig { context_turns: 3, default_top_k: 10, vector_precision: Default::default() }
     }
 }
 
@@ -167,6 +177,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            device: Default::default(),
+            kernel_cache_dir: PathBuf::new(),
             data_dir: PathBuf::from("./aitl-data"),
             log: LogConfig::default(),
             limits: Limits::default(),
@@ -309,6 +321,21 @@ impl Config {
             label: self.models.ranker_label,
             precision: self.models.encoder_precision,
         })
+    }
+
+    pub fn kernel_cache(&self) -> crate::backend::cuda::KernelCache {
+        let dir = if self.kernel_cache_dir.as_os_str().is_empty() {
+            self.data_dir.join("kernels")
+        } else {
+            self.kernel_cache_dir.clone()
+        };
+        crate::backend::cuda::KernelCache::new(dir)
+    }
+
+    /// The device the encoders and vector search run on, opened once per
+    /// process for each setting.
+    pub fn device(&self) -> Result<crate::backend::Device> {
+        crate::backend::Device::shared(self.device, &self.kernel_cache())
     }
 
     pub fn model_cache(&self) -> PathBuf {

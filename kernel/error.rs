@@ -22,6 +22,8 @@ pub enum Error {
     Log(#[from] LogError),
     #[error(transparent)]
     Knowledge(#[from] KbError),
+    #[error(transparent)]
+    Cuda(#[from] crate::backend::cuda::CudaError),
     #[error("{0}")]
     Internal(String),
 }

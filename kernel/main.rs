@@ -44,6 +44,9 @@ enum Command {
         /// Listen address; overrides the config (port 0 picks a free port).
         #[arg(long, env = "AITL_LISTEN")]
         listen: Option<std::net::SocketAddr>,
+        /// Where the encoders and vector search run: auto, cpu, cuda or cuda:N; overrides the config.
+        #[arg(long, env = "AITL_DEVICE")]
+        device: Option<aitl::backend::DeviceChoice>,
     },
     /// Load knowledge objects into the knowledge base (server must not be running on this data dir).
     Ingest {
@@ -55,6 +58,9 @@ enum Command {
         /// Objects per transaction.
         #[arg(long, default_value_t = 500)]
         batch: usize,
+        /// Where embedding runs: auto, cpu, cuda or cuda:N; overrides the config.
+        #[arg(long, env = "AITL_DEVICE")]
+        device: Option<aitl::backend::DeviceChoice>,
     },
     /// Fetch the configured default models into the model cache.
     Models {
@@ -372,13 +378,17 @@ fn run(cli: Cli) -> Result<()> {
         config.models.cache_dir = cache;
     }
     match cli.command {
-        Command::Serve { listen } => {
+        Command::Serve { listen, device } => {
             if let Some(listen) = listen {
                 config.listen = listen;
             }
+            config.device = device.unwrap_or(config.device);
             serve(config)
         }
-        Command::Ingest { file, dstc11, batch } => ingest(&config, file, dstc11, batch),
+        Command::Ingest { file, dstc11, batch, device } => {
+            config.device = device.unwrap_or(config.device);
+            ingest(&config, file, dstc11, batch)
+        }
         Command::Eval { command: EvalCommand::Retrieval { dataset, split, context_turns, no_rank, json } } => {
             let turns = context_turns.unwrap_or(config.retrieve.context_turns);
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -891,11 +901,16 @@ fn embed_stale(config: &Config, store: &KnowledgeStore) -> Result<()> {
     );
     progress.set_draw_target(indicatif::ProgressDrawTarget::stderr());
     let started = std::time::Instant::now();
-    let (embedded, version) =
-        aitl::kb::semantic::embed_stale(store, &dir, config.models.embed_token_budget, |done, total| {
+    let (embedded, version) = aitl::kb::semantic::embed_stale(
+        &config.device()?,
+        store,
+        &dir,
+        config.models.embed_token_budget,
+        |done, total| {
             progress.set_length(total as u64);
             progress.set_position(done as u64);
-        })?;
+        },
+    )?;
     progress.finish_and_clear();
     if embedded > 0 {
         println!("embedded {embedded} objects with {version} in {:.1?}", started.elapsed());

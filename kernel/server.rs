@@ -106,7 +106,9 @@ pub async fn start(config: Config) -> Result<RunningServer> {
         None => e,
     };
     let semantic = match load::embedder(&serving).await.map_err(|e| named(Role::Retriever, e))? {
-        Some(engine) => Some(Arc::new(SemanticIndex::open(engine, kb.clone()).await?)),
+        Some(engine) => {
+            Some(Arc::new(SemanticIndex::open(engine, kb.clone(), serving.retrieve.vector_precision).await?))
+        }
         None => None,
     };
     let ranker = load::ranker(&serving, semantic.as_ref()).await.map_err(|e| named(Role::Ranker, e))?;

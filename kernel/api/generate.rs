@@ -298,6 +298,7 @@ impl Generation {
             queue_ns: queue.as_nanos() as u64,
             compute_ns: (total - queue).as_nanos() as u64,
             total_ns: total.as_nanos() as u64,
+            device: crate::backend::Device::Cpu.label(),
         };
         let record = InteractionRecord {
             interaction_id: self.interaction_id.clone(),
@@ -318,7 +319,7 @@ impl Generation {
                 .collect(),
             candidates: candidates.clone(),
             models: Some(self.models.clone()),
-            timings: Some(timings),
+            timings: Some(timings.clone()),
             request: Some(interaction_record::Request::Generate(self.request.clone())),
         };
         state.interactions.record(record).await?;

@@ -2,7 +2,7 @@
 
 use tonic::{Code, Status};
 
-use crate::{error::Error, kb::KbError, trainlog::LogError};
+use crate::{backend::cuda::CudaError, error::Error, kb::KbError, trainlog::LogError};
 
 impl From<Error> for Status {
     fn from(error: Error) -> Status {
@@ -14,6 +14,10 @@ impl From<Error> for Status {
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Internal(_) => Code::Internal,
+            Error::Cuda(cuda) => match cuda {
+                CudaError::Unavailable(_) => Code::Unavailable,
+                CudaError::Driver { .. } | CudaError::Compile { .. } | CudaError::Unsupported { .. } => Code::Internal,
+            },
             Error::Log(log) => match log {
                 LogError::DiskFull(_) | LogError::QueueFull(_) => Code::ResourceExhausted,
                 LogError::RecordTooLarge(_) | LogError::InvalidCursorName(_) => Code::InvalidArgument,

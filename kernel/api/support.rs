@@ -90,6 +90,7 @@ impl Support {
             queue_ns: embed.queue.as_nanos() as u64,
             compute_ns: embed.compute.as_nanos() as u64,
             total_ns: started.elapsed().as_nanos() as u64,
+            device: semantic.engine().device().label(),
         };
         let interaction_id = new_interaction_id();
         let record = InteractionRecord {
@@ -99,7 +100,7 @@ impl Support {
             request_context: req.request_context.clone(),
             shown_knowledge: shown(&results),
             models: Some(models.clone()),
-            timings: Some(timings),
+            timings: Some(timings.clone()),
             request: Some(interaction_record::Request::Retrieve(req)),
             ..Default::default()
         };
@@ -182,6 +183,7 @@ impl Support {
             queue_ns: encode.queue.as_nanos() as u64,
             compute_ns: encode.compute.as_nanos() as u64,
             total_ns: started.elapsed().as_nanos() as u64,
+            device: ranker.device().label(),
         };
         let shown_results: Vec<ScoredKnowledge> = items.iter().filter_map(|item| item.knowledge.clone()).collect();
         let interaction_id = new_interaction_id();
@@ -192,7 +194,7 @@ impl Support {
             request_context: req.request_context.clone(),
             shown_knowledge: shown(&shown_results),
             models: Some(models.clone()),
-            timings: Some(timings),
+            timings: Some(timings.clone()),
             request: Some(interaction_record::Request::Rank(req)),
             ..Default::default()
         };

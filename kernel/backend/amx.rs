@@ -44,14 +44,7 @@ pub struct AmxWeights {
     tiles: Vec<u16>,
 }
 
-/// f32 to bf16, rounding to nearest even (NaN stays NaN).
-#[inline(always)]
-pub fn to_bf16(x: f32) -> u16 {
-    let bits = x.to_bits();
-    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
-    // A select, not a branch, so conversion loops vectorise.
-    if x.is_nan() { ((bits >> 16) | 0x40) as u16 } else { rounded }
-}
+use super::half::f32_to_bf16 as to_bf16;
 
 impl AmxWeights {
     pub fn pack(w: &[f32], k: usize, n: usize) -> Self {

@@ -128,7 +128,7 @@ fn activate_rows(out: &mut [f32], bias: Option<&[f32]>, act: Activation, n: usiz
 #[inline(always)]
 fn to_bf16_generic(src: &[f32], dst: &mut [u16]) {
     for (d, s) in dst.iter_mut().zip(src) {
-        *d = super::amx::to_bf16(*s);
+        *d = super::half::f32_to_bf16(*s);
     }
 }
 

@@ -105,6 +105,7 @@ impl Device {
                     route_token(row, used, normalize, e, w);
                 }
             }
+            Device::Cuda(_) => return Err(super::not_on_cuda("route_top_k")),
         }
         Ok(Routing { used, experts, weights })
     }
@@ -129,6 +130,7 @@ impl Device {
         let mut out = vec![0f32; tokens * hidden];
         match self {
             Device::Cpu => experts_swiglu_cpu(x.cpu(), routing, experts, &mut out),
+            Device::Cuda(_) => return Err(super::not_on_cuda("experts_swiglu")),
         }
         self.tensor(&[tokens, hidden], out)
     }
@@ -205,7 +207,7 @@ mod tests {
         let routing = device.route_top_k(&device.tensor(&[tokens, count], logits).unwrap(), 2, true).unwrap();
         assert_eq!(routing.tokens_per_expert(count), [3, 0, 3]);
         let got = device.experts_swiglu(&device.tensor(&[tokens, hidden], x.clone()).unwrap(), &routing, &experts);
-        let got = got.unwrap().to_host();
+        let got = got.unwrap().to_host().unwrap();
 
         for t in 0..tokens {
             let row = &x[t * hidden..(t + 1) * hidden];

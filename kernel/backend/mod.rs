@@ -10,14 +10,18 @@
 mod amx;
 mod cpu;
 mod cpu_decode;
+pub mod cuda;
 mod experts;
+pub mod half;
 mod packed;
 pub mod quant;
 mod quant_x86;
+mod select;
 mod team;
 
 pub use experts::{Routing, StackedExperts};
 use quant::GgmlType;
+pub use select::DeviceChoice;
 
 use crate::error::{Error, Result};
 
@@ -120,6 +124,8 @@ enum Storage {
         plain: Vec<f32>,
         tiles: amx::AmxWeights,
     },
+    /// On a GPU, queued on its device's stream.
+    Cuda(cuda::Buffer),
 }
 
 impl Tensor {
@@ -138,44 +144,39 @@ impl Tensor {
 
     /// Copies the values to the host (a device sync on GPU backends; call
     /// it once per request, never inside a forward pass).
-    pub fn to_host(&self) -> Vec<f32> {
+    pub fn to_host(&self) -> Result<Vec<f32>> {
         match &self.storage {
-            Storage::Cpu(data) => data.clone(),
-            Storage::CpuPacked { plain, .. } | Storage::CpuAmx { plain, .. } => plain.clone(),
+            Storage::Cpu(data) | Storage::CpuPacked { plain: data, .. } | Storage::CpuAmx { plain: data, .. } => {
+                Ok(data.clone())
+            }
+            Storage::Cuda(buffer) => Ok(buffer.to_host()?),
         }
     }
 
-    /// Copies of consecutive column groups of a 2-D tensor, `widths` wide.
-    pub fn split_columns(&self, widths: &[usize]) -> Result<Vec<Tensor>> {
-        let cols = self.cols();
-        if self.shape.len() != 2 || widths.iter().sum::<usize>() != cols {
-            return Err(Error::Internal(format!("split_columns: {widths:?} of {:?}", self.shape)));
-        }
-        let mut start = 0;
-        Ok(widths
-            .iter()
-            .map(|&w| {
-                let data: Vec<f32> =
-                    self.cpu().chunks_exact(cols).flat_map(|row| row[start..start + w].iter().copied()).collect();
-                start += w;
-                Tensor { shape: vec![self.rows(), w], storage: Storage::Cpu(data) }
-            })
-            .collect())
-    }
-
-    /// A copy of rows `range` of a 2-D tensor.
-    pub fn slice_rows(&self, range: std::ops::Range<usize>) -> Result<Tensor> {
-        let width = self.cols();
-        if self.shape.len() != 2 || range.end > self.rows() || range.start > range.end {
-            return Err(Error::Internal(format!("slice_rows: {range:?} of {:?}", self.shape)));
-        }
-        let data = self.cpu()[range.start * width..range.end * width].to_vec();
-        Ok(Tensor { shape: vec![range.len(), width], storage: Storage::Cpu(data) })
-    }
-
+    /// The host values of a CPU tensor. Model code runs on one device, so
+    /// a GPU tensor here is a bug in the backend, not an input error.
     fn cpu(&self) -> &[f32] {
         match &self.storage {
             Storage::Cpu(data) | Storage::CpuPacked { plain: data, .. } | Storage::CpuAmx { plain: data, .. } => data,
+            Storage::Cuda(_) => panic!("a CUDA tensor reached a CPU op"),
+        }
+    }
+
+    /// The f32 buffer of a GPU activation (same invariant as [`Tensor::cpu`]).
+    fn gpu(&self) -> Result<&cudarc::driver::CudaSlice<f32>> {
+        match &self.storage {
+            Storage::Cuda(cuda::Buffer::F32(data)) => Ok(data),
+            Storage::Cuda(cuda::Buffer::Bf16(_)) => {
+                Err(Error::Internal("a bf16 weight used where an f32 activation belongs".into()))
+            }
+            _ => Err(Error::Internal("a host tensor reached a CUDA op".into())),
+        }
+    }
+
+    fn gpu_mut(&mut self) -> Result<&mut cudarc::driver::CudaSlice<f32>> {
+        match &mut self.storage {
+            Storage::Cuda(cuda::Buffer::F32(data)) => Ok(data),
+            _ => Err(Error::Internal("a host tensor or a weight reached an in-place CUDA op".into())),
         }
     }
 
@@ -185,6 +186,7 @@ impl Tensor {
             // In-place ops take activations; a weight changed here would
             // leave its packed copy stale.
             Storage::CpuPacked { .. } | Storage::CpuAmx { .. } => unreachable!("weights are never modified in place"),
+            Storage::Cuda(_) => panic!("a CUDA tensor reached a CPU op"),
         }
     }
 }
@@ -324,6 +326,7 @@ impl Precision {
     pub fn effective(self, device: &Device) -> Precision {
         match (self, device) {
             (Precision::Bf16, Device::Cpu) if amx::available() => Precision::Bf16,
+            (Precision::Bf16, Device::Cuda(_)) => Precision::Bf16,
             _ => Precision::F32,
         }
     }
@@ -350,17 +353,47 @@ fn keep_freed_memory() {
     }
 }
 
-/// The devices aitl runs on. Chosen at run time; model code is the same.
+/// The devices aitl runs on. Chosen at run time ([`Device::select`]); model
+/// code is the same.
 #[derive(Debug, Clone)]
 pub enum Device {
     Cpu,
+    Cuda(std::sync::Arc<cuda::CudaDevice>),
+}
+
+/// An op the CUDA backend does not have yet (the decoder's: CUDA part 2).
+fn not_on_cuda(op: &'static str) -> Error {
+    cuda::CudaError::Unsupported { op, detail: "the decoder's ops run on the CPU until their kernels land".into() }
+        .into()
 }
 
 impl Device {
     pub fn name(&self) -> &'static str {
         match self {
             Device::Cpu => "cpu",
+            Device::Cuda(_) => "cuda",
         }
+    }
+
+    /// What the device is, for logs and responses: `cpu`, or
+    /// `cuda:0 (NVIDIA H200, sm_90)`.
+    pub fn label(&self) -> String {
+        match self {
+            Device::Cpu => "cpu".into(),
+            Device::Cuda(gpu) => gpu.label(),
+        }
+    }
+
+    /// Waits for queued work (a no-op on the CPU): for timings.
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Cuda(gpu) => Ok(gpu.synchronize()?),
+        }
+    }
+
+    fn wrap(&self, shape: &[usize], buffer: cudarc::driver::CudaSlice<f32>) -> Tensor {
+        Tensor { shape: shape.to_vec(), storage: Storage::Cuda(cuda::Buffer::F32(buffer)) }
     }
 
     /// Uploads host values.
@@ -373,7 +406,10 @@ impl Device {
                 data.len()
             )));
         }
-        Ok(Tensor { shape: shape.to_vec(), storage: Storage::Cpu(data) })
+        match self {
+            Device::Cpu => Ok(Tensor { shape: shape.to_vec(), storage: Storage::Cpu(data) }),
+            Device::Cuda(gpu) => Ok(self.wrap(shape, gpu.upload(&data)?)),
+        }
     }
 
     /// A `[k, n]` weight for [`Device::linear`], laid out once for the
@@ -385,6 +421,19 @@ impl Device {
     /// As [`Device::weight`], for products in `precision` (bf16 where this
     /// device has a bf16 matrix unit, else f32).
     pub fn weight_in(&self, precision: Precision, k: usize, n: usize, data: Vec<f32>) -> Result<Tensor> {
+        if let Device::Cuda(gpu) = self {
+            if data.len() != k * n {
+                return Err(Error::Internal(format!("weight of {k}×{n} needs {} values, got {}", k * n, data.len())));
+            }
+            let buffer = match precision {
+                Precision::F32 => cuda::Buffer::F32(gpu.upload(&data)?),
+                Precision::Bf16 => {
+                    let bits: Vec<u16> = data.iter().map(|&v| half::f32_to_bf16(v)).collect();
+                    cuda::Buffer::Bf16(gpu.upload(&bits)?)
+                }
+            };
+            return Ok(Tensor { shape: vec![k, n], storage: Storage::Cuda(buffer) });
+        }
         let plain = self.tensor(&[k, n], data)?;
         match self {
             Device::Cpu if precision == Precision::Bf16 && amx::available() => {
@@ -397,7 +446,7 @@ impl Device {
                 let Storage::Cpu(plain) = plain.storage else { unreachable!("tensor() makes plain storage") };
                 Ok(Tensor { shape: vec![k, n], storage: Storage::CpuPacked { plain, packed } })
             }
-            Device::Cpu => Ok(plain),
+            _ => Ok(plain),
         }
     }
 
@@ -427,8 +476,24 @@ impl Device {
         }
         let out = match self {
             Device::Cpu => cpu::linear_quantized(x.cpu(), w.all(), m),
+            Device::Cuda(_) => return Err(not_on_cuda("linear_quantized")),
         };
         self.tensor(&[m, w.n], out)
+    }
+
+    /// Rows `ids` of a block-quantized table, expanded to f32 (a decoder's
+    /// token embeddings).
+    pub fn embed_quantized(&self, table: &QuantMatrix, ids: &[u32]) -> Result<Tensor> {
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= table.n) {
+            return Err(Error::InvalidArgument(format!("token id {bad} is outside the vocabulary of {}", table.n)));
+        }
+        match self {
+            Device::Cpu => {
+                let rows = ids.iter().flat_map(|&id| table.dequantize_row(id as usize)).collect();
+                self.tensor(&[ids.len(), table.k], rows)
+            }
+            Device::Cuda(_) => Err(not_on_cuda("embed_quantized")),
+        }
     }
 
     /// `x[m, k] · w[k, n] + bias[n]`, then `act`. `w` is stored `[k, n]`.
@@ -441,6 +506,13 @@ impl Device {
                 w.shape,
                 bias.map(|b| b.shape.clone())
             )));
+        }
+        if let Device::Cuda(gpu) = self {
+            let Storage::Cuda(weight) = &w.storage else {
+                return Err(Error::Internal("linear: a host weight on CUDA".into()));
+            };
+            let bias = bias.map(Tensor::gpu).transpose()?;
+            return Ok(self.wrap(&[m, n], gpu.linear(x.gpu()?, (m, k, n), weight, bias, act)?));
         }
         let out = match &w.storage {
             Storage::CpuAmx { tiles, .. } => {
@@ -458,8 +530,62 @@ impl Device {
                 cpu::linear(x.cpu(), w, bias.map(|b| b.cpu()), act, m, k, n, &mut out);
                 out
             }
+            Storage::Cuda(_) => return Err(Error::Internal("linear: a CUDA weight on the CPU".into())),
         };
         self.tensor(&[m, n], out)
+    }
+
+    /// Copies of consecutive column groups of a 2-D tensor, `widths` wide
+    /// (Q, K and V of a fused projection).
+    pub fn split_columns(&self, x: &Tensor, widths: &[usize]) -> Result<Vec<Tensor>> {
+        let (rows, cols) = (x.rows(), x.cols());
+        if x.shape.len() != 2 || widths.iter().sum::<usize>() != cols {
+            return Err(Error::Internal(format!("split_columns: {widths:?} of {:?}", x.shape)));
+        }
+        let mut start = 0;
+        widths
+            .iter()
+            .map(|&w| {
+                let part = match self {
+                    Device::Cpu => {
+                        let data = x.cpu().chunks_exact(cols).flat_map(|row| row[start..start + w].iter().copied());
+                        self.tensor(&[rows, w], data.collect())
+                    }
+                    Device::Cuda(gpu) => Ok(self.wrap(&[rows, w], gpu.copy_columns(x.gpu()?, rows, cols, start, w)?)),
+                };
+                start += w;
+                part
+            })
+            .collect()
+    }
+
+    /// A copy of rows `range` of a 2-D tensor.
+    pub fn slice_rows(&self, x: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
+        let width = x.cols();
+        if x.shape.len() != 2 || range.end > x.rows() || range.start > range.end {
+            return Err(Error::Internal(format!("slice_rows: {range:?} of {:?}", x.shape)));
+        }
+        let rows = range.len();
+        match self {
+            Device::Cpu => self.tensor(&[rows, width], x.cpu()[range.start * width..range.end * width].to_vec()),
+            Device::Cuda(gpu) => Ok(self.wrap(&[rows, width], gpu.slice_rows(x.gpu()?, width, range)?)),
+        }
+    }
+
+    /// Rows `rows` of a 2-D tensor, in that order (CLS pooling, the last row
+    /// of each sequence).
+    pub fn gather_rows(&self, x: &Tensor, rows: &[u32]) -> Result<Tensor> {
+        let width = x.cols();
+        if x.shape.len() != 2 || rows.iter().any(|&r| r as usize >= x.rows()) {
+            return Err(Error::Internal(format!("gather_rows: a row outside {:?}", x.shape)));
+        }
+        match self {
+            Device::Cpu => {
+                let data = rows.iter().flat_map(|&r| x.cpu()[r as usize * width..(r as usize + 1) * width].iter());
+                self.tensor(&[rows.len(), width], data.copied().collect())
+            }
+            Device::Cuda(gpu) => Ok(self.wrap(&[rows.len(), width], gpu.gather_rows(x.gpu()?, rows, width)?)),
+        }
     }
 
     /// `LayerNorm(x + residual)` over the last dimension, in place in `x`.
@@ -479,6 +605,20 @@ impl Device {
             Device::Cpu => {
                 cpu::add_layer_norm(x.cpu_mut(), residual.map(|r| r.cpu()), gamma.cpu(), beta.cpu(), eps, width)
             }
+            Device::Cuda(gpu) => {
+                let rows = x.rows();
+                let residual = residual.map(Tensor::gpu).transpose()?;
+                gpu.add_layer_norm(x.gpu_mut()?, residual, gamma.gpu()?, beta.gpu()?, rows, width, eps)?
+            }
+        }
+        Ok(())
+    }
+
+    fn check_embed(table: &Tensor, ids: &[u32], extra: &[(&Tensor, &[u32])]) -> Result<()> {
+        let width = table.cols();
+        let fits = |t: &Tensor, some: &[u32]| t.cols() == width && some.iter().all(|&i| (i as usize) < t.rows());
+        if !fits(table, ids) || extra.iter().any(|(t, some)| some.len() != ids.len() || !fits(t, some)) {
+            return Err(Error::InvalidArgument("token id outside the embedding table".into()));
         }
         Ok(())
     }
@@ -487,17 +627,49 @@ impl Device {
     /// of each `extra` table gathered by its own ids: BERT's word + position +
     /// token-type embedding.
     pub fn embed(&self, table: &Tensor, ids: &[u32], extra: &[(&Tensor, &[u32])]) -> Result<Tensor> {
+        Self::check_embed(table, ids, extra)?;
         let width = table.cols();
-        let fits = |t: &Tensor, some: &[u32]| t.cols() == width && some.iter().all(|&i| (i as usize) < t.rows());
-        if !fits(table, ids) || extra.iter().any(|(t, some)| some.len() != ids.len() || !fits(t, some)) {
-            return Err(Error::InvalidArgument("token id outside the embedding table".into()));
-        }
         match self {
             Device::Cpu => {
                 let mut out = vec![0f32; ids.len() * width];
                 let extra: Vec<(&[f32], &[u32])> = extra.iter().map(|(t, i)| (t.cpu(), *i)).collect();
                 cpu::embed(table.cpu(), ids, &extra, width, &mut out);
                 self.tensor(&[ids.len(), width], out)
+            }
+            Device::Cuda(gpu) => {
+                let mut out = gpu.gather_rows(table.gpu()?, ids, width)?;
+                for (t, i) in extra {
+                    gpu.add(&mut out, &gpu.gather_rows(t.gpu()?, i, width)?, ids.len() * width)?;
+                }
+                Ok(self.wrap(&[ids.len(), width], out))
+            }
+        }
+    }
+
+    /// [`Device::embed`] then [`Device::add_layer_norm`]: one kernel on a GPU.
+    pub fn embed_layer_norm(
+        &self,
+        table: &Tensor,
+        ids: &[u32],
+        extra: &[(&Tensor, &[u32])],
+        (gamma, beta): (&Tensor, &Tensor),
+        eps: f32,
+    ) -> Result<Tensor> {
+        match self {
+            Device::Cuda(gpu) if extra.len() <= 2 => {
+                Self::check_embed(table, ids, extra)?;
+                let width = table.cols();
+                if gamma.cols() != width || beta.cols() != width {
+                    return Err(Error::Internal("embed_layer_norm: shapes do not fit".into()));
+                }
+                let extra = extra.iter().map(|(t, i)| Ok((t.gpu()?, *i))).collect::<Result<Vec<_>>>()?;
+                let out = gpu.embed_layer_norm(table.gpu()?, ids, &extra, gamma.gpu()?, beta.gpu()?, width, eps)?;
+                Ok(self.wrap(&[ids.len(), width], out))
+            }
+            _ => {
+                let mut x = self.embed(table, ids, extra)?;
+                self.add_layer_norm(&mut x, None, gamma, beta, eps)?;
+                Ok(x)
             }
         }
     }
@@ -516,30 +688,30 @@ impl Device {
                 cpu::attention(qkv.cpu(), layout, shape, &mut out);
                 self.tensor(&[qkv.rows(), hidden], out)
             }
+            Device::Cuda(gpu) => Ok(self.wrap(&[qkv.rows(), hidden], gpu.attention(qkv.gpu()?, layout, shape)?)),
         }
     }
 
     /// Mean of each sequence's rows (`[sequences, width]`).
     pub fn mean_pool(&self, x: &Tensor, layout: &SeqLayout) -> Result<Tensor> {
         let width = x.cols();
+        if x.rows() != layout.total_tokens() {
+            return Err(Error::Internal(format!("mean_pool: {:?} does not fit the layout", x.shape)));
+        }
         match self {
             Device::Cpu => {
                 let mut out = vec![0f32; layout.len() * width];
                 cpu::mean_pool(x.cpu(), layout, width, &mut out);
                 self.tensor(&[layout.len(), width], out)
             }
+            Device::Cuda(gpu) => Ok(self.wrap(&[layout.len(), width], gpu.mean_pool(x.gpu()?, layout, width)?)),
         }
     }
 
     /// The first row of each sequence (`[sequences, width]`): CLS pooling.
     pub fn first_rows(&self, x: &Tensor, layout: &SeqLayout) -> Result<Tensor> {
-        let width = x.cols();
-        let mut out = Vec::with_capacity(layout.len() * width);
-        for seq in 0..layout.len() {
-            let row = layout.range(seq).start;
-            out.extend_from_slice(&x.cpu()[row * width..(row + 1) * width]);
-        }
-        self.tensor(&[layout.len(), width], out)
+        let starts: Vec<u32> = (0..layout.len()).map(|seq| layout.range(seq).start as u32).collect();
+        self.gather_rows(x, &starts)
     }
 
     /// `x / rms(x) · gamma` per row.
@@ -547,11 +719,16 @@ impl Device {
         if gamma.cols() != x.cols() {
             return Err(Error::Internal("rms_norm: shapes do not fit".into()));
         }
-        let mut out = vec![0f32; x.cpu().len()];
         match self {
-            Device::Cpu => cpu_decode::rms_norm(x.cpu(), gamma.cpu(), eps, &mut out),
+            Device::Cpu => {
+                let mut out = vec![0f32; x.cpu().len()];
+                cpu_decode::rms_norm(x.cpu(), gamma.cpu(), eps, &mut out);
+                self.tensor(x.shape(), out)
+            }
+            Device::Cuda(gpu) => {
+                Ok(self.wrap(x.shape(), gpu.rms_norm(x.gpu()?, gamma.gpu()?, x.rows(), x.cols(), eps)?))
+            }
         }
-        self.tensor(x.shape(), out)
     }
 
     /// Rotary position embeddings in place; row `t` of `x` (`heads` heads of
@@ -563,6 +740,7 @@ impl Device {
         let heads = x.cols() / head_dim;
         match self {
             Device::Cpu => cpu_decode::rope(x.cpu_mut(), positions, heads, head_dim, base, style),
+            Device::Cuda(_) => return Err(not_on_cuda("rope")),
         }
         Ok(())
     }
@@ -574,6 +752,7 @@ impl Device {
         }
         match self {
             Device::Cpu => cpu_decode::silu_mul(gate.cpu_mut(), up.cpu()),
+            Device::Cuda(_) => return Err(not_on_cuda("silu_mul")),
         }
         Ok(())
     }
@@ -585,6 +764,10 @@ impl Device {
         }
         match self {
             Device::Cpu => x.cpu_mut().iter_mut().zip(y.cpu()).for_each(|(a, b)| *a += b),
+            Device::Cuda(gpu) => {
+                let n = x.shape.iter().product();
+                gpu.add(x.gpu_mut()?, y.gpu()?, n)?
+            }
         }
         Ok(())
     }
@@ -599,6 +782,10 @@ impl Device {
             Device::Cpu => {
                 let bias = bias.cpu().to_vec();
                 x.cpu_mut().chunks_exact_mut(width).for_each(|row| row.iter_mut().zip(&bias).for_each(|(a, b)| *a += b))
+            }
+            Device::Cuda(gpu) => {
+                let rows = x.rows();
+                gpu.bias_act(x.gpu_mut()?, Some(bias.gpu()?), rows, width, Activation::None)?
             }
         }
         Ok(())
@@ -621,6 +808,7 @@ impl Device {
                     },
                 )
             }
+            Device::Cuda(_) => return Err(not_on_cuda("add_gated")),
         }
         Ok(())
     }
@@ -650,6 +838,7 @@ impl Device {
         }
         let mut out = vec![0f32; q.cpu().len()];
         match self {
+            Device::Cuda(_) => return Err(not_on_cuda("cached_attention")),
             Device::Cpu => {
                 let sequences: Vec<_> = sequences
                     .iter()
@@ -662,10 +851,15 @@ impl Device {
     }
 
     /// Scales each row to unit L2 norm, in place.
-    pub fn l2_normalize(&self, x: &mut Tensor) {
+    pub fn l2_normalize(&self, x: &mut Tensor) -> Result<()> {
         let width = x.cols();
         match self {
             Device::Cpu => cpu::l2_normalize(x.cpu_mut(), width),
+            Device::Cuda(gpu) => {
+                let rows = x.rows();
+                gpu.l2_normalize(x.gpu_mut()?, rows, width)?
+            }
         }
+        Ok(())
     }
 }

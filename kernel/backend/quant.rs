@@ -17,7 +17,7 @@
 //! | Q5_K | 176 / 256     | as Q4_K plus 32 bytes of fifth bits                             |
 //! | Q6_K | 210 / 256     | 128 bytes low nibbles, 64 bytes of 2-bit highs, 16 × i8 scales, d |
 
-use crate::model::weights::f16_to_f32;
+use super::half::{f16_to_f32, f32_to_f16};
 
 /// Tensor element types aitl reads (ggml's type ids).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,7 +224,7 @@ fn nearest(x: f32) -> f32 {
 }
 
 fn round_f16(x: f32) -> f32 {
-    f16_to_f32(crate::model::weights::f32_to_f16(x))
+    f16_to_f32(f32_to_f16(x))
 }
 
 /// Quantizes `x` (whole blocks) the way ggml does for `weight`'s dot products.
@@ -437,7 +437,7 @@ mod tests {
     /// Random but valid blocks: scales are small finite halves, quants any bits.
     fn random_row(dtype: GgmlType, k: usize, seed: &mut u64) -> Vec<u8> {
         let mut bytes: Vec<u8> = (0..dtype.row_bytes(k)).map(|_| (noise(seed).to_bits() >> 7) as u8).collect();
-        let half = |seed: &mut u64, scale: f32| crate::model::weights::f32_to_f16(noise(seed) * scale).to_le_bytes();
+        let half = |seed: &mut u64, scale: f32| f32_to_f16(noise(seed) * scale).to_le_bytes();
         for block in bytes.chunks_exact_mut(dtype.block_bytes()) {
             match dtype {
                 GgmlType::F32 => block.copy_from_slice(&noise(seed).to_le_bytes()),
@@ -475,7 +475,8 @@ mod tests {
             let rows: Vec<Vec<u8>> = (0..n).map(|_| random_row(dtype, k, &mut seed)).collect();
             let w = device.quant_matrix(dtype, k, n, rows.concat()).unwrap();
             let x: Vec<f32> = (0..m * k).map(|_| noise(&mut seed)).collect();
-            let got = device.linear_quantized(&device.tensor(&[m, k], x.clone()).unwrap(), &w).unwrap().to_host();
+            let got =
+                device.linear_quantized(&device.tensor(&[m, k], x.clone()).unwrap(), &w).unwrap().to_host().unwrap();
             for i in 0..m {
                 let xi = &x[i * k..(i + 1) * k];
                 let read = dequantize_activations(&quantize_activations(dtype, xi));
@@ -524,7 +525,7 @@ mod tests {
             eprintln!("no AMX here: skipped");
             return;
         }
-        let bf16 = |v: f32| f32::from_bits(u32::from(crate::backend::amx::to_bf16(v)) << 16) as f64;
+        let bf16 = |v: f32| f32::from_bits(u32::from(crate::backend::half::f32_to_bf16(v)) << 16) as f64;
         let device = Device::Cpu;
         let (m, k, n) = (70, 512, 40);
         let mut seed = 5;
@@ -533,7 +534,8 @@ mod tests {
             let w =
                 device.quant_matrix(dtype, k, n, rows.concat()).unwrap().with_prefill(crate::backend::Precision::Bf16);
             let x: Vec<f32> = (0..m * k).map(|_| noise(&mut seed)).collect();
-            let got = device.linear_quantized(&device.tensor(&[m, k], x.clone()).unwrap(), &w).unwrap().to_host();
+            let got =
+                device.linear_quantized(&device.tensor(&[m, k], x.clone()).unwrap(), &w).unwrap().to_host().unwrap();
             let mut worst = 0f64;
             for (j, row) in rows.iter().enumerate() {
                 let mut wj = vec![0f32; k];
@@ -599,8 +601,8 @@ mod tests {
     fn known_blocks_dequantize_as_ggml_defines() {
         // Q4_1: d = 0.5, m = -1, nibbles j | (15 - j) << 4.
         let mut block = Vec::new();
-        block.extend(crate::model::weights::f32_to_f16(0.5).to_le_bytes());
-        block.extend(crate::model::weights::f32_to_f16(-1.0).to_le_bytes());
+        block.extend(f32_to_f16(0.5).to_le_bytes());
+        block.extend(f32_to_f16(-1.0).to_le_bytes());
         block.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
         let mut out = vec![0f32; 32];
         dequantize_row(GgmlType::Q4_1, &block, &mut out);
@@ -609,7 +611,7 @@ mod tests {
             assert_eq!(out[j + 16], (15 - j) as f32 * 0.5 - 1.0);
         }
         // Q8_0: d = 0.25, quants -16..16.
-        let mut block = crate::model::weights::f32_to_f16(0.25).to_le_bytes().to_vec();
+        let mut block = f32_to_f16(0.25).to_le_bytes().to_vec();
         block.extend((0..32).map(|j| (j as i8 - 16) as u8));
         dequantize_row(GgmlType::Q8_0, &block, &mut out);
         assert_eq!(out, (0..32).map(|j| (j as f32 - 16.0) * 0.25).collect::<Vec<_>>());
@@ -617,7 +619,7 @@ mod tests {
         let mut block = vec![0u8; 210];
         block[..128].fill(0x11);
         block[192..208].copy_from_slice(&(1..=16u8).collect::<Vec<_>>());
-        block[208..210].copy_from_slice(&crate::model::weights::f32_to_f16(1.0).to_le_bytes());
+        block[208..210].copy_from_slice(&f32_to_f16(1.0).to_le_bytes());
         let mut out = vec![0f32; 256];
         dequantize_row(GgmlType::Q6K, &block, &mut out);
         // Value v of the block uses scale index v / 16; (q - 32) = 1 - 32 = -31.

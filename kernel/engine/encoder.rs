@@ -61,6 +61,7 @@ struct Job {
 
 struct Shared<M> {
     model: Arc<M>,
+    device: Device,
     /// What the queue serves, for messages ("embedding", "ranking").
     role: &'static str,
     queue: SyncSender<Job>,
@@ -97,11 +98,12 @@ impl<M: EncoderModel> EncoderEngine<M> {
         let budget = options.token_budget;
         let counters = Arc::new(Counters::default());
         let worker_counters = counters.clone();
+        let handle = device.clone();
         std::thread::Builder::new()
             .name(format!("aitl-{role}-{}", device.name()))
             .spawn(move || run_worker(device, &*worker_model, jobs, budget, &worker_counters, role))
             .map_err(|e| Error::Internal(format!("cannot start the {role} worker: {e}")))?;
-        Ok(EncoderEngine { shared: Arc::new(Shared { model, role, queue, options, counters }) })
+        Ok(EncoderEngine { shared: Arc::new(Shared { model, device: handle, role, queue, options, counters }) })
     }
 
     pub fn model(&self) -> &M {
@@ -110,6 +112,11 @@ impl<M: EncoderModel> EncoderEngine<M> {
 
     pub fn version(&self) -> &str {
         self.shared.model.version()
+    }
+
+    /// The device the worker runs the model on.
+    pub fn device(&self) -> &Device {
+        &self.shared.device
     }
 
     pub fn counters(&self) -> &Counters {

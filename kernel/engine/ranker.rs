@@ -67,6 +67,14 @@ impl Ranker {
 
     /// What Rank reports as its ranker: the cross-encoder's version, or
     /// `similarity:{embedder version}` for the cold-start fallback.
+    /// The device that scores: the cross-encoder's, or the embedding model's.
+    pub fn device(&self) -> &crate::backend::Device {
+        match self {
+            Ranker::CrossEncoder(engine) => engine.device(),
+            Ranker::Similarity { semantic, .. } => semantic.engine().device(),
+        }
+    }
+
     pub fn version(&self) -> &str {
         match self {
             Ranker::CrossEncoder(engine) => engine.version(),

@@ -222,13 +222,18 @@ fn prepare_knowledge(config: &Config, knowledge: EvalKnowledge) -> Result<()> {
     }
     if let Some(dir) = config.embedder_dir()? {
         let mut last = 0;
-        let (embedded, _) =
-            kb::semantic::embed_stale(&store, &dir, config.models.embed_token_budget, |done, total| {
+        let (embedded, _) = kb::semantic::embed_stale(
+            &config.device()?,
+            &store,
+            &dir,
+            config.models.embed_token_budget,
+            |done, total| {
                 if done * 10 / total.max(1) != last * 10 / total.max(1) {
                     eprintln!("embedding knowledge: {done}/{total}");
                 }
                 last = done;
-            })?;
+            },
+        )?;
         if embedded > 0 {
             eprintln!("embedded {embedded} knowledge objects");
         }

@@ -32,7 +32,7 @@ impl IndexEntry {
         }
     }
 
-    fn matches(&self, filter: &KnowledgeFilter) -> bool {
+    pub(super) fn matches(&self, filter: &KnowledgeFilter) -> bool {
         (filter.kinds.is_empty() || filter.kinds.contains(&self.kind))
             && filter.metadata.iter().all(|(k, v)| self.metadata.get(k) == Some(v))
     }
@@ -77,9 +77,9 @@ pub struct Query {
 }
 
 #[derive(Default)]
-struct Slots {
-    entries: Vec<Option<IndexEntry>>,
-    vectors: Vec<f32>,
+pub(super) struct Slots {
+    pub(super) entries: Vec<Option<IndexEntry>>,
+    pub(super) vectors: Vec<f32>,
     by_id: HashMap<String, usize>,
     free: Vec<usize>,
 }
@@ -88,6 +88,9 @@ pub struct ExactIndex {
     dimension: usize,
     model_version: String,
     slots: RwLock<Slots>,
+    /// Slots written or removed since a mirror of the index (on a GPU) last
+    /// took them; `None` when nothing mirrors this index.
+    changed: std::sync::Mutex<Option<Vec<usize>>>,
 }
 
 /// Rows scored per parallel task.
@@ -123,7 +126,33 @@ fn push_top(heap: &mut BinaryHeap<Scored>, k: usize, item: Scored) {
 
 impl ExactIndex {
     pub fn new(dimension: usize, model_version: impl Into<String>) -> Self {
-        ExactIndex { dimension, model_version: model_version.into(), slots: RwLock::default() }
+        ExactIndex {
+            dimension,
+            model_version: model_version.into(),
+            slots: RwLock::default(),
+            changed: Default::default(),
+        }
+    }
+
+    /// As [`ExactIndex::new`], recording changed slots for a mirror.
+    pub(super) fn mirrored(dimension: usize, model_version: impl Into<String>) -> Self {
+        let index = ExactIndex::new(dimension, model_version);
+        *index.changed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+        index
+    }
+
+    /// Runs `f` over the slots under the read lock (no write can happen
+    /// meanwhile), with the slots changed since the last call.
+    pub(super) fn read_with_changes<R>(&self, f: impl FnOnce(&Slots, Vec<usize>) -> R) -> R {
+        let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        let changed = self.changed.lock().unwrap_or_else(|p| p.into_inner()).as_mut().map(std::mem::take);
+        f(&slots, changed.unwrap_or_default())
+    }
+
+    fn record_change(&self, slot: usize) {
+        if let Some(changed) = self.changed.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            changed.push(slot);
+        }
     }
 }
 
@@ -154,6 +183,7 @@ impl VectorIndex for ExactIndex {
         slots.vectors[slot * dim..(slot + 1) * dim].copy_from_slice(vector);
         slots.by_id.insert(entry.id.clone(), slot);
         slots.entries[slot] = Some(entry);
+        self.record_change(slot);
     }
 
     fn vector(&self, id: &str, version: u64) -> Option<Vec<f32>> {
@@ -168,6 +198,7 @@ impl VectorIndex for ExactIndex {
         if let Some(slot) = slots.by_id.remove(id) {
             slots.entries[slot] = None;
             slots.free.push(slot);
+            self.record_change(slot);
         }
     }
 

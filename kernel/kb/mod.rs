@@ -3,6 +3,7 @@
 //! kept, so an interaction's `(knowledge_id, version)` always resolves to the
 //! text that was shown.
 
+pub mod device_index;
 mod dstc11;
 pub mod index;
 mod jsonl;

@@ -7,10 +7,12 @@ use std::{sync::Arc, time::Instant};
 
 use super::{
     KnowledgeStore,
+    device_index::DeviceIndex,
     index::{ExactIndex, Hit, IndexEntry, Query, VectorIndex},
     scan::SharedScan,
 };
 use crate::{
+    backend::{Device, cuda::search::VectorPrecision},
     engine::{EmbeddingEngine, EncodeTimings},
     error::{Error, Result},
     proto::{ConversationTurn, KnowledgeFilter, KnowledgeObject},
@@ -47,7 +49,8 @@ pub struct SemanticIndex {
 
 impl SemanticIndex {
     /// Loads stored vectors of the engine's model and embeds what is missing.
-    pub async fn open(engine: EmbeddingEngine, kb: Arc<KnowledgeStore>) -> Result<Self> {
+    /// On a GPU the index's vectors live there too, kept in `precision`.
+    pub async fn open(engine: EmbeddingEngine, kb: Arc<KnowledgeStore>, precision: VectorPrecision) -> Result<Self> {
         let started = Instant::now();
         let version = engine.version().to_string();
         let objects = {
@@ -57,7 +60,10 @@ impl SemanticIndex {
                 .await
                 .map_err(|e| Error::Internal(format!("loading vectors: {e}")))??
         };
-        let index: Arc<dyn VectorIndex> = Arc::new(ExactIndex::new(engine.dimension(), version));
+        let index: Arc<dyn VectorIndex> = match engine.device() {
+            Device::Cpu => Arc::new(ExactIndex::new(engine.dimension(), version)),
+            Device::Cuda(gpu) => Arc::new(DeviceIndex::new(gpu.clone(), engine.dimension(), version, precision)?),
+        };
         let mut stale = Vec::new();
         for (object, vector) in objects {
             match vector {
@@ -171,19 +177,19 @@ impl SemanticIndex {
 /// vector from the model in `model_dir` (bulk ingestion, outside a server).
 /// Reports progress as (done, total); returns the count and model version.
 pub fn embed_stale(
+    device: &Device,
     store: &KnowledgeStore,
     model_dir: &std::path::Path,
     token_budget: usize,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<(usize, String)> {
-    let device = crate::backend::Device::Cpu;
-    let embedder = crate::model::sentence::SentenceEmbedder::load(&device, model_dir)?;
+    let embedder = crate::model::sentence::SentenceEmbedder::load(device, model_dir)?;
     let version = embedder.version().to_string();
     let stale: Vec<KnowledgeObject> =
         store.objects_with_vectors(&version)?.into_iter().filter(|(_, v)| v.is_none()).map(|(o, _)| o).collect();
     for (i, chunk) in stale.chunks(INDEX_CHUNK).enumerate() {
         let texts: Vec<&str> = chunk.iter().map(|o| o.text.as_str()).collect();
-        let vectors = embedder.embed(&device, &texts, token_budget)?;
+        let vectors = embedder.embed(device, &texts, token_budget)?;
         let entries: Vec<_> = chunk.iter().zip(vectors).map(|(o, v)| (o.id.clone(), o.version, v)).collect();
         store.put_vectors(&version, &entries)?;
         progress(((i + 1) * INDEX_CHUNK).min(stale.len()), stale.len());

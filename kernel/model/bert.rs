@@ -241,12 +241,13 @@ impl BertEncoder {
             positions.extend(0..len as u32);
         }
         let eps = self.config.layer_norm_eps as f32;
-        let mut x = device.embed(
+        let mut x = device.embed_layer_norm(
             &self.word,
             &input.ids,
             &[(&self.position, &positions), (&self.token_type, &input.type_ids)],
+            (&self.embedding_norm.gamma, &self.embedding_norm.beta),
+            eps,
         )?;
-        device.add_layer_norm(&mut x, None, &self.embedding_norm.gamma, &self.embedding_norm.beta, eps)?;
         let shape = AttentionShape {
             heads: self.config.num_attention_heads,
             head_dim: self.config.hidden_size / self.config.num_attention_heads,

@@ -246,7 +246,7 @@ impl CrossEncoder {
             let pooled = device.linear(&first, &self.pooler.0, Some(&self.pooler.1), Activation::Tanh)?;
             let logits = device.linear(&pooled, &self.classifier.0, Some(&self.classifier.1), Activation::None)?;
             let classes = logits.cols();
-            out.extend(logits.to_host().chunks_exact(classes).map(|row| {
+            out.extend(logits.to_host()?.chunks_exact(classes).map(|row| {
                 let mut row = row.to_vec();
                 self.activation.apply(&mut row);
                 row

@@ -345,7 +345,7 @@ mod tests {
             w.0.push(0);
         }
         w.0.extend((0..8).flat_map(|i| (i as f32).to_le_bytes()));
-        let mut q8 = crate::model::weights::f32_to_f16(0.5).to_le_bytes().to_vec();
+        let mut q8 = crate::backend::half::f32_to_f16(0.5).to_le_bytes().to_vec();
         q8.extend((0..32).map(|i| i as u8));
         w.0.extend(&q8);
         corrupt(&mut w.0);

@@ -256,7 +256,7 @@ impl Projection {
 
     fn apply(&self, device: &Device, x: &Tensor) -> Result<Vec<Tensor>> {
         match self {
-            Projection::Fused { matrix, widths } => device.linear_quantized(x, matrix)?.split_columns(widths),
+            Projection::Fused { matrix, widths } => device.split_columns(&device.linear_quantized(x, matrix)?, widths),
             Projection::Apart(parts) => parts.iter().map(|p| device.linear_quantized(x, p)).collect(),
         }
     }
@@ -488,8 +488,7 @@ impl Llama {
             ids.extend_from_slice(step.tokens);
             positions.extend((past..past + step.tokens.len()).map(|p| p as u32));
         }
-        let rows: Vec<f32> = ids.iter().flat_map(|&id| self.embeddings.dequantize_row(id as usize)).collect();
-        let mut x = device.tensor(&[ids.len(), c.hidden], rows)?;
+        let mut x = device.embed_quantized(&self.embeddings, &ids)?;
         let shape = AttentionShape { heads: c.heads, head_dim: c.head_dim };
         for (l, block) in self.blocks.iter().enumerate() {
             let normed = device.rms_norm(&x, &block.attention_norm, c.rms_eps)?;
@@ -510,7 +509,7 @@ impl Llama {
                 let rows = start..start + step.tokens.len();
                 let cache = &mut step.cache.layers[l];
                 pasts.push(cache.len());
-                cache.append(&k.slice_rows(rows.clone())?, &v.slice_rows(rows.clone())?)?;
+                cache.append(&device.slice_rows(&k, rows.clone())?, &device.slice_rows(&v, rows.clone())?)?;
                 start = rows.end;
             }
             let sequences: Vec<CachedRows> = steps
@@ -530,16 +529,14 @@ impl Llama {
             device.add(&mut x, &ffn_out)?;
         }
         // Only the last position of each sequence needs logits.
-        let mut last = Vec::with_capacity(steps.len() * c.hidden);
-        let mut end = 0;
-        for step in steps.iter() {
-            end += step.tokens.len();
-            last.extend(x.slice_rows(end - 1..end)?.to_host());
-        }
-        let last = device.tensor(&[steps.len(), c.hidden], last)?;
+        let ends = steps.iter().scan(0, |end, step| {
+            *end += step.tokens.len() as u32;
+            Some(*end - 1)
+        });
+        let last = device.gather_rows(&x, &ends.collect::<Vec<_>>())?;
         let normed = device.rms_norm(&last, &self.output_norm, c.rms_eps)?;
         let logits = device.linear_quantized(&normed, self.output.as_ref().unwrap_or(&self.embeddings))?;
-        Ok(logits.to_host().chunks_exact(c.vocab).map(<[f32]>::to_vec).collect())
+        Ok(logits.to_host()?.chunks_exact(c.vocab).map(<[f32]>::to_vec).collect())
     }
 
     /// The weight type most of the model is stored in (for versions and logs).

@@ -137,10 +137,10 @@ impl SentenceEmbedder {
             Pooling::Cls => device.first_rows(&hidden, &input.layout)?,
         };
         if self.normalize {
-            device.l2_normalize(&mut pooled);
+            device.l2_normalize(&mut pooled)?;
         }
         let width = pooled.cols();
-        Ok(pooled.to_host().chunks_exact(width).map(<[f32]>::to_vec).collect())
+        Ok(pooled.to_host()?.chunks_exact(width).map(<[f32]>::to_vec).collect())
     }
 
     /// Tokenizes and embeds texts, grouping similar lengths into batches of

@@ -163,7 +163,9 @@ impl Follower {
         let mut config = self.config.clone();
         config.models.embedder = target.into();
         let index = match load::embedder(&config).await? {
-            Some(engine) => Some(Arc::new(SemanticIndex::open(engine, state.kb.clone()).await?)),
+            Some(engine) => {
+                Some(Arc::new(SemanticIndex::open(engine, state.kb.clone(), config.retrieve.vector_precision).await?))
+            }
             None => None,
         };
         let writes = state.knowledge_writes.write().await;

@@ -25,7 +25,7 @@ pub async fn embedder(config: &Config) -> Result<Option<EmbeddingEngine>> {
             queue_capacity: config.models.embed_queue_capacity,
             precision: config.models.encoder_precision,
         };
-        EmbeddingEngine::load(Device::Cpu, &dir, options).map(Some)
+        EmbeddingEngine::load(config.device()?, &dir, options).map(Some)
     })
     .await
     .map_err(|e| Error::Internal(format!("loading the embedding model: {e}")))?
@@ -44,6 +44,7 @@ pub async fn generator(config: &Config) -> Result<Option<GeneratorEngine>> {
             max_sequences: config.models.max_decoding_sequences,
             prefill: config.models.generator_precision,
         };
+        // The decoder's ops have no CUDA kernels yet (CUDA part 2).
         GeneratorEngine::load(Device::Cpu, &path, options).map(Some)
     })
     .await
@@ -71,7 +72,8 @@ pub async fn ranker(config: &Config, semantic: Option<&Arc<SemanticIndex>>) -> R
                 queue_capacity: config.models.embed_queue_capacity,
                 precision: config.models.encoder_precision,
             };
-            tokio::task::spawn_blocking(move || Ranker::cross_encoder(Device::Cpu, &dir, &model, options).map(Some))
+            let device = config.device()?;
+            tokio::task::spawn_blocking(move || Ranker::cross_encoder(device, &dir, &model, options).map(Some))
                 .await
                 .map_err(|e| Error::Internal(format!("loading the cross-encoder: {e}")))?
         }

@@ -211,3 +211,25 @@ pub fn tiny_embedder(dir: &Path) {
     .unwrap();
     std::fs::write(dir.join("sentence_bert_config.json"), r#"{"max_seq_length": 64, "do_lower_case": false}"#).unwrap();
 }
+
+/// Printed past the test harness's capture, so a skip shows in the log.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// GPU 0 for the CUDA side of a parity test, or None with the reason said
+/// out loud. `AITL_REQUIRE_GPU` (scripts/gpu-check sets it) turns the skip
+/// into a failure.
+pub fn cuda_device(test: &str) -> Option<aitl::backend::Device> {
+    let cache =
+        aitl::backend::cuda::KernelCache::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("target/kernel-cache"));
+    match aitl::backend::Device::select(aitl::backend::DeviceChoice::Cuda(0), &cache) {
+        Ok((device, _)) => Some(device),
+        Err(e) if std::env::var_os("AITL_REQUIRE_GPU").is_some() => panic!("{test}: AITL_REQUIRE_GPU is set: {e}"),
+        Err(e) => {
+            say(&format!("{test}: skipped, no GPU: {e}"));
+            None
+        }
+    }
+}

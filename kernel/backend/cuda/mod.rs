@@ -1,0 +1,147 @@
+//! The CUDA backend: the same ops as the CPU backend, over device-resident
+//! buffers, with hand-written kernels from `kernels-cu/` (compiled at run
+//! time by NVRTC for the GPU's own architecture) and cuBLAS for matrix
+//! products. cudarc loads every CUDA library at run time, so this compiles
+//! and runs on machines without CUDA; [`probe`] says whether one is usable.
+//!
+//! Work is queued on one stream per device, in the order ops are called, so
+//! buffers are freed (stream-ordered, from the driver's memory pool, which
+//! keeps freed blocks for reuse: the workspace) only after the kernels that
+//! read them. Nothing in a forward pass waits for the GPU; `to_host` does.
+
+pub mod compile;
+pub mod error;
+pub mod kernels;
+mod ops;
+pub mod probe;
+pub mod search;
+
+use std::{collections::HashMap, sync::Arc};
+
+use cudarc::{
+    cublas::CudaBlas,
+    driver::{CudaContext, CudaFunction, CudaSlice, CudaStream},
+    nvrtc::Ptx,
+};
+
+pub use compile::KernelCache;
+pub use error::CudaError;
+use kernels::KernelId;
+pub use probe::{GpuInfo, Probe, probe};
+
+/// One GPU with its stream, cuBLAS handle and loaded kernels.
+pub struct CudaDevice {
+    info: GpuInfo,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    functions: HashMap<KernelId, CudaFunction>,
+    /// Families compiled now rather than read from the cache (for the log).
+    compiled_now: Vec<&'static str>,
+    /// Fill new buffers with NaN (`AITL_CUDA_POISON`), for tests.
+    poison: bool,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaDevice({})", self.label())
+    }
+}
+
+/// A buffer on the GPU: activations are f32; a weight may be kept as bf16
+/// for products in bf16.
+#[derive(Clone)]
+pub enum Buffer {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
+impl std::fmt::Debug for Buffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Buffer::F32(s) => write!(f, "Buffer::F32({})", s.len()),
+            Buffer::Bf16(s) => write!(f, "Buffer::Bf16({})", s.len()),
+        }
+    }
+}
+
+impl Buffer {
+    /// The values, as f32, on the host (waits for the buffer's stream).
+    pub fn to_host(&self) -> Result<Vec<f32>, CudaError> {
+        let copy = CudaError::driver("cuMemcpyDtoHAsync");
+        match self {
+            Buffer::F32(s) => s.stream().clone_dtoh(s).map_err(copy),
+            Buffer::Bf16(s) => {
+                Ok(s.stream().clone_dtoh(s).map_err(copy)?.into_iter().map(super::half::bf16_to_f32).collect())
+            }
+        }
+    }
+}
+
+impl CudaDevice {
+    /// Opens GPU `ordinal`: a context, a stream, cuBLAS, and every kernel
+    /// family compiled for its architecture (or read from `cache`). Fails,
+    /// without a panic, where any of that is missing.
+    pub fn open(ordinal: usize, cache: &KernelCache) -> Result<CudaDevice, CudaError> {
+        let gpus = match probe() {
+            Probe::Gpus(gpus) => gpus,
+            Probe::Missing(why) => return Err(CudaError::Unavailable(why)),
+        };
+        let count = gpus.len();
+        let info = gpus.into_iter().find(|g| g.ordinal == ordinal).ok_or_else(|| {
+            CudaError::Unavailable(format!("there is no GPU cuda:{ordinal}; the driver reports {count}"))
+        })?;
+        let context = CudaContext::new(ordinal).map_err(CudaError::driver("cuDevicePrimaryCtxRetain"))?;
+        // One stream per device orders every op, so cudarc's per-buffer
+        // events (for work spread over streams) would only cost time.
+        // SAFETY: no buffer of this context exists yet.
+        unsafe { context.disable_event_tracking() };
+        let stream = context.new_stream().map_err(CudaError::driver("cuStreamCreate"))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(CudaError::blas("cublasCreate"))?;
+        let arch = info.arch();
+        let mut modules = HashMap::new();
+        let mut compiled_now = Vec::new();
+        for (index, family) in kernels::FAMILIES.iter().enumerate() {
+            let (cubin, fresh) = cache.cubin(family, &arch)?;
+            if fresh {
+                compiled_now.push(family.name);
+            }
+            let module = context.load_module(Ptx::from_binary(cubin)).map_err(CudaError::driver("cuModuleLoadData"))?;
+            modules.insert(index, module);
+        }
+        let functions = KernelId::ALL
+            .iter()
+            .map(|&id| {
+                let module = &modules[&(id.family() as usize)];
+                module.load_function(id.entry()).map(|f| (id, f)).map_err(CudaError::driver("cuModuleGetFunction"))
+            })
+            .collect::<Result<_, _>>()?;
+        let poison = std::env::var_os("AITL_CUDA_POISON").is_some();
+        Ok(CudaDevice { info, stream, blas, functions, compiled_now, poison })
+    }
+
+    pub fn info(&self) -> &GpuInfo {
+        &self.info
+    }
+
+    /// `cuda:0 (NVIDIA H200, sm_90)`.
+    pub fn label(&self) -> String {
+        format!("cuda:{} ({}, {})", self.info.ordinal, self.info.name, self.info.arch())
+    }
+
+    /// The kernel families NVRTC compiled when this device opened (the rest
+    /// came from the cache).
+    pub fn compiled_now(&self) -> &[&'static str] {
+        &self.compiled_now
+    }
+
+    /// Waits until the GPU has done all queued work, and reports a kernel's
+    /// failure if one failed.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.stream.synchronize().map_err(CudaError::driver("cuStreamSynchronize"))
+    }
+
+    fn function(&self, id: KernelId) -> &CudaFunction {
+        // Every KernelId is loaded in `open`.
+        &self.functions[&id]
+    }
+}
