@@ -149,7 +149,12 @@ impl Tensor {
             Storage::Cpu(data) | Storage::CpuPacked { plain: data, .. } | Storage::CpuAmx { plain: data, .. } => {
                 Ok(data.clone())
             }
-            Storage::Cuda(buffer) => Ok(buffer.to_host()?),
+            Storage::Cuda(buffer) => {
+                // An empty tensor's buffer holds one unread element.
+                let mut values = buffer.to_host()?;
+                values.truncate(self.shape.iter().product());
+                Ok(values)
+            }
         }
     }
 

@@ -79,27 +79,29 @@ fn write_changes(
     mut changed: Vec<usize>,
     dim: usize,
 ) -> Result<(), CudaError> {
-    // A mirror that has never been written takes every slot.
-    if mirror.slots() < slots.entries.len() {
-        changed.extend(mirror.slots()..slots.entries.len());
-    }
-    changed.sort_unstable();
-    changed.dedup();
-    let mut at = 0;
-    while at < changed.len() {
-        let start = changed[at];
-        let mut end = start + 1;
-        while at + 1 < changed.len() && changed[at + 1] == end {
-            at += 1;
-            end += 1;
-        }
-        at += 1;
-        let entries = &slots.entries[start..end];
+    // Slots the mirror has never held are written whole.
+    changed.extend(mirror.slots()..slots.entries.len());
+    for run in runs(changed) {
+        let entries = &slots.entries[run.clone()];
         let kinds: Vec<u32> = entries.iter().map(|e| e.as_ref().map_or(u32::MAX, |e| e.kind as u32)).collect();
         let live: Vec<u8> = entries.iter().map(|e| u8::from(e.is_some())).collect();
-        gpu.write_slots(mirror, start, &slots.vectors[start * dim..end * dim], &kinds, &live)?;
+        gpu.write_slots(mirror, run.start, &slots.vectors[run.start * dim..run.end * dim], &kinds, &live)?;
     }
     Ok(())
+}
+
+/// Slot numbers (any order, repeats allowed) as sorted runs of consecutive slots.
+fn runs(mut slots: Vec<usize>) -> Vec<std::ops::Range<usize>> {
+    slots.sort_unstable();
+    slots.dedup();
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for slot in slots {
+        match runs.last_mut() {
+            Some(run) if run.end == slot => run.end += 1,
+            _ => runs.push(slot..slot + 1),
+        }
+    }
+    runs
 }
 
 /// The kernel's filters for `query`: a kind bit mask (0: any kind) and,
@@ -164,5 +166,51 @@ impl VectorIndex for DeviceIndex {
 
     fn len(&self) -> usize {
         self.host.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::KnowledgeFilter;
+
+    #[test]
+    fn changed_slots_become_sorted_runs() {
+        assert!(runs(Vec::new()).is_empty());
+        assert_eq!(runs(vec![5, 3, 4, 4, 9, 0]), vec![0..1, 3..6, 9..10]);
+        assert_eq!(runs((0..1000).rev().collect()), vec![0..1000]);
+    }
+
+    #[test]
+    fn filters_become_kind_masks_or_allow_bits() {
+        let index = ExactIndex::mirrored(2, "v");
+        let entry = |id: &str, kind: i32, lang: &str| IndexEntry {
+            id: id.into(),
+            version: 1,
+            kind,
+            metadata: [("lang".to_string(), lang.to_string())].into(),
+        };
+        for (i, (kind, lang)) in [(1, "en"), (2, "de"), (1, "de"), (40, "en")].into_iter().enumerate() {
+            index.upsert(entry(&format!("o{i}"), kind, lang), &[1.0, 0.0]);
+        }
+        index.remove("o0");
+        let query = |kinds: Vec<i32>, metadata: &[(&str, &str)]| Query {
+            vector: vec![1.0, 0.0],
+            k: 3,
+            filter: KnowledgeFilter {
+                kinds,
+                metadata: metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            },
+        };
+        index.read_with_changes(|slots, changed| {
+            assert_eq!(changed, vec![0, 1, 2, 3, 0], "every write and the removal, in order");
+            assert_eq!(filter_masks(slots, &query(vec![], &[]), 1), (0, None));
+            assert_eq!(filter_masks(slots, &query(vec![1, 2], &[]), 1), (0b110, None));
+            // Metadata: bits of the live slots that match (slot 0 was removed).
+            assert_eq!(filter_masks(slots, &query(vec![], &[("lang", "de")]), 1), (0, Some(vec![0b0110])));
+            // A kind past the mask's 32 bits goes to allow bits as well.
+            assert_eq!(filter_masks(slots, &query(vec![40], &[]), 1), (0, Some(vec![0b1000])));
+        });
+        index.read_with_changes(|_, changed| assert!(changed.is_empty(), "changes are taken once"));
     }
 }

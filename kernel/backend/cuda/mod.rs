@@ -67,14 +67,45 @@ impl std::fmt::Debug for Buffer {
 impl Buffer {
     /// The values, as f32, on the host (waits for the buffer's stream).
     pub fn to_host(&self) -> Result<Vec<f32>, CudaError> {
-        let copy = CudaError::driver("cuMemcpyDtoHAsync");
-        match self {
-            Buffer::F32(s) => s.stream().clone_dtoh(s).map_err(copy),
-            Buffer::Bf16(s) => {
-                Ok(s.stream().clone_dtoh(s).map_err(copy)?.into_iter().map(super::half::bf16_to_f32).collect())
-            }
-        }
+        let values = match self {
+            Buffer::F32(s) => download(s)?,
+            Buffer::Bf16(s) => download(s)?.into_iter().map(super::half::bf16_to_f32).collect(),
+        };
+        Ok(values)
     }
+}
+
+/// Makes the device's memory pool keep what is freed instead of returning
+/// it at each synchronization: activations are allocated and freed per op
+/// (stream-ordered), so after the first batch of a size every allocation is
+/// served from the pool, a workspace that grows to the largest batch.
+fn keep_freed_memory(context: &CudaContext) -> Result<(), CudaError> {
+    use cudarc::driver::sys;
+    let mut pool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: the device handle comes from a live context; pool and
+    // threshold are valid for the calls' writes and reads.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device())
+            .result()
+            .map_err(CudaError::driver("cuDeviceGetDefaultMemPool"))?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
+        .map_err(CudaError::driver("cuMemPoolSetAttribute"))
+    }
+}
+
+/// A buffer's values on the host, once its stream has finished writing them.
+fn download<T: cudarc::driver::DeviceRepr>(buffer: &CudaSlice<T>) -> Result<Vec<T>, CudaError> {
+    let values = buffer.stream().clone_dtoh(buffer).map_err(CudaError::driver("cuMemcpyDtoHAsync"))?;
+    // A copy to pageable memory returns when done; the wait also reports
+    // an earlier kernel's failure here rather than at some later call.
+    buffer.stream().synchronize().map_err(CudaError::driver("cuStreamSynchronize"))?;
+    Ok(values)
 }
 
 impl CudaDevice {
@@ -95,6 +126,7 @@ impl CudaDevice {
         // events (for work spread over streams) would only cost time.
         // SAFETY: no buffer of this context exists yet.
         unsafe { context.disable_event_tracking() };
+        keep_freed_memory(&context)?;
         let stream = context.new_stream().map_err(CudaError::driver("cuStreamCreate"))?;
         let blas = CudaBlas::new(stream.clone()).map_err(CudaError::blas("cublasCreate"))?;
         let arch = info.arch();

@@ -15,6 +15,8 @@ use crate::backend::{Activation, AttentionShape, SeqLayout};
 const ROW_BLOCK: u32 = 256;
 /// Attention's block (its launch contract: 128 / SPLIT query rows).
 const ATTENTION_BLOCK: u32 = 128;
+/// The most blocks a grid may have along y or z.
+const MAX_GRID_YZ: u32 = 65_535;
 /// Grid-stride kernels need no more blocks than this to fill a GPU.
 const MAX_STRIDE_BLOCKS: u32 = 4_096;
 
@@ -41,6 +43,17 @@ fn stride_grid(n: usize) -> LaunchConfig {
     grid((n.div_ceil(ROW_BLOCK as usize) as u32).min(MAX_STRIDE_BLOCKS), ROW_BLOCK)
 }
 
+/// A count that a kernel takes as a grid's y or z dimension.
+fn grid_yz(op: &'static str, n: usize) -> Result<u32, CudaError> {
+    match u32::try_from(n) {
+        Ok(n) if n <= MAX_GRID_YZ => Ok(n),
+        _ => Err(CudaError::Unsupported {
+            op,
+            detail: format!("{n} exceeds the {MAX_GRID_YZ} blocks a grid dimension holds"),
+        }),
+    }
+}
+
 /// A size as a kernel's `u32`.
 pub(super) fn u32_of(op: &'static str, n: usize) -> Result<u32, CudaError> {
     u32::try_from(n).map_err(|_| CudaError::Unsupported { op, detail: format!("{n} elements exceed 32-bit indexing") })
@@ -50,15 +63,17 @@ pub(super) fn u32_of(op: &'static str, n: usize) -> Result<u32, CudaError> {
 const NULL: u64 = 0;
 
 impl CudaDevice {
+    /// Host values to a new buffer (an empty one is a buffer of one
+    /// element that nothing reads: the driver allocates no zero bytes).
     pub(crate) fn upload<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>, CudaError> {
+        if data.is_empty() {
+            return self.alloc(0);
+        }
         self.stream.clone_htod(data).map_err(CudaError::driver("cuMemcpyHtoDAsync"))
     }
 
-    pub(crate) fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(
-        &self,
-        data: &CudaSlice<T>,
-    ) -> Result<Vec<T>, CudaError> {
-        self.stream.clone_dtoh(data).map_err(CudaError::driver("cuMemcpyDtoHAsync"))
+    pub(crate) fn download<T: cudarc::driver::DeviceRepr>(&self, data: &CudaSlice<T>) -> Result<Vec<T>, CudaError> {
+        super::download(data)
     }
 
     /// An uninitialised buffer: every kernel that fills one writes all of
@@ -109,7 +124,7 @@ impl CudaDevice {
         let mut out = self.alloc::<f32>(rows * out_width)?;
         if rows * out_width > 0 {
             let cfg = LaunchConfig {
-                grid_dim: ((out_width as u32).div_ceil(ROW_BLOCK), u32_of("copy_columns", rows)?, 1),
+                grid_dim: ((out_width as u32).div_ceil(ROW_BLOCK), u32_of("copy_columns", rows)?.min(MAX_GRID_YZ), 1),
                 block_dim: (ROW_BLOCK, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -405,8 +420,8 @@ impl CudaDevice {
             return Ok(out);
         }
         let rows_per_block = ATTENTION_BLOCK / split(shape.head_dim);
-        let seqs = u32_of("attention", layout.len())?;
-        let heads = u32_of("attention", shape.heads)?;
+        let seqs = grid_yz("attention", layout.len())?;
+        let heads = grid_yz("attention", shape.heads)?;
         let cu_seqlens = self.upload(&offsets(layout)?)?;
         let scale = 1.0 / (shape.head_dim as f32).sqrt();
         let cfg = LaunchConfig {
@@ -429,7 +444,7 @@ impl CudaDevice {
         if layout.is_empty() || width == 0 {
             return Ok(out);
         }
-        let seqs = u32_of("mean_pool", layout.len())?;
+        let seqs = grid_yz("mean_pool", layout.len())?;
         let w = u32_of("mean_pool", width)?;
         let cu_seqlens = self.upload(&offsets(layout)?)?;
         let cfg = LaunchConfig {

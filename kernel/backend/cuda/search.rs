@@ -165,6 +165,12 @@ impl CudaDevice {
         queries: &[DeviceQuery<'_>],
     ) -> Result<Vec<Vec<(f32, u32)>>, CudaError> {
         let dim = index.dim;
+        if dim > MAX_QUERY_VALUES {
+            return Err(CudaError::Unsupported {
+                op: "search",
+                detail: format!("vectors of {dim} values; the scoring kernel stages at most {MAX_QUERY_VALUES}"),
+            });
+        }
         if queries.iter().any(|q| q.vector.len() != dim) {
             return Err(CudaError::Unsupported { op: "search", detail: format!("a query is not of dimension {dim}") });
         }
@@ -187,6 +193,9 @@ impl CudaDevice {
         }
         let scores = self.score(index, queries)?;
         let k = queries.iter().map(|q| q.k).max().unwrap_or(0).min(n);
+        if k == 0 {
+            return Ok(vec![Vec::new(); nq]);
+        }
         let best = if k <= DEVICE_MAX_K { self.top_k(scores, n, nq, k)? } else { self.top_k_on_host(&scores, n, nq)? };
         Ok(best
             .into_iter()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61itl/v1/common.proto\x12\x07\x61itl.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x02\n\x0fKnowledgeObject\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.aitl.v1.KnowledgeKind\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x38\n\x08metadata\x18\x05 \x03(\x0b\x32&.aitl.v1.KnowledgeObject.MetadataEntry\x12\x0f\n\x07version\x18\x06 \x01(\x04\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x64\x65leted\x18\x08 \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa3\x01\n\x0fKnowledgeFilter\x12%\n\x05kinds\x18\x01 \x03(\x0e\x32\x16.aitl.v1.KnowledgeKind\x12\x38\n\x08metadata\x18\x02 \x03(\x0b\x32&.aitl.v1.KnowledgeFilter.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x10\x43onversationTurn\x12!\n\x07speaker\x18\x01 \x01(\x0e\x32\x10.aitl.v1.Speaker\x12\x0c\n\x04text\x18\x02 \x01(\t\"D\n\rModelVersions\x12\x10\n\x08\x65mbedder\x18\x01 \x01(\t\x12\x0e\n\x06ranker\x18\x02 \x01(\t\x12\x11\n\tgenerator\x18\x03 \x01(\t\"C\n\x0eRequestContext\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\"A\n\x07Timings\x12\x10\n\x08queue_ns\x18\x01 \x01(\x04\x12\x12\n\ncompute_ns\x18\x02 \x01(\x04\x12\x10\n\x08total_ns\x18\x03 \x01(\x04*\x95\x01\n\rKnowledgeKind\x12\x1e\n\x1aKNOWLEDGE_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15KNOWLEDGE_KIND_POLICY\x10\x01\x12\x17\n\x13KNOWLEDGE_KIND_CASE\x10\x02\x12\x16\n\x12KNOWLEDGE_KIND_FAQ\x10\x03\x12\x18\n\x14KNOWLEDGE_KIND_OTHER\x10\x04*K\n\x07Speaker\x12\x17\n\x13SPEAKER_UNSPECIFIED\x10\x00\x12\x14\n\x10SPEAKER_CUSTOMER\x10\x01\x12\x11\n\rSPEAKER_AGENT\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61itl/v1/common.proto\x12\x07\x61itl.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x02\n\x0fKnowledgeObject\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.aitl.v1.KnowledgeKind\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x38\n\x08metadata\x18\x05 \x03(\x0b\x32&.aitl.v1.KnowledgeObject.MetadataEntry\x12\x0f\n\x07version\x18\x06 \x01(\x04\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x64\x65leted\x18\x08 \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa3\x01\n\x0fKnowledgeFilter\x12%\n\x05kinds\x18\x01 \x03(\x0e\x32\x16.aitl.v1.KnowledgeKind\x12\x38\n\x08metadata\x18\x02 \x03(\x0b\x32&.aitl.v1.KnowledgeFilter.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x10\x43onversationTurn\x12!\n\x07speaker\x18\x01 \x01(\x0e\x32\x10.aitl.v1.Speaker\x12\x0c\n\x04text\x18\x02 \x01(\t\"D\n\rModelVersions\x12\x10\n\x08\x65mbedder\x18\x01 \x01(\t\x12\x0e\n\x06ranker\x18\x02 \x01(\t\x12\x11\n\tgenerator\x18\x03 \x01(\t\"C\n\x0eRequestContext\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\"Q\n\x07Timings\x12\x10\n\x08queue_ns\x18\x01 \x01(\x04\x12\x12\n\ncompute_ns\x18\x02 \x01(\x04\x12\x10\n\x08total_ns\x18\x03 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t*\x95\x01\n\rKnowledgeKind\x12\x1e\n\x1aKNOWLEDGE_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15KNOWLEDGE_KIND_POLICY\x10\x01\x12\x17\n\x13KNOWLEDGE_KIND_CASE\x10\x02\x12\x16\n\x12KNOWLEDGE_KIND_FAQ\x10\x03\x12\x18\n\x14KNOWLEDGE_KIND_OTHER\x10\x04*K\n\x07Speaker\x12\x17\n\x13SPEAKER_UNSPECIFIED\x10\x00\x12\x14\n\x10SPEAKER_CUSTOMER\x10\x01\x12\x11\n\rSPEAKER_AGENT\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KNOWLEDGEOBJECT_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_KNOWLEDGEFILTER_METADATAENTRY']._loaded_options = None
   _globals['_KNOWLEDGEFILTER_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_KNOWLEDGEKIND']._serialized_start=796
-  _globals['_KNOWLEDGEKIND']._serialized_end=945
-  _globals['_SPEAKER']._serialized_start=947
-  _globals['_SPEAKER']._serialized_end=1022
+  _globals['_KNOWLEDGEKIND']._serialized_start=812
+  _globals['_KNOWLEDGEKIND']._serialized_end=961
+  _globals['_SPEAKER']._serialized_start=963
+  _globals['_SPEAKER']._serialized_end=1038
   _globals['_KNOWLEDGEOBJECT']._serialized_start=67
   _globals['_KNOWLEDGEOBJECT']._serialized_end=352
   _globals['_KNOWLEDGEOBJECT_METADATAENTRY']._serialized_start=305
@@ -55,5 +55,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REQUESTCONTEXT']._serialized_start=659
   _globals['_REQUESTCONTEXT']._serialized_end=726
   _globals['_TIMINGS']._serialized_start=728
-  _globals['_TIMINGS']._serialized_end=793
+  _globals['_TIMINGS']._serialized_end=809
 # @@protoc_insertion_point(module_scope)

@@ -103,11 +103,13 @@ class RequestContext(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., case_id: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queue_ns", "compute_ns", "total_ns")
+    __slots__ = ("queue_ns", "compute_ns", "total_ns", "device")
     QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_NS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_NS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     queue_ns: int
     compute_ns: int
     total_ns: int
-    def __init__(self, queue_ns: _Optional[int] = ..., compute_ns: _Optional[int] = ..., total_ns: _Optional[int] = ...) -> None: ...
+    device: str
+    def __init__(self, queue_ns: _Optional[int] = ..., compute_ns: _Optional[int] = ..., total_ns: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
