@@ -59,10 +59,14 @@ pub(super) fn u32_of(op: &'static str, n: usize) -> Result<u32, CudaError> {
     u32::try_from(n).map_err(|_| CudaError::Unsupported { op, detail: format!("{n} elements exceed 32-bit indexing") })
 }
 
-/// A null device pointer for a kernel's optional argument.
-const NULL: u64 = 0;
-
 impl CudaDevice {
+    /// A kernel's optional buffer argument: its device address, or 0 for
+    /// none. Work on the one stream runs in order and buffers are freed in
+    /// stream order, so the address stays valid for the launch that takes it.
+    pub(crate) fn optional<T>(&self, buffer: Option<&CudaSlice<T>>) -> u64 {
+        buffer.map_or(0, |b| b.device_ptr(&self.stream).0)
+    }
+
     /// Host values to a new buffer (an empty one is a buffer of one
     /// element that nothing reads: the driver allocates no zero bytes).
     pub(crate) fn upload<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>, CudaError> {
@@ -262,11 +266,8 @@ impl CudaDevice {
             Activation::Tanh => 2,
         };
         let (r, c) = (u32_of("bias_act", rows)?, u32_of("bias_act", cols)?);
-        let cfg = stride_grid(rows * cols);
-        match bias {
-            Some(bias) => launch!(self, KernelId::BiasAct, cfg, x, bias, &r, &c, &code),
-            None => launch!(self, KernelId::BiasAct, cfg, x, &NULL, &r, &c, &code),
-        }
+        let bias = self.optional(bias);
+        launch!(self, KernelId::BiasAct, stride_grid(rows * cols), x, &bias, &r, &c, &code)
     }
 
     /// `x += y` over `n` values.
@@ -294,11 +295,8 @@ impl CudaDevice {
             return Ok(());
         }
         let (r, w) = (u32_of("add_layer_norm", rows)?, u32_of("add_layer_norm", width)?);
-        let cfg = grid(r, ROW_BLOCK);
-        match residual {
-            Some(res) => launch!(self, KernelId::AddLayerNorm, cfg, x, res, gamma, beta, &r, &w, &eps),
-            None => launch!(self, KernelId::AddLayerNorm, cfg, x, &NULL, gamma, beta, &r, &w, &eps),
-        }
+        let residual = self.optional(residual);
+        launch!(self, KernelId::AddLayerNorm, grid(r, ROW_BLOCK), x, &residual, gamma, beta, &r, &w, &eps)
     }
 
     /// `x / rms(x) · gamma` per row.
@@ -344,61 +342,26 @@ impl CudaDevice {
         let (t, w) = (u32_of("embed_layer_norm", ids.len())?, u32_of("embed_layer_norm", width)?);
         let ids = self.upload(ids)?;
         let extra_ids = extra.iter().map(|(_, i)| self.upload(i)).collect::<Result<Vec<_>, _>>()?;
-        let cfg = grid(t, ROW_BLOCK);
-        match (extra, extra_ids.as_slice()) {
-            ([], []) => launch!(
-                self,
-                KernelId::EmbedLayerNorm,
-                cfg,
-                &ids,
-                table,
-                &NULL,
-                &NULL,
-                &NULL,
-                &NULL,
-                gamma,
-                beta,
-                &mut out,
-                &t,
-                &w,
-                &eps
-            ),
-            ([(t1, _)], [i1]) => launch!(
-                self,
-                KernelId::EmbedLayerNorm,
-                cfg,
-                &ids,
-                table,
-                i1,
-                *t1,
-                &NULL,
-                &NULL,
-                gamma,
-                beta,
-                &mut out,
-                &t,
-                &w,
-                &eps
-            ),
-            ([(t1, _), (t2, _)], [i1, i2]) => launch!(
-                self,
-                KernelId::EmbedLayerNorm,
-                cfg,
-                &ids,
-                table,
-                i1,
-                *t1,
-                i2,
-                *t2,
-                gamma,
-                beta,
-                &mut out,
-                &t,
-                &w,
-                &eps
-            ),
-            _ => unreachable!("extra and extra_ids have the same length, at most 2"),
-        }?;
+        let table_of = |i: usize| self.optional(extra.get(i).map(|(t, _)| *t));
+        let ids_of = |i: usize| self.optional(extra_ids.get(i));
+        let (ids1, table1, ids2, table2) = (ids_of(0), table_of(0), ids_of(1), table_of(1));
+        launch!(
+            self,
+            KernelId::EmbedLayerNorm,
+            grid(t, ROW_BLOCK),
+            &ids,
+            table,
+            &ids1,
+            &table1,
+            &ids2,
+            &table2,
+            gamma,
+            beta,
+            &mut out,
+            &t,
+            &w,
+            &eps
+        )?;
         Ok(out)
     }
 

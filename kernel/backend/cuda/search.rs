@@ -236,50 +236,28 @@ impl CudaDevice {
             block_dim: (SCORE_BLOCK, 1, 1),
             shared_mem_bytes: (nq * dim * 4) as u32,
         };
-        let null = 0u64;
-        macro_rules! score {
-            ($id:expr, $rows:expr) => {
-                match &allow {
-                    Some(bits) => launch!(
-                        self,
-                        $id,
-                        cfg,
-                        $rows,
-                        &n32,
-                        &dim32,
-                        &queries_dev,
-                        &nq32,
-                        &index.kinds,
-                        &masks,
-                        bits,
-                        &words32,
-                        &index.live,
-                        &mut scores
-                    ),
-                    None => launch!(
-                        self,
-                        $id,
-                        cfg,
-                        $rows,
-                        &n32,
-                        &dim32,
-                        &queries_dev,
-                        &nq32,
-                        &index.kinds,
-                        &masks,
-                        &null,
-                        &words32,
-                        &index.live,
-                        &mut scores
-                    ),
-                }
-            };
-        }
-        match (&index.rows, index.precision) {
-            (Rows::F32(rows), _) => score!(KernelId::ScoreRowsF32, rows),
-            (Rows::Half(rows), VectorPrecision::F16) => score!(KernelId::ScoreRowsF16, rows),
-            (Rows::Half(rows), _) => score!(KernelId::ScoreRowsBf16, rows),
-        }?;
+        let allow = self.optional(allow.as_ref());
+        let (id, rows) = match (&index.rows, index.precision) {
+            (Rows::F32(rows), _) => (KernelId::ScoreRowsF32, self.optional(Some(rows))),
+            (Rows::Half(rows), VectorPrecision::F16) => (KernelId::ScoreRowsF16, self.optional(Some(rows))),
+            (Rows::Half(rows), _) => (KernelId::ScoreRowsBf16, self.optional(Some(rows))),
+        };
+        launch!(
+            self,
+            id,
+            cfg,
+            &rows,
+            &n32,
+            &dim32,
+            &queries_dev,
+            &nq32,
+            &index.kinds,
+            &masks,
+            &allow,
+            &words32,
+            &index.live,
+            &mut scores
+        )?;
         Ok(scores)
     }
 
@@ -298,25 +276,8 @@ impl CudaDevice {
                 block_dim: (TOPK_BLOCK, 1, 1),
                 shared_mem_bytes: 0,
             };
-            match &ids {
-                Some(ids) => {
-                    launch!(self, KernelId::TopkChunks, cfg, &scores, ids, &len32, &k32, &mut out_scores, &mut out_ids)
-                }
-                None => {
-                    let null = 0u64;
-                    launch!(
-                        self,
-                        KernelId::TopkChunks,
-                        cfg,
-                        &scores,
-                        &null,
-                        &len32,
-                        &k32,
-                        &mut out_scores,
-                        &mut out_ids
-                    )
-                }
-            }?;
+            let ids_in = self.optional(ids.as_ref());
+            launch!(self, KernelId::TopkChunks, cfg, &scores, &ids_in, &len32, &k32, &mut out_scores, &mut out_ids)?;
             (scores, ids, len) = (out_scores, Some(out_ids), chunks * k);
             if chunks == 1 {
                 break;
