@@ -26,12 +26,23 @@ pub struct VersionOutcome {
     pub rejected: usize,
     /// Adopted as is or edited, over all adoption decisions.
     pub adoption_rate: f64,
+    /// Adopted unchanged, over all adoption decisions (the paper's adoption).
+    pub adoption_as_is_rate: f64,
+    /// 95% Wilson interval of `adoption_as_is_rate`.
+    pub adoption_as_is_interval: (f64, f64),
+    /// Citations of this version's candidates that name knowledge agents
+    /// found relevant, over all its citations; None when it cited nothing.
+    pub citation_correctness: Option<f64>,
+    #[serde(skip)]
+    cited: (usize, usize),
     /// Mean P(helpful) by the language-model judge over held-out candidates.
     pub helpfulness: Option<f64>,
     pub helpfulness_candidates: usize,
     pub preferred: usize,
     pub not_preferred: usize,
     pub win_rate: f64,
+    /// 95% Wilson interval of `win_rate`.
+    pub win_interval: (f64, f64),
 }
 
 /// Pairwise preferences between candidates of two different generator
@@ -44,6 +55,23 @@ pub struct HeadToHead {
     pub b_wins: usize,
     /// a's wins over all decided pairs.
     pub a_win_rate: f64,
+    /// 95% Wilson interval of `a_win_rate`: a lower bound above 0.5 says a
+    /// wins, beyond what chance in this many preferences would give.
+    pub a_win_interval: (f64, f64),
+}
+
+/// The 95% Wilson score interval of `successes` in `trials` (Wilson, 1927):
+/// unlike the normal approximation it stays inside [0, 1] and is honest for
+/// the few dozen preferences an A/B test starts with. (0, 1) with no trials.
+pub fn wilson_interval(successes: usize, trials: usize) -> (f64, f64) {
+    if trials == 0 {
+        return (0.0, 1.0);
+    }
+    const Z: f64 = 1.959_963_984_540_054;
+    let (n, p) = (trials as f64, successes as f64 / trials as f64);
+    let center = (p + Z * Z / (2.0 * n)) / (1.0 + Z * Z / n);
+    let half = Z / (1.0 + Z * Z / n) * (p * (1.0 - p) / n + Z * Z / (4.0 * n * n)).sqrt();
+    ((center - half).max(0.0), (center + half).min(1.0))
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -238,8 +266,17 @@ pub fn evaluate(
     for i in journal.interactions.values().filter(|i| i.kind == Kind::Generate) {
         if let Some(set) = relevant(i) {
             for c in &i.candidates {
+                let right = c.cited.iter().filter(|id| set.contains(*id)).count();
                 cited += c.cited.len();
-                cited_relevant += c.cited.iter().filter(|id| set.contains(*id)).count();
+                cited_relevant += right;
+                let version = if c.model_version.is_empty() {
+                    i.models.get("generator").cloned().unwrap_or_default()
+                } else {
+                    c.model_version.clone()
+                };
+                let outcome = report.by_generator.entry(version).or_default();
+                outcome.cited.0 += right;
+                outcome.cited.1 += c.cited.len();
             }
         }
     }
@@ -287,11 +324,17 @@ pub fn evaluate(
     }
     for pair in report.head_to_head.values_mut() {
         pair.a_win_rate = pair.a_wins as f64 / (pair.a_wins + pair.b_wins).max(1) as f64;
+        pair.a_win_interval = wilson_interval(pair.a_wins, pair.a_wins + pair.b_wins);
     }
     for outcome in report.by_generator.values_mut() {
         let decided = outcome.adopted_as_is + outcome.edited + outcome.rejected;
         outcome.adoption_rate = (outcome.adopted_as_is + outcome.edited) as f64 / decided.max(1) as f64;
+        outcome.adoption_as_is_rate = outcome.adopted_as_is as f64 / decided.max(1) as f64;
+        outcome.adoption_as_is_interval = wilson_interval(outcome.adopted_as_is, decided);
         outcome.win_rate = outcome.preferred as f64 / (outcome.preferred + outcome.not_preferred).max(1) as f64;
+        outcome.win_interval = wilson_interval(outcome.preferred, outcome.preferred + outcome.not_preferred);
+        let (right, all) = outcome.cited;
+        outcome.citation_correctness = (all > 0).then(|| right as f64 / all as f64);
     }
 
     // Per-agent signals.
@@ -369,19 +412,26 @@ impl std::fmt::Display for FeedbackReport {
         for pair in self.head_to_head.values() {
             writeln!(
                 f,
-                "head to head {} vs {}: {} to {} (win rate of the first {:.3})",
-                pair.a, pair.b, pair.a_wins, pair.b_wins, pair.a_win_rate
+                "head to head {} vs {}: {} to {} (win rate of the first {:.3}, 95% interval {:.3}–{:.3})",
+                pair.a, pair.b, pair.a_wins, pair.b_wins, pair.a_win_rate, pair.a_win_interval.0, pair.a_win_interval.1
             )?;
         }
         for (version, o) in &self.by_generator {
             writeln!(
                 f,
-                "generator {version}: adoption {:.3} ({} as is, {} edited, {} rejected), preference win rate {:.3}{}",
+                "generator {version}: adoption {:.3} ({} as is, {} edited, {} rejected), adopted as is {:.3} \
+                 (95% {:.3}–{:.3}), preference win rate {:.3} (95% {:.3}–{:.3}), citation correctness {}{}",
                 o.adoption_rate,
                 o.adopted_as_is,
                 o.edited,
                 o.rejected,
+                o.adoption_as_is_rate,
+                o.adoption_as_is_interval.0,
+                o.adoption_as_is_interval.1,
                 o.win_rate,
+                o.win_interval.0,
+                o.win_interval.1,
+                o.citation_correctness.map_or("none cited".to_string(), |c| format!("{c:.3}")),
                 o.helpfulness.map_or(String::new(), |h| format!(
                     ", helpfulness {h:.3} (language-model judge, {} held-out candidates)",
                     o.helpfulness_candidates
@@ -571,11 +621,30 @@ mod tests {
         let v1 = &report.by_generator["v1"];
         assert_eq!((v1.edited, v1.adoption_rate, v1.preferred, v1.not_preferred), (1, 1.0, 1, 2));
         assert!((v1.win_rate - 1.0 / 3.0).abs() < 1e-12);
+        assert_eq!(v1.win_interval, wilson_interval(1, 3));
+        // One edit, no adoption as is.
+        assert_eq!((v1.adoption_as_is_rate, v1.adoption_as_is_interval), (0.0, wilson_interval(0, 1)));
+        let cited: f64 = report.by_generator.values().filter_map(|o| o.citation_correctness).sum();
+        assert!(cited > 0.0, "per-version citation correctness is computed");
         // Only the mixed pair is a head-to-head: the challenger v2 won it.
         assert_eq!(report.head_to_head.len(), 1);
         let pair = &report.head_to_head["v1 vs v2"];
         assert_eq!((pair.a_wins, pair.b_wins, pair.a_win_rate), (0, 1, 0.0));
+        assert_eq!(pair.a_win_interval, wilson_interval(0, 1));
         assert_eq!(report.agents["b"].rejected_share, 1.0);
         assert_eq!(report.agents["a"].relevant_share, 1.0 / 3.0);
+    }
+
+    #[test]
+    fn wilson_intervals_match_published_values() {
+        // 60 wins of 100: 0.502–0.691 (Wilson, 95%), the A/B bar's shape.
+        let (low, high) = wilson_interval(60, 100);
+        assert!((low - 0.5020).abs() < 1e-4 && (high - 0.6906).abs() < 1e-4, "{low} {high}");
+        // All or nothing stays inside [0, 1] and is not degenerate.
+        let (low, high) = wilson_interval(10, 10);
+        assert!((low - 0.7225).abs() < 1e-4 && (high - 1.0).abs() < 1e-12, "{low} {high}");
+        assert_eq!(wilson_interval(0, 0), (0.0, 1.0));
+        let (low, high) = wilson_interval(0, 5);
+        assert!(low == 0.0 && (high - 0.4345).abs() < 1e-4, "{high}");
     }
 }
