@@ -24,7 +24,8 @@ use crate::{
     model::{
         chat::ChatTokenizer,
         gguf::GgufFile,
-        llama::{DEFAULT_PREFILL, KvCache, Llama, Step},
+        llama::{DEFAULT_PREFILL, KvCache, Llama, SharedBase, Step},
+        lora::LoraAdapter,
     },
 };
 
@@ -115,19 +116,57 @@ pub struct Checkpoint {
     pub version: String,
 }
 
+/// Bases loaded in this process, so generator versions over one base (a
+/// champion and a challenger that differ by adapter) share its weights.
+static BASES: std::sync::Mutex<Vec<(std::path::PathBuf, Precision, SharedBase)>> = std::sync::Mutex::new(Vec::new());
+
 impl Checkpoint {
+    /// A GGUF file, a Hugging Face folder, or a PEFT LoRA adapter folder
+    /// over one of them (`base_model_name_or_path`): version
+    /// `{base version}+{adapter version}`.
     pub fn load(device: &Device, path: &Path, prefill: Precision) -> Result<Self> {
+        if !LoraAdapter::is_adapter(path) {
+            return Self::load_base(device, path, prefill);
+        }
+        let base_path = LoraAdapter::base_of(path)?;
+        let base = Self::load_base(device, &base_path, prefill)?;
+        let config = base.model.config();
+        let adapter = LoraAdapter::load(device, path, config, config.rope_style)?;
+        let version = format!("{}+{}", base.version, adapter.version);
+        let model = base.model.with_adapter(Arc::new(adapter))?;
+        Ok(Checkpoint { model, tokenizer: base.tokenizer, version })
+    }
+
+    /// A base decoder, sharing the weights of one already loaded from the
+    /// same path in the same precision.
+    fn load_base(device: &Device, path: &Path, prefill: Precision) -> Result<Self> {
+        // One base named two ways (relative, absolute, through a link) is one base.
+        let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+        let shared = {
+            let mut bases = BASES.lock().unwrap_or_else(|p| p.into_inner());
+            bases.retain(|(_, _, base)| base.upgrade().is_some());
+            bases.iter().find(|(p, pr, _)| *p == key && *pr == prefill).and_then(|(_, _, base)| base.upgrade())
+        };
         let (model, tokenizer, weights) = if path.is_dir() {
             let weights = match path.join("model.safetensors") {
                 single if single.exists() => single,
                 // Sharded: the index names every shard.
                 _ => path.join("model.safetensors.index.json"),
             };
-            (Llama::from_hf_folder(device, path)?, ChatTokenizer::from_hf_folder(path)?, weights)
+            let model = match shared {
+                Some(model) => model,
+                None => Llama::from_hf_folder(device, path)?,
+            };
+            (model, ChatTokenizer::from_hf_folder(path)?, weights)
         } else {
             let file = GgufFile::open(path)?;
-            (Llama::from_gguf_in(device, &file, prefill)?, ChatTokenizer::from_gguf(&file)?, path.to_owned())
+            let model = match shared {
+                Some(model) => model,
+                None => Llama::from_gguf_in(device, &file, prefill)?,
+            };
+            (model, ChatTokenizer::from_gguf(&file)?, path.to_owned())
         };
+        BASES.lock().unwrap_or_else(|p| p.into_inner()).push((key, prefill, model.share()));
         let version = format!(
             "{}@{}",
             path.file_stem().map_or_else(|| "generator".into(), |s| s.to_string_lossy().into_owned()),

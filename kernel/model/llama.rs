@@ -13,6 +13,7 @@ use serde::Deserialize;
 use super::{
     checkpoint::{DecoderWeights, HfCheckpoint, WithPrefill},
     gguf::GgufFile,
+    lora::{BlockAdapter, LoraAdapter, LoraPair},
     moe::{MixtureOfExperts, MoeConfig},
 };
 use crate::{
@@ -303,12 +304,32 @@ impl DenseFeedForward {
     }
 
     pub(super) fn forward(&self, device: &Device, x: &Tensor) -> Result<Tensor> {
+        self.forward_adapted(device, x, None)
+    }
+
+    /// [`DenseFeedForward::forward`] with a block's LoRA updates of gate,
+    /// up and down.
+    fn forward_adapted(&self, device: &Device, x: &Tensor, adapter: Option<&BlockAdapter>) -> Result<Tensor> {
         let mut parts = self.gate_up.apply(device, x)?.into_iter();
-        let (Some(mut g), Some(u)) = (parts.next(), parts.next()) else {
+        let (Some(mut g), Some(mut u)) = (parts.next(), parts.next()) else {
             return Err(Error::Internal("the gate/up projection gave fewer than two parts".into()));
         };
+        if let Some(adapter) = adapter {
+            add_delta(device, &mut g, adapter.gate.as_ref(), x)?;
+            add_delta(device, &mut u, adapter.up.as_ref(), x)?;
+        }
         device.silu_mul(&mut g, &u)?;
-        device.linear_quantized(&g, &self.down)
+        let mut out = device.linear_quantized(&g, &self.down)?;
+        add_delta(device, &mut out, adapter.and_then(|a| a.down.as_ref()), &g)?;
+        Ok(out)
+    }
+}
+
+/// `y += scale·(x·Aᵀ)·Bᵀ` where the projection is adapted.
+fn add_delta(device: &Device, y: &mut Tensor, pair: Option<&LoraPair>, x: &Tensor) -> Result<()> {
+    match pair {
+        Some(pair) => device.add(y, &pair.delta(device, x)?),
+        None => Ok(()),
     }
 }
 
@@ -358,7 +379,14 @@ pub struct Step<'a> {
 /// `Precision::F32` keeps llama.cpp's arithmetic to the bit.
 pub const DEFAULT_PREFILL: Precision = Precision::Bf16;
 
+/// A decoder: its base weights, shared by every [`Llama`] made from them,
+/// and optionally a LoRA adapter applied unmerged.
 pub struct Llama {
+    base: std::sync::Arc<Weights>,
+    adapter: Option<std::sync::Arc<LoraAdapter>>,
+}
+
+struct Weights {
     config: LlamaConfig,
     embeddings: QuantMatrix,
     blocks: Vec<Block>,
@@ -368,6 +396,22 @@ pub struct Llama {
     /// F32: llama.cpp's arithmetic throughout (block products, ggml's
     /// attention order); Bf16: prompts on the faster kernels.
     prefill: Precision,
+}
+
+/// A handle on a decoder's base weights that does not keep them alive.
+pub struct SharedBase(std::sync::Weak<Weights>);
+
+impl SharedBase {
+    /// The base, without an adapter, while some decoder still uses it.
+    pub fn upgrade(&self) -> Option<Llama> {
+        self.0.upgrade().map(|base| Llama { base, adapter: None })
+    }
+}
+
+impl From<Weights> for Llama {
+    fn from(base: Weights) -> Self {
+        Llama { base: std::sync::Arc::new(base), adapter: None }
+    }
 }
 
 impl Llama {
@@ -440,25 +484,52 @@ impl Llama {
             true => None,
             false => Some(weights.matrix(device, "output", h, config.vocab)?),
         };
-        Ok(Llama {
+        Ok(Llama::from(Weights {
             embeddings: weights.matrix(device, "token_embd", h, config.vocab)?,
             output_norm: weights.vector(device, "output_norm", h)?,
             blocks,
             output,
             config,
             prefill,
-        })
+        }))
+    }
+
+    /// The same base weights (shared, not copied) with `adapter` applied.
+    pub fn with_adapter(&self, adapter: std::sync::Arc<LoraAdapter>) -> Result<Llama> {
+        if adapter.blocks.len() != self.base.config.layers {
+            return Err(Error::InvalidArgument(format!(
+                "the adapter has {} blocks; the base has {}",
+                adapter.blocks.len(),
+                self.base.config.layers
+            )));
+        }
+        Ok(Llama { base: self.base.clone(), adapter: Some(adapter) })
+    }
+
+    /// A handle on the base weights, to share them with later decoders.
+    pub fn share(&self) -> SharedBase {
+        SharedBase(std::sync::Arc::downgrade(&self.base))
+    }
+
+    /// Whether `other` runs over the very same base weights (not a copy).
+    pub fn shares_base_with(&self, other: &Llama) -> bool {
+        std::sync::Arc::ptr_eq(&self.base, &other.base)
+    }
+
+    /// The adapter this decoder applies, if any.
+    pub fn adapter(&self) -> Option<&LoraAdapter> {
+        self.adapter.as_deref()
     }
 
     pub fn config(&self) -> &LlamaConfig {
-        &self.config
+        &self.base.config
     }
 
     /// An empty cache for one sequence.
     pub fn new_cache(&self) -> KvCache {
         KvCache {
-            layers: (0..self.config.layers)
-                .map(|_| KvLayer::new(self.config.kv_heads * self.config.head_dim))
+            layers: (0..self.base.config.layers)
+                .map(|_| KvLayer::new(self.base.config.kv_heads * self.base.config.head_dim))
                 .collect(),
         }
     }
@@ -467,7 +538,8 @@ impl Llama {
     /// cache; returns the logits at each sequence's last new position. All
     /// sequences' tokens share every matrix product.
     pub fn forward(&self, device: &Device, steps: &mut [Step<'_>]) -> Result<Vec<Vec<f32>>> {
-        let c = &self.config;
+        let w = &*self.base;
+        let c = &w.config;
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         for step in steps.iter() {
@@ -488,14 +560,20 @@ impl Llama {
             ids.extend_from_slice(step.tokens);
             positions.extend((past..past + step.tokens.len()).map(|p| p as u32));
         }
-        let mut x = device.embed_quantized(&self.embeddings, &ids)?;
+        let mut x = device.embed_quantized(&w.embeddings, &ids)?;
         let shape = AttentionShape { heads: c.heads, head_dim: c.head_dim };
-        for (l, block) in self.blocks.iter().enumerate() {
+        for (l, block) in w.blocks.iter().enumerate() {
+            let adapter = self.adapter.as_ref().map(|a| &a.blocks[l]);
             let normed = device.rms_norm(&x, &block.attention_norm, c.rms_eps)?;
             let mut qkv = block.attention.qkv.apply(device, &normed)?.into_iter();
             let (Some(mut q), Some(mut k), Some(mut v)) = (qkv.next(), qkv.next(), qkv.next()) else {
                 return Err(Error::Internal("the QKV projection gave fewer than three parts".into()));
             };
+            if let Some(adapter) = adapter {
+                add_delta(device, &mut q, adapter.q.as_ref(), &normed)?;
+                add_delta(device, &mut k, adapter.k.as_ref(), &normed)?;
+                add_delta(device, &mut v, adapter.v.as_ref(), &normed)?;
+            }
             if let Some([bq, bk, bv]) = &block.attention.bias {
                 device.add_bias(&mut q, bq)?;
                 device.add_bias(&mut k, bk)?;
@@ -517,13 +595,13 @@ impl Llama {
                 .zip(pasts)
                 .map(|(step, past)| CachedRows { cache: &step.cache.layers[l], past, rows: step.tokens.len() })
                 .collect();
-            let attended =
-                device.cached_attention(&q, &sequences, shape, c.kv_heads, self.prefill == Precision::F32)?;
-            let projected = device.linear_quantized(&attended, &block.attention.o)?;
+            let attended = device.cached_attention(&q, &sequences, shape, c.kv_heads, w.prefill == Precision::F32)?;
+            let mut projected = device.linear_quantized(&attended, &block.attention.o)?;
+            add_delta(device, &mut projected, adapter.and_then(|a| a.o.as_ref()), &attended)?;
             device.add(&mut x, &projected)?;
             let normed = device.rms_norm(&x, &block.ffn_norm, c.rms_eps)?;
             let ffn_out = match &block.ffn {
-                FeedForward::Dense(dense) => dense.forward(device, &normed)?,
+                FeedForward::Dense(dense) => dense.forward_adapted(device, &normed, adapter)?,
                 FeedForward::Moe(moe) => moe.forward(device, &normed)?,
             };
             device.add(&mut x, &ffn_out)?;
@@ -534,14 +612,14 @@ impl Llama {
             Some(*end - 1)
         });
         let last = device.gather_rows(&x, &ends.collect::<Vec<_>>())?;
-        let normed = device.rms_norm(&last, &self.output_norm, c.rms_eps)?;
-        let logits = device.linear_quantized(&normed, self.output.as_ref().unwrap_or(&self.embeddings))?;
+        let normed = device.rms_norm(&last, &w.output_norm, c.rms_eps)?;
+        let logits = device.linear_quantized(&normed, w.output.as_ref().unwrap_or(&w.embeddings))?;
         Ok(logits.to_host()?.chunks_exact(c.vocab).map(<[f32]>::to_vec).collect())
     }
 
     /// The weight type most of the model is stored in (for versions and logs).
     pub fn main_type(&self) -> GgmlType {
-        self.blocks.first().map_or(self.embeddings.dtype(), |b| match &b.ffn {
+        self.base.blocks.first().map_or(self.base.embeddings.dtype(), |b| match &b.ffn {
             FeedForward::Moe(moe) => moe.dtype(),
             FeedForward::Dense(_) => b.attention.qkv.dtype(),
         })

@@ -7,6 +7,7 @@ pub mod cross_encoder;
 pub mod gguf;
 pub mod hf_folder;
 pub mod llama;
+pub mod lora;
 pub mod moe;
 pub mod sentence;
 pub mod weights;
