@@ -191,6 +191,39 @@ enum WorkerCommand {
         #[command(flatten)]
         args: TrainArgs,
     },
+    /// Train LoRA adapters over the serving generator with ORPO on an exported generator set (the base
+    /// stays frozen; a GGUF base stays quantized); writes a PEFT folder (adapter_config.json,
+    /// adapter_model.safetensors) with a manifest (held-out preference accuracy before and after) to
+    /// {data_dir}/trained/generator-{dataset version}. Rerun to resume from its checkpoint.
+    TrainGenerator {
+        /// The frozen base: a Hugging Face folder or a llama-family GGUF file; default the serving generator.
+        #[arg(long)]
+        base: Option<PathBuf>,
+        /// LoRA rank.
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        /// LoRA alpha (the adapter's output is scaled by alpha / rank).
+        #[arg(long, default_value_t = 16.0)]
+        alpha: f64,
+        /// Dropout on the adapters' input while training.
+        #[arg(long, default_value_t = 0.05)]
+        dropout: f32,
+        /// Projections that get adapters, comma-separated; default every attention and MLP
+        /// projection and the experts' (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,w1,w2,w3).
+        #[arg(long, value_delimiter = ',')]
+        target_modules: Option<Vec<String>>,
+        /// ORPO's λ: the weight of the odds-ratio term.
+        #[arg(long, default_value_t = 0.1)]
+        lambda: f64,
+        /// Count the prompt's tokens in the NLL term too, as TRL's ORPOTrainer does (default: masked).
+        #[arg(long)]
+        nll_over_prompt: bool,
+        /// Write a checkpoint every this many steps.
+        #[arg(long, default_value_t = 100)]
+        checkpoint_every: usize,
+        #[command(flatten)]
+        args: TrainArgs,
+    },
     /// Build the training sets from the journal (90/10 temporal split) into {data_dir}/datasets/{version}.
     Export {
         /// Ignore the judge's verdicts (ablation).
@@ -224,6 +257,12 @@ struct TrainArgs {
     /// Stop after this many steps (0: all of the epochs).
     #[arg(long, default_value_t = 0)]
     max_steps: usize,
+    /// Share of the steps with a linear warm-up of the learning rate.
+    #[arg(long)]
+    warmup_share: Option<f64>,
+    /// Seeds the example order (and the generator's adapter initialisation).
+    #[arg(long)]
+    seed: Option<u64>,
     /// Read the knowledge base (for held-out metrics) through this running server.
     #[arg(long)]
     server: Option<String>,
@@ -241,6 +280,8 @@ impl TrainArgs {
             learning_rate: self.learning_rate.unwrap_or(defaults.learning_rate),
             max_tokens: self.max_tokens.unwrap_or(defaults.max_tokens),
             max_steps: self.max_steps,
+            warmup_share: self.warmup_share.unwrap_or(defaults.warmup_share),
+            seed: self.seed.unwrap_or(defaults.seed),
             device: self.device.unwrap_or(defaults.device),
             ..defaults
         }
@@ -456,6 +497,34 @@ fn run(cli: Cli) -> Result<()> {
             options.schedule = args.schedule(options.schedule);
             train(&config, &args.dataset, args.output, Trainer::Ranker(options, base), args.server)
         }
+        Command::Worker {
+            command:
+                WorkerCommand::TrainGenerator {
+                    base,
+                    rank,
+                    alpha,
+                    dropout,
+                    target_modules,
+                    lambda,
+                    nll_over_prompt,
+                    checkpoint_every,
+                    args,
+                },
+        } => {
+            use aitl::worker::train_generator::{GeneratorTraining, NllTokens};
+            let mut options = GeneratorTraining::default();
+            options.schedule = args.schedule(options.schedule);
+            options.lora.rank = rank;
+            options.lora.alpha = alpha;
+            options.lora.dropout = dropout;
+            if let Some(targets) = target_modules {
+                options.lora.target_modules = targets;
+            }
+            options.lambda = lambda;
+            options.nll_tokens = if nll_over_prompt { NllTokens::Sequence } else { NllTokens::Completion };
+            options.checkpoint_every = checkpoint_every;
+            train_generator(&config, &args.dataset, args.output, base, options)
+        }
         Command::Gaps { limit, json } => gaps(&config, limit, json),
         Command::Eval { command: EvalCommand::Feedback { truth, dataset, helpfulness, json } } => {
             eval_feedback(&config, truth, dataset, helpfulness, json)
@@ -647,6 +716,34 @@ fn train(
     ))?;
     println!("{}", serde_json::to_string_pretty(&trained.manifest).expect("json"));
     println!("trained {} in {}", trained.name, trained.folder.display());
+    Ok(())
+}
+
+/// ORPO on LoRA adapters over `base` (default: the serving generator).
+fn train_generator(
+    config: &Config,
+    dataset: &std::path::Path,
+    output: Option<PathBuf>,
+    base: Option<PathBuf>,
+    options: aitl::worker::train_generator::GeneratorTraining,
+) -> Result<()> {
+    use aitl::worker::{datasets, train_generator};
+    let export = datasets::read_manifest(dataset)?;
+    let folder = output
+        .unwrap_or_else(|| aitl::registry::trained_dir(&config.data_dir).join(format!("generator-{}", export.version)));
+    let base = match base {
+        Some(base) => base,
+        None => aitl::registry::Registry::load(&config.data_dir)?
+            .serving_config(config)
+            .generator_path()?
+            .ok_or_else(|| Error::InvalidArgument("no generator is configured: pass --base".into()))?,
+    };
+    let train: Vec<datasets::GeneratorRow> = datasets::read_rows(dataset, "train", "generator")?;
+    let heldout: Vec<datasets::GeneratorRow> = datasets::read_rows(dataset, "heldout", "generator")?;
+    let report = train_generator::train_generator(&base, &train, &heldout, &folder, &options, training_progress())?;
+    let manifest = train_generator::write_manifest(&report, &base, &options, &export.version, dataset)?;
+    println!("{}", serde_json::to_string_pretty(&manifest).expect("json"));
+    println!("trained adapters over {} in {}", base.display(), folder.display());
     Ok(())
 }
 

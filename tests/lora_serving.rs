@@ -188,3 +188,47 @@ fn merge_into(base: &Path, adapter: &Path, out: &Path) {
         .collect();
     safetensors::serialize_to_file(views, None, &out.join("model.safetensors")).unwrap();
 }
+
+/// A block-quantized base (tiny Llama in Q8_0, llama.cpp's layout with Q
+/// and K rows permuted) with the same adapter, decoded with llama.cpp's
+/// arithmetic (8-bit activations), against transformers on the file's
+/// dequantized weights with the adapter merged
+/// (`tests/fixtures/make_tiny_llama_gguf.py`). Along the reference's greedy
+/// path every step whose two best logits are 0.2 or more apart is the same
+/// token; the 8-bit activations alone move these logits by about 0.1.
+#[test]
+fn a_quantized_base_with_the_adapter_decodes_like_its_dequantized_merged_reference() {
+    use aitl::{backend::RopeStyle, model::lora::LoraAdapter};
+    let file = aitl::model::gguf::GgufFile::open(&fixtures().join("tiny-llama-q8_0.gguf")).unwrap();
+    let base = Llama::from_gguf_in(&Device::Cpu, &file, Precision::F32).unwrap();
+    assert_eq!(base.config().rope_style, RopeStyle::Normal);
+    let adapter =
+        LoraAdapter::load(&Device::Cpu, &fixtures().join("orpo-golden/adapter"), base.config(), RopeStyle::Normal)
+            .unwrap();
+    let adapted = base.with_adapter(std::sync::Arc::new(adapter)).unwrap();
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("orpo-golden/quantized.json")).unwrap()).unwrap();
+    let prompt = ids(&reference["prompt"]);
+    for (model, case) in [(&adapted, &reference["adapter"]), (&base, &reference["base"])] {
+        let (tokens, margins) = (ids(&case["greedy"]), numbers::<f32>(&case["margins"]));
+        let first = worst(&last_logits(model, &prompt), &numbers::<f32>(&case["logits"]));
+        let mut cache = model.new_cache();
+        let mut logits =
+            model.forward(&Device::Cpu, &mut [Step { tokens: &prompt, cache: &mut cache }]).unwrap().remove(0);
+        let mut decided = 0;
+        for (step, (&want, &margin)) in tokens.iter().zip(&margins).enumerate() {
+            let got = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
+            if margin >= 0.2 {
+                assert_eq!(got, want, "step {step}: margin {margin}");
+                decided += 1;
+            }
+            logits = model.forward(&Device::Cpu, &mut [Step { tokens: &[want], cache: &mut cache }]).unwrap().remove(0);
+        }
+        println!(
+            "Q8_0 base, adapter {}: prompt logits within {first:.3}; {decided} decided steps agree",
+            model.adapter().is_some()
+        );
+        assert!(first <= 0.5, "prompt logits differ by {first}");
+        assert!(decided >= 4, "too few decided steps to mean anything");
+    }
+}

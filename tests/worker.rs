@@ -246,11 +246,13 @@ async fn builders_produce_the_expected_rows_from_a_hand_made_log() {
                 prompt: prompt.clone(),
                 chosen: assistant("We will replace it [1]."),
                 rejected: assistant("Refunds take 14 days [2]."),
+                weight: 1.0,
             },
             GeneratorRow {
                 prompt,
                 chosen: assistant("We will replace your parcel within 3 days [1]."),
                 rejected: assistant("We will replace it [1]."),
+                weight: 1.0,
             },
         ]
     );

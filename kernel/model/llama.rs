@@ -60,7 +60,7 @@ impl LlamaConfig {
         Ok(self)
     }
 
-    fn from_gguf(file: &GgufFile) -> Result<Self> {
+    pub(crate) fn from_gguf(file: &GgufFile) -> Result<Self> {
         let arch = file.meta_str("general.architecture")?;
         if arch != "llama" {
             return Err(Error::InvalidArgument(format!(
@@ -122,7 +122,7 @@ impl LlamaConfig {
         .check(file.path())
     }
 
-    fn from_hf(dir: &Path) -> Result<Self> {
+    pub(crate) fn from_hf(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         let origin = path.display().to_string();
         let c: HfConfig = super::hf_folder::read_json(&path)?

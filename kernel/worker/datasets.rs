@@ -9,9 +9,10 @@
 //!   hard negatives the shown objects labelled irrelevant. Positives of a
 //!   query without hard negatives go to (anchor, positive) pairs.
 //! - ranker: (query, passage, label) with 1 relevant, 0.5 partially, 0 not.
-//! - generator: (prompt, chosen, rejected) in TRL's conversational format
-//!   for ORPO: preferences, and adoptions (an edited reply beats the
-//!   candidate it came from; an adopted candidate beats the others).
+//! - generator: (prompt, chosen, rejected, weight) in TRL's conversational
+//!   format for ORPO: preferences weighted by their strength, and adoptions
+//!   (an edited reply beats the candidate it came from; an adopted candidate
+//!   beats the others; a rejected one loses to what the agent sent instead).
 //! - queries: each judged interaction's question, context and the knowledge
 //!   ids agents found relevant or missing; the held-out ones are what the
 //!   promotion gate scores models on.
@@ -86,6 +87,14 @@ pub struct GeneratorRow {
     pub prompt: Vec<Message>,
     pub chosen: Vec<Message>,
     pub rejected: Vec<Message>,
+    /// How much the pair counts in training (see [`preference_weight`]);
+    /// exports written before weights existed read as 1.
+    #[serde(default = "unit_weight")]
+    pub weight: f32,
+}
+
+fn unit_weight() -> f32 {
+    1.0
 }
 
 /// A judged question with the ids agents labelled: what retrieval and
@@ -285,47 +294,76 @@ impl Builder<'_> {
             }
         }
 
-        let mut pairs: Vec<(String, String)> = Vec::new();
-        for a in annotations {
-            match &a.feedback {
-                Feedback::Preference { preferred, other, .. } => {
-                    if let (Some(p), Some(o)) = (interaction.candidate(preferred), interaction.candidate(other)) {
-                        pairs.push((p.text.clone(), o.text.clone()));
-                    }
-                }
-                Feedback::Adoption { candidate_id, decision, sent_text, .. } => {
-                    let Some(adopted) = interaction.candidate(candidate_id) else { continue };
-                    match decision {
-                        Decision::Edited if sent_text.trim() != adopted.text.trim() => {
-                            pairs.push((sent_text.clone(), adopted.text.clone()))
-                        }
-                        Decision::AdoptedAsIs => pairs.extend(
-                            interaction
-                                .candidates
-                                .iter()
-                                .filter(|c| c.candidate_id != *candidate_id && c.text.trim() != adopted.text.trim())
-                                .map(|c| (adopted.text.clone(), c.text.clone())),
-                        ),
-                        _ => {}
-                    }
-                }
-                _ => {}
-            }
-        }
-        let mut unique = HashSet::new();
-        pairs.retain(|p| unique.insert(p.clone()));
+        let pairs = generator_pairs(interaction, annotations);
         if !pairs.is_empty() {
             let prompt = self.prompt(interaction)?;
-            for (chosen, rejected) in pairs {
+            for (chosen, rejected, weight) in pairs {
                 sets.generator.push(GeneratorRow {
                     prompt: prompt.clone(),
                     chosen: vec![message("assistant", &chosen)],
                     rejected: vec![message("assistant", &rejected)],
+                    weight,
                 });
             }
         }
         Ok(())
     }
+}
+
+/// A pairwise preference's weight from its strength: slightly better 0.5,
+/// better 1, significantly better 1.5 (unspecified counts as better). The
+/// scale is linear in the agent's grade and centred on 1, so a set of
+/// "better" pairs trains exactly as TRL's unweighted ORPO.
+pub fn preference_weight(strength: u32) -> f32 {
+    match strength {
+        1 => 0.5,
+        3 => 1.5,
+        _ => 1.0,
+    }
+}
+
+/// One interaction's (chosen, rejected, weight) replies, first of each
+/// (chosen, rejected) kept:
+/// - a preference: the preferred candidate beats the other, weighted by
+///   [`preference_weight`];
+/// - edited: the text the agent sent beats the candidate it edited;
+/// - adopted as is: the candidate beats every other candidate;
+/// - rejected: the candidate loses to the text the agent sent instead,
+///   when the agent sent one.
+///
+/// Adoptions weigh 1.
+fn generator_pairs(interaction: &InteractionRow, annotations: &[&AnnotationRow]) -> Vec<(String, String, f32)> {
+    let mut pairs: Vec<(String, String, f32)> = Vec::new();
+    for a in annotations {
+        match &a.feedback {
+            Feedback::Preference { preferred, other, strength, .. } => {
+                if let (Some(p), Some(o)) = (interaction.candidate(preferred), interaction.candidate(other)) {
+                    pairs.push((p.text.clone(), o.text.clone(), preference_weight(*strength)));
+                }
+            }
+            Feedback::Adoption { candidate_id, decision, sent_text, .. } => {
+                let Some(adopted) = interaction.candidate(candidate_id) else { continue };
+                let differs = !sent_text.trim().is_empty() && sent_text.trim() != adopted.text.trim();
+                match decision {
+                    Decision::Edited | Decision::Rejected if differs => {
+                        pairs.push((sent_text.clone(), adopted.text.clone(), 1.0))
+                    }
+                    Decision::AdoptedAsIs => pairs.extend(
+                        interaction
+                            .candidates
+                            .iter()
+                            .filter(|c| c.candidate_id != *candidate_id && c.text.trim() != adopted.text.trim())
+                            .map(|c| (adopted.text.clone(), c.text.clone(), 1.0)),
+                    ),
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut unique = HashSet::new();
+    pairs.retain(|(chosen, rejected, _)| unique.insert((chosen.clone(), rejected.clone())));
+    pairs
 }
 
 /// Which annotations the judge failed, with the checks that failed them.
@@ -452,4 +490,99 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join("manifest.json");
     crate::model::hf_folder::read_json(&path)?
         .ok_or_else(|| Error::NotFound(format!("{}: missing (an `aitl worker export` folder?)", path.display())))
+}
+
+#[cfg(test)]
+mod generator_tests {
+    use super::*;
+    use crate::worker::rows::{CandidateRow, Kind};
+
+    fn interaction() -> InteractionRow {
+        let candidate = |id: &str, text: &str| CandidateRow {
+            candidate_id: id.into(),
+            text: text.into(),
+            cited: Vec::new(),
+            model_version: "m@1".into(),
+        };
+        InteractionRow {
+            sequence: 1,
+            interaction_id: "g1".into(),
+            kind: Kind::Generate,
+            created_ms: 0,
+            agent_id: "a".into(),
+            case_id: "c".into(),
+            query: "Where is my parcel?".into(),
+            context: Vec::new(),
+            shown: Vec::new(),
+            candidates: vec![candidate("g1/c0", "It ships today."), candidate("g1/c1", "No idea.")],
+            system_prompt: String::new(),
+            models: BTreeMap::new(),
+        }
+    }
+
+    fn annotation(feedback: Feedback) -> AnnotationRow {
+        AnnotationRow {
+            sequence: 2,
+            annotation_id: "n1".into(),
+            interaction_id: "g1".into(),
+            agent_id: "a".into(),
+            case_id: "c".into(),
+            shown_ms: 0,
+            annotated_ms: 0,
+            feedback,
+        }
+    }
+
+    fn pairs(feedback: Feedback) -> Vec<(String, String, f32)> {
+        generator_pairs(&interaction(), &[&annotation(feedback)])
+    }
+
+    fn pair(chosen: &str, rejected: &str, weight: f32) -> (String, String, f32) {
+        (chosen.into(), rejected.into(), weight)
+    }
+
+    #[test]
+    fn preference_strength_weights_the_pair() {
+        for (strength, weight) in [(0, 1.0), (1, 0.5), (2, 1.0), (3, 1.5)] {
+            let feedback = Feedback::Preference {
+                preferred: "g1/c0".into(),
+                other: "g1/c1".into(),
+                strength,
+                rationale: String::new(),
+            };
+            assert_eq!(pairs(feedback), [pair("It ships today.", "No idea.", weight)], "strength {strength}");
+        }
+    }
+
+    #[test]
+    fn a_rejected_candidate_loses_to_the_text_the_agent_sent() {
+        let rejected = |sent: &str| Feedback::Adoption {
+            candidate_id: "g1/c1".into(),
+            decision: Decision::Rejected,
+            sent_text: sent.into(),
+            rationale: String::new(),
+        };
+        assert_eq!(
+            pairs(rejected("Your parcel arrives Friday.")),
+            [pair("Your parcel arrives Friday.", "No idea.", 1.0)]
+        );
+        // Nothing sent, or the candidate's own text: no pair.
+        assert!(pairs(rejected("  ")).is_empty());
+        assert!(pairs(rejected("No idea. ")).is_empty());
+    }
+
+    #[test]
+    fn adoptions_weigh_one() {
+        let adoption = |decision, sent: &str| Feedback::Adoption {
+            candidate_id: "g1/c0".into(),
+            decision,
+            sent_text: sent.into(),
+            rationale: String::new(),
+        };
+        assert_eq!(pairs(adoption(Decision::AdoptedAsIs, "")), [pair("It ships today.", "No idea.", 1.0)]);
+        assert_eq!(
+            pairs(adoption(Decision::Edited, "It ships today by courier.")),
+            [pair("It ships today by courier.", "It ships today.", 1.0)]
+        );
+    }
 }

@@ -19,6 +19,8 @@ pub mod rows;
 pub mod simulate;
 pub mod text;
 pub mod train_bert;
+pub mod train_generator;
+pub mod train_llama;
 pub mod train_ranker;
 pub mod train_retriever;
 
