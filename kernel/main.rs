@@ -751,12 +751,12 @@ fn models_promote(config: &Config, version: &str, force: bool, server: Option<St
     aitl::worker::round::trained(config, version)?;
     let knowledge = knowledge_source(config, server)?.live_objects()?;
     let promotion = runtime()?.block_on(aitl::worker::round::promote(config, version, knowledge, force))?;
-    match (&promotion.gate, json) {
-        (Some(gate), true) => println!("{}", serde_json::to_string_pretty(gate).expect("json")),
-        (Some(gate), false) => print!("{gate}"),
-        (None, _) => {
-            println!("generators have no offline gate: compare champion and challenger with `aitl eval feedback`")
-        }
+    match (&promotion.gate, &promotion.generator_gate, json) {
+        (Some(gate), _, true) => println!("{}", serde_json::to_string_pretty(gate).expect("json")),
+        (Some(gate), _, false) => print!("{gate}"),
+        (None, Some(gate), true) => println!("{}", serde_json::to_string_pretty(gate).expect("json")),
+        (None, Some(gate), false) => print!("{gate}"),
+        (None, None, _) => {}
     }
     if promotion.promoted {
         println!("{version} now serves; a running server on this data dir switches to it");

@@ -3,8 +3,9 @@
 //! knowledge base first) and a new ranker swap in without a failed request,
 //! every response is scored by one model's query encoder against the same
 //! model's index, rollback restores the previous model, a model that cannot
-//! load leaves the old one serving and says why, and a generator challenger
-//! writes one of the two candidates of its share of Generate requests.
+//! load leaves the old one serving and says why, a generator challenger
+//! writes one of the two candidates of its share of Generate requests, and a
+//! LoRA adapter promoted under Generate traffic fails no request.
 
 mod common;
 
@@ -286,5 +287,76 @@ async fn a_challenger_writes_one_candidate_of_its_share_of_requests() {
     }
     let response = support.generate(generate()).await.unwrap().into_inner();
     assert!(response.candidates.iter().all(|c| c.model_version == generator.version));
+    server.shutdown().await.unwrap();
+}
+
+/// A trained adapter (a PEFT folder over the serving base) promoted while
+/// Generate requests run: no request fails, every candidate names the
+/// version that wrote it (the base, or `{base}+{adapter}`), and after the
+/// switch the adapter writes every candidate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adapter_promoted_under_generate_traffic_fails_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // The fixture adapter, in the registry's trained folder, over the base by absolute path.
+    let adapter = aitl::registry::trained_dir(&data).join("generator-adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/orpo-golden/adapter");
+    std::fs::copy(fixture.join("adapter_model.safetensors"), adapter.join("adapter_model.safetensors")).unwrap();
+    let config_text = std::fs::read_to_string(fixture.join("adapter_config.json"))
+        .unwrap()
+        .replace("\"tests/fixtures/tiny-llama\"", &format!("{:?}", tiny_llama().display().to_string()));
+    std::fs::write(adapter.join("adapter_config.json"), config_text).unwrap();
+
+    let mut config = common::config(&data);
+    config.models.generator = tiny_llama().display().to_string();
+    config.models.registry_poll_ms = 20;
+    let server = aitl::server::start(config).await.unwrap();
+    let (support, _) = common::clients(&server).await;
+    let mut flywheel = FlywheelServiceClient::new(common::channel(&server).await);
+    let base = wait_for(&mut flywheel, "generator", |_| true).await.version;
+
+    let generate = || GenerateRequest {
+        system_prompt: "Be brief.".into(),
+        conversation: vec![aitl::proto::ConversationTurn {
+            speaker: aitl::proto::Speaker::Customer as i32,
+            text: "Can I bring my dog?".into(),
+        }],
+        num_candidates: 2,
+        sampling: Some(aitl::proto::SamplingParams { max_new_tokens: 3, ..Default::default() }),
+        ..Default::default()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let (mut support, stop) = (support.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut versions = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let response = support.generate(generate()).await.expect("no Generate fails during the swap");
+                    let response = response.into_inner();
+                    assert_eq!(response.candidates.len(), 2);
+                    versions.extend(response.candidates.into_iter().map(|c| c.model_version));
+                }
+                versions
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    promote(&data, Role::Generator, "generator-adapter");
+    let adapted = wait_for(&mut flywheel, "generator", |m| m.version != base).await.version;
+    assert!(adapted.starts_with(&format!("{base}+generator-adapter@")), "{adapted}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut seen = std::collections::HashSet::new();
+    for client in clients {
+        for version in client.await.unwrap() {
+            assert!(version == base || version == adapted, "a candidate names {version}");
+            seen.insert(version);
+        }
+    }
+    assert!(seen.contains(&adapted), "candidates from the adapter after the switch");
+    let response = support.clone().generate(generate()).await.unwrap().into_inner();
+    assert!(response.candidates.iter().all(|c| c.model_version == adapted));
     server.shutdown().await.unwrap();
 }

@@ -430,3 +430,53 @@ fn over_a_quantized_base_gradients_reach_the_adapters() {
     }
     assert_eq!(reached, model.adapters().len(), "every adapter's B moves the loss");
 }
+
+/// The generator gate, through the serving decoder: an adapter trained
+/// toward the agents' choices is accepted, one trained against them is
+/// refused and says why; and the serving decoder scores the held-out pairs
+/// as the trainer did.
+#[test]
+fn the_gate_accepts_a_better_adapter_and_refuses_a_worse_one() {
+    use aitl::registry::{gate::PromotionOptions, generator_gate};
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixtures().join("tiny-llama");
+    let heldout = synthetic(8, 100);
+    let swapped = |rows: Vec<GeneratorRow>| -> Vec<GeneratorRow> {
+        rows.into_iter().map(|r| GeneratorRow { chosen: r.rejected, rejected: r.chosen, ..r }).collect()
+    };
+    let (better, worse) = (dir.path().join("better"), dir.path().join("worse"));
+    let options = short_run();
+    let report =
+        train_generator::train_generator(&base, &synthetic(8, 0), &heldout, &better, &options, |_, _, _| {}).unwrap();
+    train_generator::train_generator(&base, &swapped(synthetic(8, 0)), &heldout, &worse, &options, |_, _, _| {})
+        .unwrap();
+    let gate = PromotionOptions::default();
+    let accepted = generator_gate::decide(&gate, ("base", &base), ("better", &better), &heldout).unwrap();
+    print!("{accepted}");
+    assert!(accepted.accepted, "{:?}", accepted.reasons);
+    assert_eq!(Some(accepted.candidate_accuracy), report.preference_accuracy_after, "serving and training agree");
+    assert_eq!(Some(accepted.serving_accuracy), report.preference_accuracy_before);
+    let refused = generator_gate::decide(&gate, ("base", &base), ("worse", &worse), &heldout).unwrap();
+    print!("{refused}");
+    assert!(!refused.accepted);
+    assert!(refused.reasons[0].contains("below the required gain"), "{:?}", refused.reasons);
+    assert!(refused.candidate_accuracy <= refused.serving_accuracy);
+
+    // The guard: DSTC11's reference replies after their conversations.
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/dstc11-track5");
+    assert!(data.exists(), "the DSTC11 data is at {}", data.display());
+    let guarded = |tolerance: f64| PromotionOptions {
+        guard_dataset: data.clone(),
+        guard_split: "eval".into(),
+        guard_limit: 3,
+        generator_perplexity_tolerance: tolerance,
+        ..PromotionOptions::default()
+    };
+    let lenient = generator_gate::decide(&guarded(1e6), ("base", &base), ("better", &better), &heldout).unwrap();
+    print!("{lenient}");
+    let (old, new) = (lenient.serving_perplexity.unwrap(), lenient.candidate_perplexity.unwrap());
+    assert!(old.is_finite() && new.is_finite() && old > 1.0 && new > 1.0, "{old} {new}");
+    assert!(lenient.accepted && lenient.guard_replies == 3);
+    let strict = generator_gate::decide(&guarded(-1.0), ("base", &base), ("better", &better), &heldout).unwrap();
+    assert!(!strict.accepted && strict.reasons[1].contains("above the tolerated"), "{:?}", strict.reasons);
+}

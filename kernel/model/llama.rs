@@ -538,6 +538,46 @@ impl Llama {
     /// cache; returns the logits at each sequence's last new position. All
     /// sequences' tokens share every matrix product.
     pub fn forward(&self, device: &Device, steps: &mut [Step<'_>]) -> Result<Vec<Vec<f32>>> {
+        let ends: Vec<u32> = steps
+            .iter()
+            .scan(0, |end, step| {
+                *end += step.tokens.len() as u32;
+                Some(*end - 1)
+            })
+            .collect();
+        self.forward_rows(device, steps, &ends)
+    }
+
+    /// Log-probabilities of `tokens[t]` given `tokens[..t]` for every `t` in
+    /// `from..tokens.len()` (teacher forcing over one sequence, one pass):
+    /// how likely the model finds a reply after its prompt.
+    pub fn token_logprobs(&self, device: &Device, tokens: &[u32], from: usize) -> Result<Vec<f32>> {
+        if from == 0 || from > tokens.len() {
+            return Err(Error::InvalidArgument(format!(
+                "scoring tokens from {from} of {}: a reply needs at least one token before it",
+                tokens.len()
+            )));
+        }
+        let rows: Vec<u32> = (from as u32 - 1..tokens.len() as u32 - 1).collect();
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cache = self.new_cache();
+        let logits = self.forward_rows(device, &mut [Step { tokens, cache: &mut cache }], &rows)?;
+        Ok(logits
+            .iter()
+            .zip(&tokens[from..])
+            .map(|(row, &next)| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f64 = row.iter().map(|&l| ((l - max) as f64).exp()).sum();
+                (row[next as usize] - max) - sum.ln() as f32
+            })
+            .collect())
+    }
+
+    /// The forward pass, with logits for the rows `rows` of the step's
+    /// stacked positions (only those go through the output projection).
+    fn forward_rows(&self, device: &Device, steps: &mut [Step<'_>], rows: &[u32]) -> Result<Vec<Vec<f32>>> {
         let w = &*self.base;
         let c = &w.config;
         let mut ids = Vec::new();
@@ -606,12 +646,8 @@ impl Llama {
             };
             device.add(&mut x, &ffn_out)?;
         }
-        // Only the last position of each sequence needs logits.
-        let ends = steps.iter().scan(0, |end, step| {
-            *end += step.tokens.len() as u32;
-            Some(*end - 1)
-        });
-        let last = device.gather_rows(&x, &ends.collect::<Vec<_>>())?;
+        // Only the rows asked for need logits (a sequence's last, to decode).
+        let last = device.gather_rows(&x, rows)?;
         let normed = device.rms_norm(&last, &w.output_norm, c.rms_eps)?;
         let logits = device.linear_quantized(&normed, w.output.as_ref().unwrap_or(&w.embeddings))?;
         Ok(logits.to_host()?.chunks_exact(c.vocab).map(<[f32]>::to_vec).collect())

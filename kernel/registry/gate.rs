@@ -38,6 +38,14 @@ pub struct PromotionOptions {
     /// At most this many of them, evenly spaced (0: all): a cross-encoder
     /// reranks 75 passages per query, twice per gate.
     pub guard_limit: usize,
+    /// A trained generator must favour the agents' choice on this much more
+    /// of the held-out preference pairs than the serving one (absolute).
+    pub generator_min_gain: f64,
+    /// ... and may raise the guard replies' perplexity by at most this share.
+    pub generator_perplexity_tolerance: f64,
+    /// Held-out pairs the generator gate scores, evenly spaced (0: all):
+    /// each is two teacher-forced passes per model.
+    pub generator_pairs_limit: usize,
 }
 
 impl Default for PromotionOptions {
@@ -48,6 +56,9 @@ impl Default for PromotionOptions {
             guard_dataset: PathBuf::new(),
             guard_split: "history".into(),
             guard_limit: 300,
+            generator_min_gain: 0.02,
+            generator_perplexity_tolerance: 0.05,
+            generator_pairs_limit: 200,
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{
-    datasets::{self, LabelledInteraction, RankerRow, RetrieverPair, RetrieverTriplet},
+    datasets::{self, GeneratorRow, LabelledInteraction, RankerRow, RetrieverPair, RetrieverTriplet},
     train_ranker::{self, RankerTraining},
     train_retriever::{self, RetrieverTraining},
 };
@@ -17,6 +17,7 @@ use crate::{
     registry::{
         self, Registry, Role,
         gate::{self, GateInput, GateReport},
+        generator_gate::{self, GeneratorGateReport},
         manifest::TrainedManifest,
     },
 };
@@ -138,6 +139,8 @@ pub async fn train(
 /// The gate's verdict on `version`, and whether the registry now serves it.
 pub struct Promotion {
     pub gate: Option<GateReport>,
+    /// The generator's gate (a generator has no retrieval gate).
+    pub generator_gate: Option<GeneratorGateReport>,
     pub promoted: bool,
 }
 
@@ -168,6 +171,25 @@ pub async fn promote(
     if registry.role(role).serving.as_deref() == Some(version) {
         return Err(Error::AlreadyExists(format!("{version} already serves as the {role}")));
     }
+    let generator_gate = if role == Role::Generator {
+        let serving = registry.serving_config(config).generator_path()?.ok_or_else(|| {
+            Error::FailedPrecondition("no generator serves, so there is nothing to gate a generator against".into())
+        })?;
+        let serving_label = registry.role(role).serving.clone().unwrap_or_else(|| "the configured generator".into());
+        let heldout: Vec<GeneratorRow> = datasets::read_rows(&manifest.training_set_dir, "heldout", "generator")?;
+        let options = config.promotion.clone();
+        let folder = folder.clone();
+        let version = version.to_string();
+        Some(
+            tokio::task::spawn_blocking(move || {
+                generator_gate::decide(&options, (&serving_label, &serving), (&version, &folder), &heldout)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("the generator gate: {e}")))??,
+        )
+    } else {
+        None
+    };
     let gate = if role == Role::Generator {
         None
     } else {
@@ -184,16 +206,17 @@ pub async fn promote(
         };
         Some(gate::decide(config, &config.promotion, input).await?)
     };
-    let passed = gate.as_ref().is_some_and(|g| g.accepted);
+    let passed = gate.as_ref().is_some_and(|g| g.accepted) || generator_gate.as_ref().is_some_and(|g| g.accepted);
     let promoted = passed || force;
     if promoted {
-        let note = match (&gate, passed) {
-            (Some(g), true) => format!("gate passed: {}", g.reasons.join("; ")),
-            (Some(g), false) => format!("forced past the gate: {}", g.reasons.join("; ")),
+        let reasons = gate.as_ref().map(|g| &g.reasons).or(generator_gate.as_ref().map(|g| &g.reasons));
+        let note = match (reasons, passed) {
+            (Some(reasons), true) => format!("gate passed: {}", reasons.join("; ")),
+            (Some(reasons), false) => format!("forced past the gate: {}", reasons.join("; ")),
             (None, _) => "forced (no offline gate for this role)".into(),
         };
         registry.promote(role, version, note);
         registry.save(&config.data_dir)?;
     }
-    Ok(Promotion { gate, promoted })
+    Ok(Promotion { gate, generator_gate, promoted })
 }
