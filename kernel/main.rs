@@ -114,6 +114,13 @@ enum Command {
         /// the retriever).
         #[arg(long, default_value_t = 200)]
         ranker_steps: usize,
+        /// Generator training (ORPO on LoRA over the serving generator): a cap on steps of one pair
+        /// (0: all of one epoch).
+        #[arg(long, default_value_t = 50)]
+        generator_steps: usize,
+        /// Skip the generator's training, gate and promotion.
+        #[arg(long)]
+        no_generator: bool,
         #[arg(long, default_value_t = 7)]
         seed: u64,
         #[arg(long)]
@@ -539,6 +546,8 @@ fn run(cli: Cli) -> Result<()> {
             epochs,
             retriever_steps,
             ranker_steps,
+            generator_steps,
+            no_generator,
             seed,
             json,
         } => {
@@ -560,6 +569,11 @@ fn run(cli: Cli) -> Result<()> {
                     let mut ranker = aitl::worker::train_ranker::RankerTraining::default();
                     ranker.schedule.max_steps = ranker_steps;
                     ranker
+                }),
+                generator: (!no_generator).then(|| {
+                    let mut generator = aitl::worker::train_generator::GeneratorTraining::default();
+                    generator.schedule.max_steps = generator_steps;
+                    generator
                 }),
             };
             let report = runtime()?.block_on(aitl::worker::demo::run(&config, &options))?;

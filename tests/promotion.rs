@@ -150,12 +150,15 @@ async fn the_flywheel_demo_runs_a_round_end_to_end() {
         ranker: Some(aitl::worker::train_ranker::RankerTraining {
             schedule: Schedule { batch_size: 8, max_steps: 2, max_tokens: 64, ..Default::default() },
         }),
+        // No Generate share, so no preference pairs: the generator's step says so and is skipped.
+        generator: Some(Default::default()),
     };
     let report = aitl::worker::demo::run(&config, &options).await.unwrap();
     assert_eq!(report.simulation.questions, 90, "90% of 100 questions are history");
     assert_eq!((report.before.metrics.queries, report.after.metrics.queries), (10, 10));
     assert!(report.training_set.rejected > 0, "the judge rejects some careless annotations");
     assert_eq!(report.gates.len(), 2);
+    assert!(report.generator_gate.is_none(), "no preference pairs, no generator gate");
     assert!(report.gates.iter().all(|g| g.guard.as_ref().is_some_and(|guard| guard.queries == 10)));
     let registry = Registry::load(&data).unwrap();
     let (retriever, ranker) = (registry.retriever.serving.unwrap(), registry.ranker.serving.unwrap());

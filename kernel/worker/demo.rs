@@ -4,8 +4,9 @@
 //! queries; simulated agents working through the history questions over
 //! gRPC; the worker judging their annotations; training sets exported;
 //! retriever and ranker trained, gated and promoted into the running server
-//! (which re-embeds the knowledge base and switches); the held-out queries
-//! scored again.
+//! (which re-embeds the knowledge base and switches); the generator's LoRA
+//! adapters trained with ORPO on the agents' preferences and adoptions, gated
+//! and promoted (unless skipped); the held-out queries scored again.
 
 use std::{
     path::PathBuf,
@@ -19,6 +20,7 @@ use super::{
     journal::Journal,
     round::{self, Trainer},
     simulate::{self, SimulationOptions, SimulationReport},
+    train_generator::{self, GeneratorTraining},
     train_ranker::RankerTraining,
     train_retriever::RetrieverTraining,
 };
@@ -30,7 +32,7 @@ use crate::{
         retrieval::{self, RetrievalReport},
     },
     kb::{self, KnowledgeStore, QueryComposition},
-    registry::{Registry, Role, gate::GateReport},
+    registry::{Registry, Role, gate::GateReport, generator_gate::GeneratorGateReport},
     worker::datasets::KnowledgeSource,
 };
 
@@ -47,6 +49,8 @@ pub struct DemoOptions {
     pub retriever: RetrieverTraining,
     /// None: the ranker is not trained (the similarity ranker follows the retriever).
     pub ranker: Option<RankerTraining>,
+    /// None: the generator is not trained (`--no-generator`).
+    pub generator: Option<GeneratorTraining>,
 }
 
 #[derive(Debug, Serialize)]
@@ -62,6 +66,7 @@ pub struct DemoReport {
     pub simulation: SimulationReport,
     pub training_set: datasets::Manifest,
     pub gates: Vec<GateReport>,
+    pub generator_gate: Option<GeneratorGateReport>,
     pub promoted: Vec<String>,
     pub stages: Vec<Stage>,
 }
@@ -232,6 +237,18 @@ pub async fn run(config: &Config, options: &DemoOptions) -> Result<DemoReport> {
         }
     }
 
+    let mut generator_gate = None;
+    if let Some(training) = &options.generator {
+        match train_and_gate_generator(&config, &server, &dataset_dir, &training_set, training, &mut clock).await? {
+            Some((gate, Some(version))) => {
+                generator_gate = Some(gate);
+                promoted.push(version);
+            }
+            Some((gate, None)) => generator_gate = Some(gate),
+            None => eprintln!("== the export holds no preference pairs: the generator is not trained"),
+        }
+    }
+
     let serving = Registry::load(&config.data_dir)?.serving_config(&config);
     let after = clock
         .time(
@@ -240,7 +257,55 @@ pub async fn run(config: &Config, options: &DemoOptions) -> Result<DemoReport> {
         )
         .await?;
     server.shutdown().await?;
-    Ok(DemoReport { before, after, simulation, training_set, gates, promoted, stages: clock.stages })
+    Ok(DemoReport { before, after, simulation, training_set, gates, generator_gate, promoted, stages: clock.stages })
+}
+
+/// ORPO on LoRA adapters over the serving generator, then its gate; the
+/// gate's report and the promoted version's name when it passed. None when
+/// the export has no preference pairs to train on.
+async fn train_and_gate_generator(
+    config: &Config,
+    server: &crate::server::RunningServer,
+    dataset_dir: &std::path::Path,
+    training_set: &datasets::Manifest,
+    training: &GeneratorTraining,
+    clock: &mut Clock,
+) -> Result<Option<(GeneratorGateReport, Option<String>)>> {
+    let train: Vec<datasets::GeneratorRow> = datasets::read_rows(dataset_dir, "train", "generator")?;
+    let heldout: Vec<datasets::GeneratorRow> = datasets::read_rows(dataset_dir, "heldout", "generator")?;
+    if train.is_empty() || heldout.is_empty() {
+        return Ok(None);
+    }
+    let base = Registry::load(&config.data_dir)?
+        .serving_config(config)
+        .generator_path()?
+        .ok_or_else(|| Error::FailedPrecondition("no generator serves: nothing to train adapters over".into()))?;
+    let name = format!("generator-{}", training_set.version);
+    let output = crate::registry::trained_dir(&config.data_dir).join(&name);
+    let (training, version, dataset) = (training.clone(), training_set.version.clone(), dataset_dir.to_owned());
+    clock
+        .time(
+            &format!("train the generator ({} pairs, ORPO on LoRA)", train.len()),
+            blocking(move || {
+                let progress = |step: usize, total: usize, loss: f32| {
+                    if step.is_multiple_of(10) || step == total {
+                        eprintln!("step {step}/{total} loss {loss:.4}");
+                    }
+                };
+                let report = train_generator::train_generator(&base, &train, &heldout, &output, &training, progress)?;
+                train_generator::write_manifest(&report, &base, &training, &version, &dataset)
+            }),
+        )
+        .await?;
+    let promotion =
+        clock.time("promotion gate for the generator", round::promote(config, &name, Vec::new(), false)).await?;
+    let gate = promotion.generator_gate.ok_or_else(|| Error::Internal("the generator gate did not run".into()))?;
+    eprint!("{gate}");
+    if !promotion.promoted {
+        return Ok(Some((gate, None)));
+    }
+    clock.time("server switches its generator", switched(server, Role::Generator, &name)).await?;
+    Ok(Some((gate, Some(name))))
 }
 
 impl std::fmt::Display for DemoReport {
@@ -273,6 +338,9 @@ impl std::fmt::Display for DemoReport {
             self.after.ranked.as_ref().map_or("-", |r| r.ranker.as_str())
         )?;
         for gate in &self.gates {
+            write!(f, "{gate}")?;
+        }
+        if let Some(gate) = &self.generator_gate {
             write!(f, "{gate}")?;
         }
         writeln!(f, "| stage | wall time (s) |")?;

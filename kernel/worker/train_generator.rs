@@ -82,8 +82,11 @@ impl Default for GeneratorTraining {
         GeneratorTraining {
             // LoRA takes rates far above full fine-tuning's; no weight decay
             // on the adapters (TRL's default).
+            // One pair a step: candle keeps every activation of a step for
+            // its backward pass, and a pair of ~600-token sequences through
+            // SmolLM2-135M already peaks at 13 GB (benches/train_generator.rs).
             schedule: Schedule {
-                batch_size: 4,
+                batch_size: 1,
                 learning_rate: 1e-4,
                 weight_decay: 0.0,
                 max_tokens: 1024,
