@@ -752,12 +752,9 @@ fn train_generator(
             .generator_path()?
             .ok_or_else(|| Error::InvalidArgument("no generator is configured: pass --base".into()))?,
     };
-    let train: Vec<datasets::GeneratorRow> = datasets::read_rows(dataset, "train", "generator")?;
-    let heldout: Vec<datasets::GeneratorRow> = datasets::read_rows(dataset, "heldout", "generator")?;
-    let report = train_generator::train_generator(&base, &train, &heldout, &folder, &options, training_progress())?;
-    let manifest = train_generator::write_manifest(&report, &base, &options, &export.version, dataset)?;
+    let manifest = train_generator::train_from_export(dataset, &base, &folder, &options, training_progress())?;
     println!("{}", serde_json::to_string_pretty(&manifest).expect("json"));
-    println!("trained adapters over {} in {}", base.display(), folder.display());
+    println!("trained adapters over {} in {}", manifest.trained.parent, folder.display());
     Ok(())
 }
 

@@ -451,12 +451,13 @@ fn the_gate_accepts_a_better_adapter_and_refuses_a_worse_one() {
     train_generator::train_generator(&base, &swapped(synthetic(8, 0)), &heldout, &worse, &options, |_, _, _| {})
         .unwrap();
     let gate = PromotionOptions::default();
-    let accepted = generator_gate::decide(&gate, ("base", &base), ("better", &better), &heldout).unwrap();
+    let f32 = aitl::backend::Precision::F32;
+    let accepted = generator_gate::decide(&gate, f32, ("base", &base), ("better", &better), &heldout).unwrap();
     print!("{accepted}");
     assert!(accepted.accepted, "{:?}", accepted.reasons);
     assert_eq!(Some(accepted.candidate_accuracy), report.preference_accuracy_after, "serving and training agree");
     assert_eq!(Some(accepted.serving_accuracy), report.preference_accuracy_before);
-    let refused = generator_gate::decide(&gate, ("base", &base), ("worse", &worse), &heldout).unwrap();
+    let refused = generator_gate::decide(&gate, f32, ("base", &base), ("worse", &worse), &heldout).unwrap();
     print!("{refused}");
     assert!(!refused.accepted);
     assert!(refused.reasons[0].contains("below the required gain"), "{:?}", refused.reasons);
@@ -472,11 +473,23 @@ fn the_gate_accepts_a_better_adapter_and_refuses_a_worse_one() {
         generator_perplexity_tolerance: tolerance,
         ..PromotionOptions::default()
     };
-    let lenient = generator_gate::decide(&guarded(1e6), ("base", &base), ("better", &better), &heldout).unwrap();
+    let lenient = generator_gate::decide(&guarded(1e6), f32, ("base", &base), ("better", &better), &heldout).unwrap();
     print!("{lenient}");
     let (old, new) = (lenient.serving_perplexity.unwrap(), lenient.candidate_perplexity.unwrap());
     assert!(old.is_finite() && new.is_finite() && old > 1.0 && new > 1.0, "{old} {new}");
     assert!(lenient.accepted && lenient.guard_replies == 3);
-    let strict = generator_gate::decide(&guarded(-1.0), ("base", &base), ("better", &better), &heldout).unwrap();
+    let strict = generator_gate::decide(&guarded(-1.0), f32, ("base", &base), ("better", &better), &heldout).unwrap();
     assert!(!strict.accepted && strict.reasons[1].contains("above the tolerated"), "{:?}", strict.reasons);
+}
+
+/// After a generator promotion what serves is an adapter folder: the next
+/// round trains fresh adapters over that adapter's own base.
+#[test]
+fn a_served_adapter_resolves_to_its_base_for_the_next_round() {
+    std::env::set_current_dir(env!("CARGO_MANIFEST_DIR")).unwrap();
+    let adapter = fixtures().join("orpo-golden/adapter");
+    let base = train_generator::frozen_base(&adapter).unwrap();
+    assert_eq!(std::fs::canonicalize(base).unwrap(), std::fs::canonicalize(fixtures().join("tiny-llama")).unwrap());
+    let plain = fixtures().join("tiny-llama");
+    assert_eq!(train_generator::frozen_base(&plain).unwrap(), plain);
 }

@@ -298,7 +298,7 @@ impl Generation {
             queue_ns: queue.as_nanos() as u64,
             compute_ns: (total - queue).as_nanos() as u64,
             total_ns: total.as_nanos() as u64,
-            device: crate::backend::Device::Cpu.label(),
+            device: crate::serving::load::GENERATOR_DEVICE.label(),
         };
         let record = InteractionRecord {
             interaction_id: self.interaction_id.clone(),

@@ -16,7 +16,9 @@ impl From<Error> for Status {
             Error::Internal(_) => Code::Internal,
             Error::Cuda(cuda) => match cuda {
                 CudaError::Unavailable(_) => Code::Unavailable,
-                CudaError::Driver { .. } | CudaError::Compile { .. } | CudaError::Unsupported { .. } => Code::Internal,
+                CudaError::Driver { detail, .. } if detail.contains("OUT_OF_MEMORY") => Code::ResourceExhausted,
+                CudaError::Unsupported { .. } => Code::Unimplemented,
+                CudaError::Driver { .. } | CudaError::Compile { .. } => Code::Internal,
             },
             Error::Log(log) => match log {
                 LogError::DiskFull(_) | LogError::QueueFull(_) => Code::ResourceExhausted,

@@ -389,6 +389,16 @@ impl Device {
         }
     }
 
+    /// Whether this device has an attention kernel for heads of `head_dim`
+    /// (the CPU has one for every size), so a model can refuse to load
+    /// rather than fail every request.
+    pub fn supports_attention(&self, head_dim: usize) -> bool {
+        match self {
+            Device::Cpu => true,
+            Device::Cuda(_) => cuda::kernels::KernelId::attention(head_dim).is_some(),
+        }
+    }
+
     /// Waits for queued work (a no-op on the CPU): for timings.
     pub fn synchronize(&self) -> Result<()> {
         match self {

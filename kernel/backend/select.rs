@@ -60,21 +60,29 @@ impl<'de> serde::Deserialize<'de> for DeviceChoice {
     }
 }
 
-/// Devices opened so far in this process, by setting: each GPU gets one
-/// context and stream however many engines use it.
+/// Devices opened so far in this process, by the setting they resolved to
+/// (`auto` with a GPU is `cuda:0`): each GPU gets one context and stream
+/// however many engines and settings use it.
 static OPENED: std::sync::Mutex<Vec<(DeviceChoice, Device)>> = std::sync::Mutex::new(Vec::new());
 
 impl Device {
-    /// [`Device::select`] once per setting and process; the choice and its
-    /// reason are logged the first time.
+    /// [`Device::select`] once per GPU (or setting) and process; the choice
+    /// and its reason are logged the first time.
     pub fn shared(choice: DeviceChoice, cache: &KernelCache) -> Result<Device> {
+        let key = match choice {
+            DeviceChoice::Auto if matches!(probe(), Probe::Gpus(_)) => DeviceChoice::Cuda(0),
+            other => other,
+        };
         let mut opened = OPENED.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, device)) = opened.iter().find(|(c, _)| *c == choice) {
+        if let Some((_, device)) = opened.iter().find(|(c, _)| *c == key || *c == choice) {
             return Ok(device.clone());
         }
         let (device, why) = Device::select(choice, cache)?;
         tracing::info!(device = %device.label(), reason = %why, "compute device");
-        opened.push((choice, device.clone()));
+        // An `auto` that fell back to the CPU is remembered as `auto`, so
+        // an explicit `cuda:0` still tries the GPU and says why it fails.
+        let stored = if matches!(device, Device::Cuda(_)) { key } else { choice };
+        opened.push((stored, device.clone()));
         Ok(device)
     }
 

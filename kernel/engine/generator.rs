@@ -118,7 +118,7 @@ pub struct Checkpoint {
 
 /// Bases loaded in this process, so generator versions over one base (a
 /// champion and a challenger that differ by adapter) share its weights.
-static BASES: std::sync::Mutex<Vec<(std::path::PathBuf, Precision, SharedBase)>> = std::sync::Mutex::new(Vec::new());
+static BASES: std::sync::Mutex<Vec<(BaseKey, SharedBase)>> = std::sync::Mutex::new(Vec::new());
 
 impl Checkpoint {
     /// A GGUF file, a Hugging Face folder, or a PEFT LoRA adapter folder
@@ -140,40 +140,59 @@ impl Checkpoint {
     /// A base decoder, sharing the weights of one already loaded from the
     /// same path in the same precision.
     fn load_base(device: &Device, path: &Path, prefill: Precision) -> Result<Self> {
-        // One base named two ways (relative, absolute, through a link) is one base.
-        let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+        let weights = match path.join("model.safetensors") {
+            _ if !path.is_dir() => path.to_owned(),
+            single if single.exists() => single,
+            // Sharded: the index names every shard.
+            _ => path.join("model.safetensors.index.json"),
+        };
+        let version = format!(
+            "{}@{}",
+            path.file_stem().map_or_else(|| "generator".into(), |s| s.to_string_lossy().into_owned()),
+            crate::model::hf_folder::digest_prefix(&weights)?
+        );
+        // One base is the same file (named in any way), of the same
+        // contents, in the same precision, on the same device.
+        let key = BaseKey {
+            path: std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned()),
+            version: version.clone(),
+            prefill,
+            device: device.label(),
+        };
         let shared = {
             let mut bases = BASES.lock().unwrap_or_else(|p| p.into_inner());
-            bases.retain(|(_, _, base)| base.upgrade().is_some());
-            bases.iter().find(|(p, pr, _)| *p == key && *pr == prefill).and_then(|(_, _, base)| base.upgrade())
+            bases.retain(|(_, base)| base.upgrade().is_some());
+            bases.iter().find(|(k, _)| *k == key).and_then(|(_, base)| base.upgrade())
         };
-        let (model, tokenizer, weights) = if path.is_dir() {
-            let weights = match path.join("model.safetensors") {
-                single if single.exists() => single,
-                // Sharded: the index names every shard.
-                _ => path.join("model.safetensors.index.json"),
-            };
+        let loaded = shared.is_none();
+        let (model, tokenizer) = if path.is_dir() {
             let model = match shared {
                 Some(model) => model,
                 None => Llama::from_hf_folder(device, path)?,
             };
-            (model, ChatTokenizer::from_hf_folder(path)?, weights)
+            (model, ChatTokenizer::from_hf_folder(path)?)
         } else {
             let file = GgufFile::open(path)?;
             let model = match shared {
                 Some(model) => model,
                 None => Llama::from_gguf_in(device, &file, prefill)?,
             };
-            (model, ChatTokenizer::from_gguf(&file)?, path.to_owned())
+            (model, ChatTokenizer::from_gguf(&file)?)
         };
-        BASES.lock().unwrap_or_else(|p| p.into_inner()).push((key, prefill, model.share()));
-        let version = format!(
-            "{}@{}",
-            path.file_stem().map_or_else(|| "generator".into(), |s| s.to_string_lossy().into_owned()),
-            crate::model::hf_folder::digest_prefix(&weights)?
-        );
+        if loaded {
+            BASES.lock().unwrap_or_else(|p| p.into_inner()).push((key, model.share()));
+        }
         Ok(Checkpoint { model, tokenizer, version })
     }
+}
+
+/// What makes two loaded bases one.
+#[derive(PartialEq)]
+struct BaseKey {
+    path: std::path::PathBuf,
+    version: String,
+    prefill: Precision,
+    device: String,
 }
 
 impl GeneratorEngine {

@@ -65,8 +65,6 @@ impl Ranker {
         Ranker::Similarity { semantic, version }
     }
 
-    /// What Rank reports as its ranker: the cross-encoder's version, or
-    /// `similarity:{embedder version}` for the cold-start fallback.
     /// The device that scores: the cross-encoder's, or the embedding model's.
     pub fn device(&self) -> &crate::backend::Device {
         match self {
@@ -75,6 +73,8 @@ impl Ranker {
         }
     }
 
+    /// What Rank reports as its ranker: the cross-encoder's version, or
+    /// `similarity:{embedder version}` for the cold-start fallback.
     pub fn version(&self) -> &str {
         match self {
             Ranker::CrossEncoder(engine) => engine.version(),

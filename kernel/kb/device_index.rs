@@ -37,7 +37,11 @@ impl DeviceIndex {
     fn search_on_device(&self, queries: &[Query]) -> Result<Vec<Vec<Hit>>, CudaError> {
         let mut mirror = self.mirror.lock().unwrap_or_else(|p| p.into_inner());
         self.host.read_with_changes(|slots, changed| {
-            write_changes(&self.gpu, &mut mirror, slots, changed, self.host.dimension())?;
+            if let Err(e) = write_changes(&self.gpu, &mut mirror, slots, changed, self.host.dimension()) {
+                // The changes are taken: rewrite everything next time.
+                mirror.forget();
+                return Err(e);
+            }
             let words = slots.entries.len().div_ceil(32);
             let filters: Vec<(u32, Option<Vec<u32>>)> = queries.iter().map(|q| filter_masks(slots, q, words)).collect();
             let device_queries: Vec<DeviceQuery> = queries

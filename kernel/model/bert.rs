@@ -155,6 +155,19 @@ impl BertEncoder {
     /// (embeddings, norms and attention stay f32).
     pub fn load_in(device: &Device, dir: &Path, precision: Precision) -> Result<Self> {
         let config = BertConfig::read(dir)?;
+        let head_dim = config.hidden_size / config.num_attention_heads.max(1);
+        if !device.supports_attention(head_dim) {
+            return Err(crate::backend::cuda::CudaError::Unsupported {
+                op: "attention",
+                detail: format!(
+                    "{}: heads of {head_dim} on {}; the CUDA attention kernels take 16, 32, 64 or 128 \
+                     (device = \"cpu\" serves this model)",
+                    dir.display(),
+                    device.label()
+                ),
+            }
+            .into());
+        }
         let weights = SafetensorsFile::open(&dir.join("model.safetensors"))?;
         let h = config.hidden_size;
         let norm = |prefix: &str| -> Result<Norm> {

@@ -538,6 +538,9 @@ impl Llama {
     /// cache; returns the logits at each sequence's last new position. All
     /// sequences' tokens share every matrix product.
     pub fn forward(&self, device: &Device, steps: &mut [Step<'_>]) -> Result<Vec<Vec<f32>>> {
+        if steps.iter().any(|s| s.tokens.is_empty()) {
+            return Err(Error::Internal("a forward step needs at least one token".into()));
+        }
         let ends: Vec<u32> = steps
             .iter()
             .scan(0, |end, step| {

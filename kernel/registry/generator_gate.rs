@@ -6,7 +6,7 @@
 //! reference replies the feedback never touched (DSTC11's, with
 //! `promotion.guard_dataset`), its perplexity rises by no more than
 //! `generator_perplexity_tolerance`. Both are scored through the serving
-//! decoder (the same weights, adapter and chat template Generate uses), one
+//! decoder (its weights, adapter, chat template and prompt precision), one
 //! teacher-forced pass per reply.
 
 use std::path::Path;
@@ -57,6 +57,7 @@ impl std::fmt::Display for GeneratorGateReport {
 /// `serving` on `heldout` pairs and the configured guard set.
 pub fn decide(
     options: &PromotionOptions,
+    precision: Precision,
     (serving_label, serving): (&str, &Path),
     (candidate_label, candidate): (&str, &Path),
     heldout: &[GeneratorRow],
@@ -67,8 +68,7 @@ pub fn decide(
         )));
     }
     let device = Device::Cpu;
-    let (old, new) =
-        (Checkpoint::load(&device, serving, Precision::F32)?, Checkpoint::load(&device, candidate, Precision::F32)?);
+    let (old, new) = (Checkpoint::load(&device, serving, precision)?, Checkpoint::load(&device, candidate, precision)?);
     let pairs = evenly(heldout, options.generator_pairs_limit);
     let guard = guard_rows(options)?;
     let accuracy = |c: &Checkpoint| preference_accuracy(&device, c, &pairs);

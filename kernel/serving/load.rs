@@ -31,6 +31,10 @@ pub async fn embedder(config: &Config) -> Result<Option<EmbeddingEngine>> {
     .map_err(|e| Error::Internal(format!("loading the embedding model: {e}")))?
 }
 
+/// Where generators run: the decoder's ops have no CUDA kernels yet (CUDA
+/// part 2), whatever `device` says.
+pub const GENERATOR_DEVICE: Device = Device::Cpu;
+
 /// Starts the configured generator (fetching the default on first use).
 pub async fn generator(config: &Config) -> Result<Option<GeneratorEngine>> {
     let config = config.clone();
@@ -44,8 +48,7 @@ pub async fn generator(config: &Config) -> Result<Option<GeneratorEngine>> {
             max_sequences: config.models.max_decoding_sequences,
             prefill: config.models.generator_precision,
         };
-        // The decoder's ops have no CUDA kernels yet (CUDA part 2).
-        GeneratorEngine::load(Device::Cpu, &path, options).map(Some)
+        GeneratorEngine::load(GENERATOR_DEVICE, &path, options).map(Some)
     })
     .await
     .map_err(|e| Error::Internal(format!("loading the generator: {e}")))?

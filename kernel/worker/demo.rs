@@ -271,9 +271,9 @@ async fn train_and_gate_generator(
     training: &GeneratorTraining,
     clock: &mut Clock,
 ) -> Result<Option<(GeneratorGateReport, Option<String>)>> {
-    let train: Vec<datasets::GeneratorRow> = datasets::read_rows(dataset_dir, "train", "generator")?;
-    let heldout: Vec<datasets::GeneratorRow> = datasets::read_rows(dataset_dir, "heldout", "generator")?;
-    if train.is_empty() || heldout.is_empty() {
+    let pairs = |split| datasets::read_rows::<datasets::GeneratorRow>(dataset_dir, split, "generator");
+    let (train, heldout) = (pairs("train")?.len(), pairs("heldout")?.len());
+    if train == 0 || heldout == 0 {
         return Ok(None);
     }
     let base = Registry::load(&config.data_dir)?
@@ -282,18 +282,17 @@ async fn train_and_gate_generator(
         .ok_or_else(|| Error::FailedPrecondition("no generator serves: nothing to train adapters over".into()))?;
     let name = format!("generator-{}", training_set.version);
     let output = crate::registry::trained_dir(&config.data_dir).join(&name);
-    let (training, version, dataset) = (training.clone(), training_set.version.clone(), dataset_dir.to_owned());
+    let (training, dataset) = (training.clone(), dataset_dir.to_owned());
     clock
         .time(
-            &format!("train the generator ({} pairs, ORPO on LoRA)", train.len()),
+            &format!("train the generator ({train} pairs, ORPO on LoRA)"),
             blocking(move || {
                 let progress = |step: usize, total: usize, loss: f32| {
                     if step.is_multiple_of(10) || step == total {
                         eprintln!("step {step}/{total} loss {loss:.4}");
                     }
                 };
-                let report = train_generator::train_generator(&base, &train, &heldout, &output, &training, progress)?;
-                train_generator::write_manifest(&report, &base, &training, &version, &dataset)
+                train_generator::train_from_export(&dataset, &base, &output, &training, progress)
             }),
         )
         .await?;

@@ -14,7 +14,7 @@ use super::{
     datasets::{HELDOUT_SHARE, rejections},
     gaps::IMMEDIATE_SECONDS,
     journal::Journal,
-    rows::{AnnotationRow, Decision, Feedback, InteractionRow, Kind, Label},
+    rows::{AnnotationRow, CandidateRow, Decision, Feedback, InteractionRow, Kind, Label},
     simulate::Truth,
 };
 use crate::eval::metrics::{self, RankingMetrics};
@@ -58,6 +58,17 @@ pub struct HeadToHead {
     /// 95% Wilson interval of `a_win_rate`: a lower bound above 0.5 says a
     /// wins, beyond what chance in this many preferences would give.
     pub a_win_interval: (f64, f64),
+}
+
+/// The generator version that wrote `candidate` of `interaction`: the
+/// candidate's own, else the interaction's (records from before candidates
+/// named their versions).
+fn written_by(interaction: &InteractionRow, candidate: Option<&CandidateRow>) -> String {
+    candidate
+        .map(|c| c.model_version.clone())
+        .filter(|v| !v.is_empty())
+        .or_else(|| interaction.models.get("generator").cloned())
+        .unwrap_or_default()
 }
 
 /// The 95% Wilson score interval of `successes` in `trials` (Wilson, 1927):
@@ -155,11 +166,7 @@ pub fn score_helpfulness(
     for (i, c) in candidates.take(limit) {
         let reference =
             labels.and_then(|l| l.get(&i.case_id)).map(|c| c.reference_reply.as_str()).filter(|r| !r.is_empty());
-        let version = match c.model_version.as_str() {
-            "" => i.models.get("generator").cloned().unwrap_or_default(),
-            v => v.to_string(),
-        };
-        scores.entry(version).or_default().push(judge.helpfulness(&i.query, &c.text, reference)?);
+        scores.entry(written_by(i, Some(c))).or_default().push(judge.helpfulness(&i.query, &c.text, reference)?);
     }
     for (version, values) in scores {
         let outcome = report.by_generator.entry(version).or_default();
@@ -269,12 +276,7 @@ pub fn evaluate(
                 let right = c.cited.iter().filter(|id| set.contains(*id)).count();
                 cited += c.cited.len();
                 cited_relevant += right;
-                let version = if c.model_version.is_empty() {
-                    i.models.get("generator").cloned().unwrap_or_default()
-                } else {
-                    c.model_version.clone()
-                };
-                let outcome = report.by_generator.entry(version).or_default();
+                let outcome = report.by_generator.entry(written_by(i, Some(c))).or_default();
                 outcome.cited.0 += right;
                 outcome.cited.1 += c.cited.len();
             }
@@ -285,13 +287,7 @@ pub fn evaluate(
     }
     for a in journal.annotations.iter().filter(|a| !rejected.contains_key(&a.annotation_id)) {
         let Some(i) = interaction(a) else { continue };
-        let version = |candidate: &str| {
-            i.candidate(candidate)
-                .map(|c| c.model_version.clone())
-                .filter(|v| !v.is_empty())
-                .or_else(|| i.models.get("generator").cloned())
-                .unwrap_or_default()
-        };
+        let version = |candidate: &str| written_by(i, i.candidate(candidate));
         match &a.feedback {
             Feedback::Adoption { candidate_id, decision, .. } => {
                 let outcome = report.by_generator.entry(version(candidate_id)).or_default();
@@ -453,7 +449,7 @@ impl std::fmt::Display for FeedbackReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::worker::rows::{CandidateRow, Row, ShownRow, Verdict};
+    use crate::worker::rows::{Row, ShownRow, Verdict};
 
     fn interaction(id: &str, kind: Kind, created_ms: i64, case: &str) -> InteractionRow {
         InteractionRow {

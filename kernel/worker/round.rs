@@ -171,22 +171,31 @@ pub async fn promote(
     if registry.role(role).serving.as_deref() == Some(version) {
         return Err(Error::AlreadyExists(format!("{version} already serves as the {role}")));
     }
+    let mut gate_error = None;
     let generator_gate = if role == Role::Generator {
         let serving = registry.serving_config(config).generator_path()?.ok_or_else(|| {
             Error::FailedPrecondition("no generator serves, so there is nothing to gate a generator against".into())
         })?;
         let serving_label = registry.role(role).serving.clone().unwrap_or_else(|| "the configured generator".into());
         let heldout: Vec<GeneratorRow> = datasets::read_rows(&manifest.training_set_dir, "heldout", "generator")?;
-        let options = config.promotion.clone();
+        let (options, precision) = (config.promotion.clone(), config.models.generator_precision);
         let folder = folder.clone();
-        let version = version.to_string();
-        Some(
-            tokio::task::spawn_blocking(move || {
-                generator_gate::decide(&options, (&serving_label, &serving), (&version, &folder), &heldout)
-            })
-            .await
-            .map_err(|e| Error::Internal(format!("the generator gate: {e}")))??,
-        )
+        let candidate = version.to_string();
+        let decided = tokio::task::spawn_blocking(move || {
+            generator_gate::decide(&options, precision, (&serving_label, &serving), (&candidate, &folder), &heldout)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("the generator gate: {e}")))?;
+        match decided {
+            Ok(gate) => Some(gate),
+            // A forced promotion goes ahead without a gate that cannot run,
+            // and says why in the registry's trail.
+            Err(e) if force => {
+                gate_error = Some(e.to_string());
+                None
+            }
+            Err(e) => return Err(e),
+        }
     } else {
         None
     };
@@ -213,7 +222,10 @@ pub async fn promote(
         let note = match (reasons, passed) {
             (Some(reasons), true) => format!("gate passed: {}", reasons.join("; ")),
             (Some(reasons), false) => format!("forced past the gate: {}", reasons.join("; ")),
-            (None, _) => "forced (no offline gate for this role)".into(),
+            (None, _) => match &gate_error {
+                Some(e) => format!("forced; the gate could not run: {e}"),
+                None => "forced (no offline gate for this role)".into(),
+            },
         };
         registry.promote(role, version, note);
         registry.save(&config.data_dir)?;

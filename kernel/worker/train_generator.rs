@@ -525,3 +525,37 @@ pub fn adapter_shapes(dir: &Path) -> Result<HashMap<String, Vec<usize>>> {
         .map_err(|e| Error::InvalidArgument(format!("{}: {e}", dir.display())))?;
     Ok(tensors.into_iter().map(|(k, t)| (k, t.dims().to_vec())).collect())
 }
+
+/// The frozen base to train adapters over, from what serves: a promoted
+/// adapter's own base (a new round trains fresh adapters over it).
+pub fn frozen_base(serving: &Path) -> Result<PathBuf> {
+    if crate::model::lora::LoraAdapter::is_adapter(serving) {
+        crate::model::lora::LoraAdapter::base_of(serving)
+    } else {
+        Ok(serving.to_owned())
+    }
+}
+
+/// Trains on an `aitl worker export` folder's generator pairs over `base`
+/// (a served adapter resolves to its base), into `output`, and writes the
+/// manifest.
+pub fn train_from_export(
+    dataset: &Path,
+    base: &Path,
+    output: &Path,
+    options: &GeneratorTraining,
+    progress: impl FnMut(usize, usize, f32),
+) -> Result<GeneratorManifest> {
+    let export = super::datasets::read_manifest(dataset)?;
+    let base = frozen_base(base)?;
+    let train: Vec<GeneratorRow> = super::datasets::read_rows(dataset, "train", "generator")?;
+    let heldout: Vec<GeneratorRow> = super::datasets::read_rows(dataset, "heldout", "generator")?;
+    if train.is_empty() {
+        return Err(Error::FailedPrecondition(format!(
+            "{}: the export holds no preference pairs to train on",
+            dataset.display()
+        )));
+    }
+    let report = train_generator(&base, &train, &heldout, output, options, progress)?;
+    write_manifest(&report, &base, options, &export.version, dataset)
+}

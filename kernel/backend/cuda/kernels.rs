@@ -1,6 +1,6 @@
 //! The kernel sources (`kernels-cu/`, one family per file) and the closed
 //! set of entry points the backend launches. Sources are embedded in the
-//! binary, so a deployed server needs only the driver and NVRTC.
+//! binary, so a deployed server needs only the driver, NVRTC and cuBLAS.
 
 /// Helpers every family includes; spliced in place of `#include "common.cuh"`
 /// because NVRTC sees no files.

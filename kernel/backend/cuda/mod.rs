@@ -33,7 +33,9 @@ pub use probe::{GpuInfo, Probe, probe};
 pub struct CudaDevice {
     info: GpuInfo,
     stream: Arc<CudaStream>,
-    blas: CudaBlas,
+    /// cuBLAS allows one host thread at a time on a handle, and the
+    /// embedder's and the cross-encoder's workers share this device.
+    blas: std::sync::Mutex<CudaBlas>,
     functions: HashMap<KernelId, CudaFunction>,
     /// Families compiled now rather than read from the cache (for the log).
     compiled_now: Vec<&'static str>,
@@ -148,7 +150,7 @@ impl CudaDevice {
             })
             .collect::<Result<_, _>>()?;
         let poison = std::env::var_os("AITL_CUDA_POISON").is_some();
-        Ok(CudaDevice { info, stream, blas, functions, compiled_now, poison })
+        Ok(CudaDevice { info, stream, blas: std::sync::Mutex::new(blas), functions, compiled_now, poison })
     }
 
     pub fn info(&self) -> &GpuInfo {

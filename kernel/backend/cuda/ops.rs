@@ -132,7 +132,9 @@ impl CudaDevice {
                 block_dim: (ROW_BLOCK, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let (rows, width, start, out_width) = (rows as u32, width as u32, start as u32, out_width as u32);
+            let op = "copy_columns";
+            let (rows, width, start, out_width) =
+                (u32_of(op, rows)?, u32_of(op, width)?, u32_of(op, start)?, u32_of(op, out_width)?);
             launch!(self, KernelId::CopyColumns, cfg, x, &mut out, &rows, &width, &start, &out_width)?;
         }
         Ok(out)
@@ -169,7 +171,13 @@ impl CudaDevice {
         if m == 0 || n == 0 {
             return Ok(out);
         }
-        let (mi, ki, ni) = (m as i32, k as i32, n as i32);
+        let dim = |d: usize| {
+            i32::try_from(d).map_err(|_| CudaError::Unsupported {
+                op: "linear",
+                detail: format!("{d} exceeds cuBLAS's 32-bit sizes"),
+            })
+        };
+        let (mi, ki, ni) = (dim(m)?, dim(k)?, dim(n)?);
         match w {
             Buffer::F32(w) => {
                 let cfg = GemmConfig {
@@ -184,9 +192,10 @@ impl CudaDevice {
                     beta: 0.0f32,
                     ldc: ni,
                 };
+                let blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
                 // SAFETY: w is [k, n], x is [m, k] and out is [m, n], as the
                 // leading dimensions say.
-                unsafe { self.blas.gemm(cfg, w, x, &mut out) }.map_err(CudaError::blas("cublasSgemm"))?;
+                unsafe { blas.gemm(cfg, w, x, &mut out) }.map_err(CudaError::blas("cublasSgemm"))?;
             }
             Buffer::Bf16(w) => {
                 let x16 = self.convert(x, m * k, KernelId::F32ToBf16)?;
@@ -215,6 +224,7 @@ impl CudaDevice {
         (m, k, n): (i32, i32, i32),
     ) -> Result<(), CudaError> {
         use cudarc::cublas::result::gemm_ex;
+        let blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
         let (alpha, beta) = (1.0f32, 0.0f32);
         let (w, _w) = w.device_ptr(&self.stream);
         let (x, _x) = x.device_ptr(&self.stream);
@@ -224,7 +234,7 @@ impl CudaDevice {
         // (cuBLAS's default pointer mode) matching the f32 compute type.
         unsafe {
             gemm_ex(
-                *self.blas.handle(),
+                *blas.handle(),
                 blas::cublasOperation_t::CUBLAS_OP_N,
                 blas::cublasOperation_t::CUBLAS_OP_N,
                 n,

@@ -68,6 +68,12 @@ impl DeviceVectors {
         self.precision
     }
 
+    /// Marks every slot unwritten, so the next write takes them all (after
+    /// a failed write left the device copy partly stale).
+    pub fn forget(&mut self) {
+        self.slots = 0;
+    }
+
     pub fn device_bytes(&self) -> usize {
         let value = if self.precision == VectorPrecision::F32 { 4 } else { 2 };
         self.capacity * (self.dim * value + 5)
@@ -296,7 +302,9 @@ impl CudaDevice {
         let all = self.download(scores)?;
         Ok((0..nq)
             .map(|q| {
-                let mut hits: Vec<(f32, u32)> = all[q * n..(q + 1) * n].iter().copied().zip(0..).collect();
+                // NaN ranks as -inf, as in the kernel, and is dropped with it.
+                let score = |s: f32| if s.is_nan() { f32::NEG_INFINITY } else { s };
+                let mut hits: Vec<(f32, u32)> = all[q * n..(q + 1) * n].iter().map(|&s| score(s)).zip(0..).collect();
                 hits.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
                 hits
             })
