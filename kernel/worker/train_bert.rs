@@ -265,6 +265,49 @@ pub fn learning_rate(peak: f64, warmup_share: f64, step: usize, total: usize) ->
 
 /// A seeded Fisher–Yates shuffle of `0..n`: an epoch's order, the same
 /// whenever it is replayed (a resumed run continues the epoch it was in).
+/// Which examples each step of a run trains on: every epoch in its own
+/// seeded order ([`epoch_order`]), so a run resumed at any step draws the
+/// batches it would have drawn without the interruption.
+pub struct Batches {
+    examples: usize,
+    batch: usize,
+    per_epoch: usize,
+    seed: u64,
+    epoch: Option<usize>,
+    order: Vec<usize>,
+}
+
+impl Batches {
+    /// `(batch, per_epoch)` as [`Schedule::steps`] gives them.
+    pub fn new(examples: usize, (batch, per_epoch): (usize, usize), seed: u64) -> Self {
+        Batches { examples, batch, per_epoch: per_epoch.max(1), seed, epoch: None, order: Vec::new() }
+    }
+
+    /// The example indices of `step`'s batch.
+    pub fn at(&mut self, step: usize) -> &[usize] {
+        let epoch = step / self.per_epoch;
+        if self.epoch != Some(epoch) {
+            self.order = epoch_order(self.examples, self.seed.wrapping_add(epoch as u64));
+            self.epoch = Some(epoch);
+        }
+        let first = (step % self.per_epoch) * self.batch;
+        &self.order[first..first + self.batch]
+    }
+}
+
+/// Refuses a checkpoint beyond the run's last step (more epochs or fewer
+/// examples than the run that wrote it).
+pub fn check_resume(resumed_at: usize, total: usize, checkpoint_dir: &Path) -> crate::error::Result<()> {
+    if resumed_at > total {
+        return Err(crate::error::Error::InvalidArgument(format!(
+            "{}: the checkpoint is at step {resumed_at}, beyond this run's {total} steps; \
+             train for more epochs or remove the checkpoint folder",
+            checkpoint_dir.display()
+        )));
+    }
+    Ok(())
+}
+
 pub fn epoch_order(n: usize, seed: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     let mut state = seed;

@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     datasets::GeneratorRow,
-    train_bert::{Schedule, candle, device_name, epoch_order, learning_rate, optimizer_step},
+    train_bert::{Batches, Schedule, candle, check_resume, device_name, learning_rate, optimizer_step},
     train_llama::{LoraConfig, Pass, TrainLlama},
 };
 use crate::{
@@ -399,22 +399,12 @@ pub fn train_generator(
         read_adapter(&model, &checkpoint_dir)?;
     }
     let (batch, per_epoch, total) = schedule.steps(pairs.len(), 1);
-    if resumed_at > total {
-        return Err(Error::InvalidArgument(format!(
-            "{}: the checkpoint is at step {resumed_at}, beyond this run's {total} steps; \
-             train for more epochs or remove the checkpoint folder",
-            checkpoint_dir.display()
-        )));
-    }
+    check_resume(resumed_at, total, &checkpoint_dir)?;
     let mut optimizer = schedule.optimizer(model.vars())?;
     let mut losses = Vec::new();
-    let mut order = Vec::new();
+    let mut batches = Batches::new(pairs.len(), (batch, per_epoch), schedule.seed);
     for step in resumed_at..total {
-        if step == resumed_at || step % per_epoch == 0 {
-            order = epoch_order(pairs.len(), schedule.seed.wrapping_add((step / per_epoch) as u64));
-        }
-        let chunk: Vec<&TokenizedPair> =
-            order[(step % per_epoch) * batch..(step % per_epoch + 1) * batch].iter().map(|&i| &pairs[i]).collect();
+        let chunk: Vec<&TokenizedPair> = batches.at(step).iter().map(|&i| &pairs[i]).collect();
         let terms = orpo_loss(&model, &chunk, options.lambda, options.nll_tokens, Pass::Train)?;
         let rate = learning_rate(schedule.learning_rate, schedule.warmup_share, step, total);
         let value = optimizer_step(&mut optimizer, &terms.loss, rate, step)?;

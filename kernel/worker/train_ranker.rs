@@ -18,8 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     datasets::RankerRow,
     train_bert::{
-        Schedule, TrainBert, TrainBertConfig, candle, device_name, epoch_order, fill_from, learning_rate,
-        optimizer_step,
+        Batches, Schedule, TrainBert, TrainBertConfig, candle, device_name, fill_from, learning_rate, optimizer_step,
     },
     train_retriever::TrainingReport,
 };
@@ -154,14 +153,10 @@ pub fn train_ranker(
     }
     let (batch, per_epoch, total) = schedule.steps(rows.len(), 1);
     let mut optimizer = schedule.optimizer(varmap.all_vars())?;
-    let mut order = Vec::new();
+    let mut batches = Batches::new(rows.len(), (batch, per_epoch), schedule.seed);
     let mut losses = Vec::new();
     for step in 0..total {
-        if step % per_epoch == 0 {
-            order = epoch_order(rows.len(), schedule.seed.wrapping_add((step / per_epoch) as u64));
-        }
-        let chunk: Vec<&RankerRow> =
-            order[(step % per_epoch) * batch..(step % per_epoch + 1) * batch].iter().map(|&i| &rows[i]).collect();
+        let chunk: Vec<&RankerRow> = batches.at(step).iter().map(|&i| &rows[i]).collect();
         let pairs: Vec<(&str, &str)> = chunk.iter().map(|r| (r.query.as_str(), r.passage.as_str())).collect();
         let labels = Tensor::from_vec(chunk.iter().map(|r| r.label).collect::<Vec<f32>>(), chunk.len(), &net.device)
             .map_err(candle)?;

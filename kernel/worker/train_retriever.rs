@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     datasets::{RetrieverPair, RetrieverTriplet},
     train_bert::{
-        Schedule, TrainBert, TrainBertConfig, candle, device_name, epoch_order, fill_from, learning_rate,
+        Batches, Schedule, TrainBert, TrainBertConfig, candle, check_resume, device_name, fill_from, learning_rate,
         optimizer_step,
     },
 };
@@ -185,22 +185,12 @@ pub fn train_retriever(
     let resumed_at = resumed.map_or(0, |c| c.step);
 
     let (batch, per_epoch, total) = schedule.steps(examples.len(), 2);
-    if resumed_at > total {
-        return Err(Error::InvalidArgument(format!(
-            "{}: the checkpoint is at step {resumed_at}, beyond this run's {total} steps; \
-             train for more epochs or remove the checkpoint folder",
-            checkpoint_dir.display()
-        )));
-    }
+    check_resume(resumed_at, total, &checkpoint_dir)?;
     let mut optimizer = schedule.optimizer(varmap.all_vars())?;
     let mut losses = Vec::new();
-    let mut order = Vec::new();
+    let mut batches = Batches::new(examples.len(), (batch, per_epoch), schedule.seed);
     for step in resumed_at..total {
-        if step == resumed_at || step % per_epoch == 0 {
-            order = epoch_order(examples.len(), schedule.seed.wrapping_add((step / per_epoch) as u64));
-        }
-        let chunk: Vec<&Example> =
-            order[(step % per_epoch) * batch..(step % per_epoch + 1) * batch].iter().map(|&i| &examples[i]).collect();
+        let chunk: Vec<&Example> = batches.at(step).iter().map(|&i| &examples[i]).collect();
         let anchors: Vec<&str> = chunk.iter().map(|e| e.anchor).collect();
         let documents: Vec<&str> =
             chunk.iter().map(|e| e.positive).chain(chunk.iter().filter_map(|e| e.negative)).collect();
