@@ -573,6 +573,10 @@ fn run(cli: Cli) -> Result<()> {
                 generator: (!no_generator).then(|| {
                     let mut generator = aitl::worker::train_generator::GeneratorTraining::default();
                     generator.schedule.max_steps = generator_steps;
+                    // Beside the in-process server, a pair of 1,024-token
+                    // sequences does not fit 24 GB (candle keeps every
+                    // activation for the backward pass); 512 does.
+                    generator.schedule.max_tokens = 512;
                     generator
                 }),
             };
