@@ -227,6 +227,21 @@ async fn retriever_and_ranker_swap_under_traffic_and_roll_back() {
     server.shutdown().await.unwrap();
 }
 
+/// Two candidates of three tokens: the tiny model's context is 256 tokens,
+/// no room for the default system prompt.
+fn tiny_generate() -> GenerateRequest {
+    GenerateRequest {
+        system_prompt: "Be brief.".into(),
+        conversation: vec![aitl::proto::ConversationTurn {
+            speaker: aitl::proto::Speaker::Customer as i32,
+            text: "Can I bring my dog?".into(),
+        }],
+        num_candidates: 2,
+        sampling: Some(aitl::proto::SamplingParams { max_new_tokens: 3, ..Default::default() }),
+        ..Default::default()
+    }
+}
+
 fn tiny_llama() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama")
 }
@@ -251,17 +266,7 @@ async fn a_challenger_writes_one_candidate_of_its_share_of_requests() {
     assert!(generator.version.starts_with("tiny-llama@"), "{generator:?}");
     assert!(generator.challenger.starts_with("tiny-llama-challenger@"), "{generator:?}");
 
-    let generate = || GenerateRequest {
-        // The tiny model's context is 256 tokens: no room for the default system prompt.
-        system_prompt: "Be brief.".into(),
-        conversation: vec![aitl::proto::ConversationTurn {
-            speaker: aitl::proto::Speaker::Customer as i32,
-            text: "Can I bring my dog?".into(),
-        }],
-        num_candidates: 2,
-        sampling: Some(aitl::proto::SamplingParams { max_new_tokens: 3, ..Default::default() }),
-        ..Default::default()
-    };
+    let generate = tiny_generate;
     let mut first_slot = std::collections::HashSet::new();
     for _ in 0..16 {
         let response = support.generate(generate()).await.unwrap().into_inner();
@@ -316,16 +321,7 @@ async fn an_adapter_promoted_under_generate_traffic_fails_no_request() {
     let mut flywheel = FlywheelServiceClient::new(common::channel(&server).await);
     let base = wait_for(&mut flywheel, "generator", |_| true).await.version;
 
-    let generate = || GenerateRequest {
-        system_prompt: "Be brief.".into(),
-        conversation: vec![aitl::proto::ConversationTurn {
-            speaker: aitl::proto::Speaker::Customer as i32,
-            text: "Can I bring my dog?".into(),
-        }],
-        num_candidates: 2,
-        sampling: Some(aitl::proto::SamplingParams { max_new_tokens: 3, ..Default::default() }),
-        ..Default::default()
-    };
+    let generate = tiny_generate;
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..3)
         .map(|_| {
