@@ -23,6 +23,7 @@ pub mod train_generator;
 pub mod train_llama;
 pub mod train_ranker;
 pub mod train_retriever;
+pub mod truth;
 
 use std::{ops::ControlFlow, path::Path};
 

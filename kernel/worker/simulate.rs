@@ -15,14 +15,15 @@
 //! carelessly goes to a truth file beside, so the judge can be scored.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::HashSet,
     path::PathBuf,
     time::{Duration, Instant, SystemTime},
 };
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tonic::transport::Channel;
 
+pub use super::truth::Truth;
 use super::text;
 use crate::{
     error::{Error, Result},
@@ -52,16 +53,6 @@ pub struct SimulationOptions {
     pub limit: Option<usize>,
     pub seed: u64,
     pub truth: PathBuf,
-}
-
-/// What the simulator knows and the server does not.
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Truth {
-    pub careless_agents: Vec<String>,
-    /// Annotation ids made carelessly (careless agents, and fatigued ones after they tired).
-    pub careless_annotations: HashSet<String>,
-    pub annotations: usize,
-    pub by_kind: BTreeMap<String, usize>,
 }
 
 #[derive(Debug, Default, Serialize)]
