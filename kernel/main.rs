@@ -52,9 +52,10 @@ enum Command {
     Ingest {
         /// JSON lines: {"id", "kind": policy|case|faq|other, "title", "text", "metadata": {}}.
         file: Option<PathBuf>,
-        /// Import DSTC11 Track 5 knowledge from this folder (holding knowledge.json) instead.
-        #[arg(long, conflicts_with = "file")]
-        dstc11: Option<PathBuf>,
+        /// Load a labelled data set's corpus instead: BEIR layout (corpus.jsonl) or a DSTC11 Track 5
+        /// folder (knowledge.json).
+        #[arg(long, alias = "dstc11", conflicts_with = "file")]
+        dataset: Option<PathBuf>,
         /// Objects per transaction.
         #[arg(long, default_value_t = 500)]
         batch: usize,
@@ -66,6 +67,11 @@ enum Command {
     Models {
         #[command(subcommand)]
         command: ModelsCommand,
+    },
+    /// Labelled data sets in BEIR's layout (corpus.jsonl, queries.jsonl, qrels/*.tsv; see README).
+    Dataset {
+        #[command(subcommand)]
+        command: DatasetCommand,
     },
     /// Evaluate against a labelled data set.
     Eval {
@@ -296,6 +302,22 @@ impl TrainArgs {
 }
 
 #[derive(Subcommand)]
+enum DatasetCommand {
+    /// Write DSTC11 Track 5 (knowledge.json, val/) as a BEIR-layout data set, ids unchanged.
+    ImportDstc11 {
+        #[arg(long, default_value = "../shared/data/dstc11-track5")]
+        from: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Counts of a data set: objects, queries per split, held-out queries with unseen relevant objects.
+    Stats {
+        #[arg(long, default_value = "../shared/data/dstc11-track5")]
+        dataset: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum EvalCommand {
     /// From the worker's journal: held-out retrieval and ranking quality by agents' (or a data set's)
     /// labels, citation correctness, adoption and win rates per generator version, judge rejections
@@ -314,14 +336,15 @@ enum EvalCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Recall@{5,10,20,75}, Precision@{1,5,8}, nDCG@10 and MRR of Retrieve on DSTC11 Track 5, then
-    /// of Rank over the top 75 retrieved (the configured ranker; --ranker to pick one).
+    /// Recall@{5,10,20,75}, Precision@{1,5,8}, nDCG@10 and MRR of Retrieve on a labelled data set,
+    /// then of Rank over the top 75 retrieved (the configured ranker; --ranker to pick one). The eval
+    /// split also reports its queries whose relevant objects no history query touched.
     Retrieval {
-        /// The DSTC11 Track 5 folder (knowledge.json, val/).
+        /// A labelled data set: BEIR layout, or a DSTC11 Track 5 folder (knowledge.json, val/).
         #[arg(long, default_value = "../shared/data/dstc11-track5")]
         dataset: PathBuf,
         #[arg(long, value_enum, default_value = "eval")]
-        split: aitl::eval::dstc11::Split,
+        split: aitl::eval::dataset::Split,
         /// Conversation turns embedded with the question; default from the config.
         #[arg(long)]
         context_turns: Option<usize>,
@@ -433,9 +456,36 @@ fn run(cli: Cli) -> Result<()> {
             config.device = device.unwrap_or(config.device);
             serve(config)
         }
-        Command::Ingest { file, dstc11, batch, device } => {
+        Command::Ingest { file, dataset, batch, device } => {
             config.device = device.unwrap_or(config.device);
-            ingest(&config, file, dstc11, batch)
+            ingest(&config, file, dataset, batch)
+        }
+        Command::Dataset { command: DatasetCommand::ImportDstc11 { from, out } } => {
+            let set = aitl::eval::dstc11::import(&from)?;
+            set.write(&out)?;
+            println!(
+                "wrote {}: {} knowledge objects, {} labelled queries ({} in the guard set)",
+                out.display(),
+                set.corpus.len(),
+                set.queries.len(),
+                set.guard.len()
+            );
+            Ok(())
+        }
+        Command::Dataset { command: DatasetCommand::Stats { dataset } } => {
+            use aitl::eval::dataset::Split;
+            let set = aitl::eval::dataset::open(&dataset)?;
+            println!("{}: {} knowledge objects", dataset.display(), set.corpus.len());
+            for split in [Split::All, Split::History, Split::Guard, Split::Eval] {
+                let queries = set.split(split);
+                let labels: usize = queries.iter().map(|q| q.relevant.len()).sum();
+                println!("  {:>7}: {} queries, {labels} relevance labels", split.name(), queries.len());
+            }
+            println!(
+                "  held-out queries whose relevant objects no history query touched: {}",
+                set.unseen_relevant().len()
+            );
+            Ok(())
         }
         Command::Eval { command: EvalCommand::Retrieval { dataset, split, context_turns, no_rank, json } } => {
             let turns = context_turns.unwrap_or(config.retrieve.context_turns);
@@ -444,7 +494,7 @@ fn run(cli: Cli) -> Result<()> {
                 .build()
                 .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))?;
             let report =
-                runtime.block_on(aitl::eval::retrieval::run_dstc11(&config, &dataset, split, turns, !no_rank))?;
+                runtime.block_on(aitl::eval::retrieval::run_dataset(&config, &dataset, split, turns, !no_rank))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report).expect("json"));
             } else {
@@ -872,7 +922,7 @@ fn eval_feedback(
     };
     let labels = match dataset {
         Some(dir) => Some(
-            aitl::eval::dstc11::read_queries(&dir, aitl::eval::dstc11::Split::All)?
+            aitl::eval::dataset::read_queries(&dir, aitl::eval::dataset::Split::All)?
                 .into_iter()
                 .map(|q| {
                     let labels = aitl::worker::evaluate::CaseLabels {
@@ -964,12 +1014,12 @@ async fn shutdown_signal() {
     }
 }
 
-fn ingest(config: &Config, file: Option<PathBuf>, dstc11: Option<PathBuf>, batch: usize) -> Result<()> {
-    let objects: Vec<KnowledgeObject> = match (file, dstc11) {
+fn ingest(config: &Config, file: Option<PathBuf>, dataset: Option<PathBuf>, batch: usize) -> Result<()> {
+    let objects: Vec<KnowledgeObject> = match (file, dataset) {
         (Some(file), None) => kb::read_jsonl(&file)?,
-        (None, Some(dir)) => kb::read_dstc11(&dir)?,
+        (None, Some(dir)) => aitl::eval::dataset::read_corpus_of(&dir)?,
         _ => {
-            return Err(Error::InvalidArgument("give a FILE.jsonl or --dstc11 DIR".into()));
+            return Err(Error::InvalidArgument("give a FILE.jsonl or --dataset DIR".into()));
         }
     };
     let batch = batch.clamp(1, aitl::api::convert::MAX_ITEMS);

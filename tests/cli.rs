@@ -139,3 +139,26 @@ fn models_list_challenger_and_rollback_edit_the_registry() {
     let (ok, _, err) = aitl(dir.path(), &["models", "challenger", "generator", "--share", "1.5"]);
     assert!(!ok && err.contains("outside 0 to 1"), "{err}");
 }
+
+#[test]
+fn dataset_import_and_stats_write_and_read_the_beir_layout() {
+    let dstc11 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/dstc11-track5");
+    assert!(dstc11.join("knowledge.json").exists(), "this test reads ../shared/data/dstc11-track5, which is absent");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("beir");
+    let (ok, stdout, stderr) = aitl(
+        dir.path(),
+        &["dataset", "import-dstc11", "--from", dstc11.to_str().unwrap(), "--out", out.to_str().unwrap()],
+    );
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("10882 knowledge objects, 2129 labelled queries (191 in the guard set)"), "{stdout}");
+    for file in ["corpus.jsonl", "queries.jsonl", "qrels/test.tsv", "qrels/guard.tsv"] {
+        assert!(out.join(file).exists(), "{file}");
+    }
+    let (ok, stdout, stderr) = aitl(dir.path(), &["dataset", "stats", "--dataset", out.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("history: 1725 queries") && stdout.contains("eval: 213 queries"), "{stdout}");
+    std::fs::write(out.join("qrels/test.tsv"), "d11v-0001 hotel:0:faq:0 1\n").unwrap();
+    let (ok, _, stderr) = aitl(dir.path(), &["dataset", "stats", "--dataset", out.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("test.tsv:1") && stderr.contains("tabs"), "{stderr}");
+}

@@ -76,6 +76,22 @@ fn handmade_export(dir: &Path, dataset: &Path) {
         .collect();
     std::fs::create_dir_all(dir.join("heldout")).unwrap();
     std::fs::write(dir.join("heldout/queries.jsonl"), rows.join("\n") + "\n").unwrap();
+    // Trained on the next of every three questions.
+    let trained: Vec<String> = queries
+        .iter()
+        .skip(1)
+        .step_by(3)
+        .map(|q| {
+            serde_json::json!({"interaction_id": q.id, "query": q.query, "relevant": q.relevant, "irrelevant": [],
+                "context": q.context.iter().map(|t| serde_json::json!({
+                    "speaker": if t.speaker == aitl::proto::Speaker::Agent as i32 { "agent" } else { "customer" },
+                    "text": t.text,
+                })).collect::<Vec<_>>()})
+            .to_string()
+        })
+        .collect();
+    std::fs::create_dir_all(dir.join("train")).unwrap();
+    std::fs::write(dir.join("train/queries.jsonl"), trained.join("\n") + "\n").unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,6 +130,17 @@ async fn the_gate_promotes_a_better_retriever_and_refuses_a_worse_one() {
     assert!(!worse.promoted && !gate.accepted, "{gate}");
     assert!(gate.reasons[0].contains("below the required gain"), "{gate}");
     assert_eq!(Registry::load(&data).unwrap().retriever.serving.as_deref(), Some("retriever-minilm"));
+    // A guard that holds the questions the candidate was trained on refuses without being scored.
+    let mut overlapping = config.clone();
+    overlapping.promotion.guard_dataset = dataset.clone();
+    overlapping.promotion.guard_split = "all".into();
+    overlapping.promotion.min_gain = -1.0;
+    let refused = round::promote(&overlapping, "retriever-tiny", knowledge.clone(), false).await.unwrap();
+    let gate = refused.gate.as_ref().unwrap();
+    assert!(!refused.promoted && gate.guard.is_none(), "{gate}");
+    let overlap = gate.guard_overlap.as_ref().unwrap();
+    assert_eq!((overlap.guard_queries, overlap.shared_queries), (120, 40), "{gate}");
+    assert!(gate.reasons.iter().any(|r| r.contains("40 of 120 guard questions were trained on")), "{gate}");
     // Forced past the gate, it serves, and rollback puts the better one back.
     assert!(round::promote(&config, "retriever-tiny", knowledge, true).await.unwrap().promoted);
     let mut registry = Registry::load(&data).unwrap();
@@ -122,10 +149,10 @@ async fn the_gate_promotes_a_better_retriever_and_refuses_a_worse_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_flywheel_demo_runs_a_round_end_to_end() {
+async fn the_flywheel_demo_runs_a_round_end_to_end_on_a_beir_data_set() {
     let dir = tempfile::tempdir().unwrap();
     let dataset = dir.path().join("dataset");
-    common::mini_dstc11(&dataset, 25);
+    common::mini_beir(&dataset, 25);
     let data = dir.path().join("data");
     let mut config = common::config_with_embedder(&data);
     config.models.ranker = "similarity".into();
@@ -133,8 +160,6 @@ async fn the_flywheel_demo_runs_a_round_end_to_end() {
     // ranker's head is fresh): the gate runs and reports, but lets them through.
     config.promotion.min_gain = -1.0;
     config.promotion.guard_tolerance = 1.0;
-    config.promotion.guard_dataset = dataset.clone();
-    config.promotion.guard_split = "eval".into();
     let options = aitl::worker::demo::DemoOptions {
         dataset: dataset.clone(),
         agents: 4,
@@ -154,12 +179,21 @@ async fn the_flywheel_demo_runs_a_round_end_to_end() {
         generator: Some(Default::default()),
     };
     let report = aitl::worker::demo::run(&config, &options).await.unwrap();
-    assert_eq!(report.simulation.questions, 90, "90% of 100 questions are history");
+    assert_eq!(report.simulation.questions, 81, "90% of 100 questions are history, 9 of them the guard's");
     assert_eq!((report.before.metrics.queries, report.after.metrics.queries), (10, 10));
+    // Every held-out question's FAQ is its own: all ten are about objects history never touched.
+    for evaluation in [&report.before, &report.after] {
+        assert_eq!(evaluation.subsets.len(), 1);
+        assert_eq!(evaluation.subsets[0].metrics.queries, 10, "{evaluation}");
+    }
     assert!(report.training_set.rejected > 0, "the judge rejects some careless annotations");
     assert_eq!(report.gates.len(), 2);
     assert!(report.generator_gate.is_none(), "no preference pairs, no generator gate");
-    assert!(report.gates.iter().all(|g| g.guard.as_ref().is_some_and(|guard| guard.queries == 10)));
+    // The demo guards with the data set's guard split, which no agent annotated.
+    for gate in &report.gates {
+        assert!(gate.guard.as_ref().is_some_and(|guard| guard.queries == 9), "{gate}");
+        assert_eq!(gate.guard_overlap.as_ref().map(|o| o.shared_queries), Some(0), "{gate}");
+    }
     let registry = Registry::load(&data).unwrap();
     let (retriever, ranker) = (registry.retriever.serving.unwrap(), registry.ranker.serving.unwrap());
     assert_eq!(report.promoted, [retriever.clone(), ranker.clone()]);

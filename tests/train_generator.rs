@@ -452,12 +452,12 @@ fn the_gate_accepts_a_better_adapter_and_refuses_a_worse_one() {
         .unwrap();
     let gate = PromotionOptions::default();
     let f32 = aitl::backend::Precision::F32;
-    let accepted = generator_gate::decide(&gate, f32, ("base", &base), ("better", &better), &heldout).unwrap();
+    let accepted = generator_gate::decide(&gate, f32, ("base", &base), ("better", &better), &heldout, &[]).unwrap();
     print!("{accepted}");
     assert!(accepted.accepted, "{:?}", accepted.reasons);
     assert_eq!(Some(accepted.candidate_accuracy), report.preference_accuracy_after, "serving and training agree");
     assert_eq!(Some(accepted.serving_accuracy), report.preference_accuracy_before);
-    let refused = generator_gate::decide(&gate, f32, ("base", &base), ("worse", &worse), &heldout).unwrap();
+    let refused = generator_gate::decide(&gate, f32, ("base", &base), ("worse", &worse), &heldout, &[]).unwrap();
     print!("{refused}");
     assert!(!refused.accepted);
     assert!(refused.reasons[0].contains("below the required gain"), "{:?}", refused.reasons);
@@ -473,13 +473,44 @@ fn the_gate_accepts_a_better_adapter_and_refuses_a_worse_one() {
         generator_perplexity_tolerance: tolerance,
         ..PromotionOptions::default()
     };
-    let lenient = generator_gate::decide(&guarded(1e6), f32, ("base", &base), ("better", &better), &heldout).unwrap();
+    let lenient =
+        generator_gate::decide(&guarded(1e6), f32, ("base", &base), ("better", &better), &heldout, &[]).unwrap();
     print!("{lenient}");
     let (old, new) = (lenient.serving_perplexity.unwrap(), lenient.candidate_perplexity.unwrap());
     assert!(old.is_finite() && new.is_finite() && old > 1.0 && new > 1.0, "{old} {new}");
     assert!(lenient.accepted && lenient.guard_replies == 3);
-    let strict = generator_gate::decide(&guarded(-1.0), f32, ("base", &base), ("better", &better), &heldout).unwrap();
+    let strict =
+        generator_gate::decide(&guarded(-1.0), f32, ("base", &base), ("better", &better), &heldout, &[]).unwrap();
     assert!(!strict.accepted && strict.reasons[1].contains("above the tolerated"), "{:?}", strict.reasons);
+    assert!(strict.reasons[2].contains("shares no question"), "{:?}", strict.reasons);
+
+    // Trained on the guard's own questions, the candidate is refused unscored.
+    let message =
+        |role: &str, content: &str| aitl::worker::datasets::Message { role: role.into(), content: content.into() };
+    let trained_on_guard: Vec<GeneratorRow> =
+        aitl::eval::dataset::read_queries(&data, aitl::eval::dataset::Split::Eval)
+            .unwrap()
+            .into_iter()
+            .map(|q| {
+                let mut prompt = vec![message("system", "Knowledge: …")];
+                for turn in &q.context {
+                    let role = if turn.speaker == aitl::proto::Speaker::Agent as i32 { "assistant" } else { "user" };
+                    prompt.push(message(role, &turn.text));
+                }
+                prompt.push(message("user", &q.query));
+                let reply = vec![message("assistant", &q.reference_reply)];
+                GeneratorRow { prompt, chosen: reply.clone(), rejected: reply, weight: 1.0 }
+            })
+            .collect();
+    let overlapping =
+        generator_gate::decide(&guarded(1e6), f32, ("base", &base), ("better", &better), &heldout, &trained_on_guard)
+            .unwrap();
+    assert!(!overlapping.accepted && overlapping.guard_replies == 0, "{:?}", overlapping.reasons);
+    assert!(
+        overlapping.reasons.iter().any(|r| r.contains("3 of 3 guard questions were trained on")),
+        "{:?}",
+        overlapping.reasons
+    );
 }
 
 /// After a generator promotion what serves is an adapter folder: the next

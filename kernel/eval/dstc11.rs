@@ -1,7 +1,12 @@
-//! DSTC11 Track 5 queries with relevance labels, in the conversion every
-//! part of aitl uses (../shared/data/README.md): only `target: true`
-//! prefixes, id `d11v-{index:04d}`, query = last customer turn, context = the
-//! turns before it, file order is time; the first 90% are history.
+//! The DSTC11 Track 5 importer into the labelled data-set layout
+//! ([`super::dataset`]), in the conversion every part of aitl uses
+//! (../shared/data/README.md): knowledge objects from `knowledge.json`
+//! (`kb::read_dstc11`); only `target: true` prefixes are queries, id
+//! `d11v-{index:04d}`, query = last customer turn, context = the turns before
+//! it, file order is time (the first 90% are history, the last 10% held out:
+//! the same 1,916 and 213 queries as before the layout existed). The guard
+//! set is every tenth history query (positions 9, 19, …: 191 queries),
+//! spread over time; the simulator leaves them to the gate.
 
 use std::path::Path;
 
@@ -12,25 +17,12 @@ use crate::{
     proto::{ConversationTurn, Speaker},
 };
 
-#[derive(Debug, Clone)]
-pub struct LabelledQuery {
-    pub id: String,
-    /// Position in logs.json (time order).
-    pub index: usize,
-    pub query: String,
-    pub context: Vec<ConversationTurn>,
-    pub relevant: Vec<String>,
-    pub reference_reply: String,
-}
+// Callers that predate the layout name these here.
+use super::dataset::LabelledSet;
+pub use super::dataset::{LabelledQuery, Split, read_queries};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Split {
-    /// The first 90% of queries: what agents annotate.
-    History,
-    /// The last 10%: held out for evaluation.
-    Eval,
-    All,
-}
+/// Every tenth history query is the guard's.
+const GUARD_EVERY: usize = 10;
 
 #[derive(Deserialize)]
 struct Turn {
@@ -71,16 +63,17 @@ fn read<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))
 }
 
-/// Queries of `split` from `dir` (the folder holding `val/`).
-pub fn read_queries(dir: &Path, split: Split) -> Result<Vec<LabelledQuery>> {
+/// The DSTC11 Track 5 folder `dir` (the one holding `knowledge.json` and
+/// `val/`) as a labelled data set.
+pub fn import(dir: &Path) -> Result<LabelledSet> {
+    let mut queries = Vec::new();
     let logs: Vec<Vec<Turn>> = read(&dir.join("val/logs.json"))?;
     let labels: Vec<Label> = read(&dir.join("val/labels.json"))?;
     if logs.len() != labels.len() {
         return Err(Error::InvalidArgument(format!("{}: logs and labels differ in length", dir.display())));
     }
-    let mut queries = Vec::new();
-    for (index, (mut turns, label)) in logs.into_iter().zip(labels).enumerate() {
-        if !label.target {
+    for (position, (mut turns, label)) in logs.into_iter().zip(labels).enumerate() {
+        if !label.target || label.knowledge.is_empty() {
             continue;
         }
         let Some(last) = turns.pop() else { continue };
@@ -91,19 +84,22 @@ pub fn read_queries(dir: &Path, split: Split) -> Result<Vec<LabelledQuery>> {
                 text: t.text,
             })
             .collect();
+        let mut relevant: Vec<String> = Vec::with_capacity(label.knowledge.len());
+        for id in label.knowledge.iter().map(KnowledgeRef::id) {
+            if !relevant.contains(&id) {
+                relevant.push(id);
+            }
+        }
         queries.push(LabelledQuery {
-            id: format!("d11v-{index:04}"),
-            index,
+            id: format!("d11v-{position:04}"),
+            index: queries.len(),
             query: last.text,
             context,
-            relevant: label.knowledge.iter().map(KnowledgeRef::id).collect(),
+            relevant,
             reference_reply: label.response,
         });
     }
     let history = queries.len() * 9 / 10;
-    Ok(match split {
-        Split::History => queries.into_iter().take(history).collect(),
-        Split::Eval => queries.into_iter().skip(history).collect(),
-        Split::All => queries,
-    })
+    let guard = queries.iter().take(history).skip(GUARD_EVERY - 1).step_by(GUARD_EVERY).map(|q| q.id.clone()).collect();
+    Ok(LabelledSet { corpus: crate::kb::read_dstc11(dir)?, queries, guard })
 }

@@ -15,8 +15,8 @@ use futures_util::StreamExt;
 use serde::Serialize;
 
 use super::{
-    dstc11::{self, LabelledQuery, Split},
-    metrics::{self, RankingMetrics},
+    dataset::{self, LabelledQuery, Split},
+    metrics::{self, QueryScores, RankingMetrics},
 };
 use crate::{
     config::Config,
@@ -30,8 +30,8 @@ use crate::{
 
 /// Where an evaluation's knowledge base comes from.
 pub enum EvalKnowledge {
-    /// A DSTC11 Track 5 folder's knowledge.json.
-    Dstc11(PathBuf),
+    /// A labelled data set's corpus (BEIR layout or DSTC11 folder).
+    Dataset(PathBuf),
     /// These objects (a snapshot of the live knowledge base).
     Objects(Vec<KnowledgeObject>),
 }
@@ -45,6 +45,8 @@ pub struct EvalSet<'a> {
     pub queries: &'a [LabelledQuery],
     /// What the report calls the queries.
     pub split: String,
+    /// Named subsets of `queries` (by id) reported beside all of them.
+    pub subsets: Vec<(String, HashSet<String>)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -57,7 +59,22 @@ pub struct RetrievalReport {
     pub retrieve_p99_ms: f64,
     /// The same queries after Rank reordered the retrieved objects.
     pub ranked: Option<RankedReport>,
+    /// The set's subsets, scored alike.
+    pub subsets: Vec<SubsetReport>,
 }
+
+/// A subset of the evaluated queries, e.g. those whose relevant objects no
+/// history query touched.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubsetReport {
+    pub name: String,
+    pub metrics: RankingMetrics,
+    pub ranked: Option<RankingMetrics>,
+}
+
+/// What the report calls the held-out queries none of whose relevant
+/// objects was relevant in history.
+pub const UNSEEN_RELEVANT: &str = "unseen relevant (no relevant object was relevant to a history query)";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RankedReport {
@@ -78,21 +95,47 @@ struct Answered {
 /// Calls in flight at once.
 const CONCURRENCY: usize = 8;
 
-pub async fn run_dstc11(
+/// Evaluates the labelled data set in `dir` (BEIR layout or DSTC11
+/// folder): `split`'s queries, and for the held-out split also the subset
+/// whose relevant objects no history query touched.
+pub async fn run_dataset(
     config: &Config,
-    dataset: &Path,
+    dir: &Path,
     split: Split,
     context_turns: usize,
     rank: bool,
 ) -> Result<RetrievalReport> {
-    let queries = dstc11::read_queries(dataset, split)?;
-    let set = EvalSet {
-        name: "dstc11",
-        knowledge: EvalKnowledge::Dstc11(dataset.to_owned()),
-        queries: &queries,
-        split: format!("DSTC11 {} split", format!("{split:?}").to_lowercase()),
+    let set = dataset::open(dir)?;
+    let queries = set.split(split);
+    let subsets = match split {
+        Split::Eval => vec![(UNSEEN_RELEVANT.to_string(), set.unseen_relevant().into_iter().map(|q| q.id).collect())],
+        _ => Vec::new(),
     };
-    run(config, set, context_turns, rank).await
+    let eval_set = EvalSet {
+        name: &scratch_name(dir),
+        knowledge: EvalKnowledge::Dataset(dir.to_owned()),
+        queries: &queries,
+        split: format!("{} {} split", dataset_label(dir), split.name()),
+        subsets,
+    };
+    run(config, eval_set, context_turns, rank).await
+}
+
+/// The data set's name in reports: its folder's name.
+pub fn dataset_label(dir: &Path) -> String {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if name.starts_with("dstc11") { "DSTC11".into() } else { name }
+}
+
+/// The scratch data dir's name for the data set in `dir`: DSTC11's keeps
+/// the name it had before other data sets, so its stored vectors stay valid.
+pub fn scratch_name(dir: &Path) -> String {
+    let label = dataset_label(dir);
+    if label == "DSTC11" {
+        return "dstc11".into();
+    }
+    let clean: String = label.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+    format!("dataset-{clean}")
 }
 
 /// Runs `set`'s queries through Retrieve (and Rank) of an in-process server
@@ -176,6 +219,20 @@ pub async fn run(config: &Config, set: EvalSet<'_>, context_turns: usize, rank: 
             ranker.clone_from(version);
         }
     }
+    let subsets = set
+        .subsets
+        .iter()
+        .map(|(name, ids)| {
+            let pick = |scores: &[QueryScores]| -> Vec<QueryScores> {
+                queries.iter().zip(scores).filter(|(q, _)| ids.contains(&q.id)).map(|(_, s)| s.clone()).collect()
+            };
+            SubsetReport {
+                name: name.clone(),
+                metrics: metrics::average(&pick(&scores)),
+                ranked: rank.then(|| metrics::average(&pick(&ranked_scores))),
+            }
+        })
+        .collect();
     let (retrieve_p50_ms, retrieve_p99_ms) = percentiles(&mut latencies);
     let ranked = rank.then(|| {
         let (rank_p50_ms, rank_p99_ms) = percentiles(&mut rank_latencies);
@@ -189,6 +246,7 @@ pub async fn run(config: &Config, set: EvalSet<'_>, context_turns: usize, rank: 
         retrieve_p50_ms,
         retrieve_p99_ms,
         ranked,
+        subsets,
     })
 }
 
@@ -205,7 +263,7 @@ fn percentiles(values: &mut [f64]) -> (f64, f64) {
 /// deleted), with vectors.
 fn prepare_knowledge(config: &Config, knowledge: EvalKnowledge) -> Result<()> {
     let objects = match knowledge {
-        EvalKnowledge::Dstc11(dataset) => kb::read_dstc11(&dataset)?,
+        EvalKnowledge::Dataset(dir) => dataset::read_corpus_of(&dir)?,
         EvalKnowledge::Objects(objects) => objects.into_iter().filter(|o| !o.deleted).collect(),
     };
     std::fs::create_dir_all(&config.data_dir)
@@ -286,6 +344,13 @@ impl std::fmt::Display for RetrievalReport {
         writeln!(f, "| retrieved | {} |", values.join(" | "))?;
         if let Some(ranked) = &self.ranked {
             writeln!(f, "| ranked | {} |", columns(&ranked.metrics).1.join(" | "))?;
+        }
+        for subset in &self.subsets {
+            let n = subset.metrics.queries;
+            writeln!(f, "| retrieved, {n} {} | {} |", subset.name, columns(&subset.metrics).1.join(" | "))?;
+            if let Some(ranked) = &subset.ranked {
+                writeln!(f, "| ranked, {n} {} | {} |", subset.name, columns(ranked).1.join(" | "))?;
+            }
         }
         write!(
             f,

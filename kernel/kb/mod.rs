@@ -6,7 +6,7 @@
 pub mod device_index;
 mod dstc11;
 pub mod index;
-mod jsonl;
+pub mod jsonl;
 mod scan;
 pub mod semantic;
 mod store;

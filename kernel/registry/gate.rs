@@ -2,7 +2,9 @@
 //! scores better on the held-out queries of the data it was trained from
 //! (Recall@75 of Retrieve for a retriever, Precision@8 after Rank for a
 //! ranker) by a margin, and loses no more than a tolerance on a guard set
-//! of labelled queries the feedback never touched. Both models are scored
+//! of labelled queries the feedback never touched: a guard that shares a
+//! question with the candidate's training set is refused, since a model
+//! that memorised its training questions passes it easily. Both models are scored
 //! the same way: an in-process server on loopback over a snapshot of the
 //! live knowledge base, through the real Retrieve and Rank RPCs.
 
@@ -15,7 +17,7 @@ use crate::{
     config::Config,
     error::{Error, Result},
     eval::{
-        dstc11::{self, LabelledQuery, Split},
+        dataset::{self, LabelledQuery, Split},
         metrics::RankingMetrics,
         retrieval::{self, EvalKnowledge, EvalSet, RetrievalReport},
     },
@@ -30,10 +32,13 @@ pub struct PromotionOptions {
     pub min_gain: f64,
     /// ... and may score at most this much below it on the guard set.
     pub guard_tolerance: f64,
-    /// A DSTC11 Track 5 folder whose labelled queries guard against
-    /// regressions; empty: no guard set.
+    /// A labelled data set (BEIR layout or DSTC11 folder, see
+    /// `eval::dataset`) whose queries guard against regressions; empty: no
+    /// guard set.
     pub guard_dataset: PathBuf,
-    /// Which of its queries: "history", "eval" or "all".
+    /// Which of its queries: "guard" (its `qrels/guard.tsv`, the default),
+    /// "history", "eval" or "all". Whichever, a guard query that is also a
+    /// training query of the candidate refuses the promotion.
     pub guard_split: String,
     /// At most this many of them, evenly spaced (0: all): a cross-encoder
     /// reranks 75 passages per query, twice per gate.
@@ -46,6 +51,12 @@ pub struct PromotionOptions {
     /// Held-out pairs the generator gate scores, evenly spaced (0: all):
     /// each is two teacher-forced passes per model.
     pub generator_pairs_limit: usize,
+    /// Guard questions whose greedy replies' citations the generator gate
+    /// checks (0: none): each is one greedy reply per model.
+    pub generator_citation_limit: usize,
+    /// ... and the share of citations naming a relevant object may fall by
+    /// at most this much (absolute).
+    pub generator_citation_tolerance: f64,
 }
 
 impl Default for PromotionOptions {
@@ -54,24 +65,100 @@ impl Default for PromotionOptions {
             min_gain: 0.01,
             guard_tolerance: 0.01,
             guard_dataset: PathBuf::new(),
-            guard_split: "history".into(),
+            guard_split: Split::Guard.name().into(),
             guard_limit: 300,
             generator_min_gain: 0.02,
             generator_perplexity_tolerance: 0.05,
             generator_pairs_limit: 200,
+            generator_citation_limit: 20,
+            generator_citation_tolerance: 0.05,
         }
     }
 }
 
 impl PromotionOptions {
     pub fn guard_split(&self) -> Result<Split> {
-        match self.guard_split.as_str() {
-            "history" => Ok(Split::History),
-            "eval" => Ok(Split::Eval),
-            "all" => Ok(Split::All),
-            other => Err(Error::InvalidArgument(format!(
-                "config promotion.guard_split: {other:?} is not history, eval or all"
-            ))),
+        Split::parse(&self.guard_split)
+            .map_err(|e| Error::InvalidArgument(format!("config promotion.guard_split: {e}")))
+    }
+
+    /// The guard set's queries (at most `guard_limit`, evenly spaced), or
+    /// none when no guard data set is configured.
+    pub fn guard_queries(&self) -> Result<Vec<LabelledQuery>> {
+        if self.guard_dataset.as_os_str().is_empty() {
+            return Ok(Vec::new());
+        }
+        let queries = dataset::read_queries(&self.guard_dataset, self.guard_split()?)?;
+        if queries.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "promotion.guard_dataset {}: its {} split holds no labelled queries",
+                self.guard_dataset.display(),
+                self.guard_split
+            )));
+        }
+        Ok(evenly(queries, self.guard_limit))
+    }
+
+    /// What the reports call the guard set.
+    pub fn guard_name(&self) -> String {
+        format!("guard: {} {} split", retrieval::dataset_label(&self.guard_dataset), self.guard_split)
+    }
+}
+
+/// At most `limit` of `rows`, evenly spaced (0: all).
+pub fn evenly<T>(rows: Vec<T>, limit: usize) -> Vec<T> {
+    if limit == 0 || rows.len() <= limit {
+        return rows;
+    }
+    let step = rows.len() as f64 / limit as f64;
+    let picks: std::collections::HashSet<usize> = (0..limit).map(|i| (i as f64 * step) as usize).collect();
+    rows.into_iter().enumerate().filter(|(i, _)| picks.contains(i)).map(|(_, r)| r).collect()
+}
+
+/// How a guard set meets a candidate's training set.
+#[derive(Debug, Clone, Serialize)]
+pub struct GuardOverlap {
+    pub guard_queries: usize,
+    /// Guard questions (context and question) the candidate was trained on.
+    pub shared_queries: usize,
+    /// Guard queries with a relevant object that was a training query's
+    /// relevant object: reported, not refused (many data sets, DSTC11 among
+    /// them, cannot avoid it).
+    pub shared_relevant: usize,
+}
+
+impl GuardOverlap {
+    pub fn between(guard: &[LabelledQuery], training: &[LabelledQuery]) -> GuardOverlap {
+        let keys: std::collections::HashSet<String> = training.iter().map(LabelledQuery::key).collect();
+        let relevant: std::collections::HashSet<&str> =
+            training.iter().flat_map(|q| q.relevant.iter().map(String::as_str)).collect();
+        GuardOverlap {
+            guard_queries: guard.len(),
+            shared_queries: guard.iter().filter(|q| keys.contains(&q.key())).count(),
+            shared_relevant: guard
+                .iter()
+                .filter(|q| q.relevant.iter().any(|id| relevant.contains(id.as_str())))
+                .count(),
+        }
+    }
+
+    /// The check in words, and whether it passes.
+    pub fn check(&self) -> (bool, String) {
+        let objects = format!(
+            "{} of {} guard queries have a relevant object the training set labelled relevant",
+            self.shared_relevant, self.guard_queries
+        );
+        if self.shared_queries == 0 {
+            (true, format!("the guard set shares no question with the training set ({objects})"))
+        } else {
+            (
+                false,
+                format!(
+                    "the guard set overlaps the candidate's training set: {} of {} guard questions were trained on, \
+                     so it cannot show a regression (use a guard disjoint from training, e.g. promotion.guard_split = \"guard\")",
+                    self.shared_queries, self.guard_queries
+                ),
+            )
         }
     }
 }
@@ -129,7 +216,7 @@ pub async fn score(
     let mut config = config.clone();
     config.models.embedder.clone_from(&models.embedder);
     config.models.ranker.clone_from(&models.ranker);
-    let set = EvalSet { name, knowledge, queries, split: split.into() };
+    let set = EvalSet { name, knowledge, queries, split: split.into(), subsets: Vec::new() };
     let report = retrieval::run(&config, set, config.retrieve.context_turns, role == Role::Ranker).await?;
     metric(role, &report)
 }
@@ -152,6 +239,7 @@ pub struct GateReport {
     pub serving: String,
     pub heldout: Comparison,
     pub guard: Option<Comparison>,
+    pub guard_overlap: Option<GuardOverlap>,
     pub accepted: bool,
     /// Each check and how it went.
     pub reasons: Vec<String>,
@@ -166,6 +254,8 @@ pub struct GateInput<'a> {
     pub serving: ModelChoice,
     /// The held-out queries of the candidate's training set.
     pub heldout: &'a [LabelledQuery],
+    /// The queries it was trained on: the guard must share none.
+    pub training: &'a [LabelledQuery],
     /// A snapshot of the live knowledge base.
     pub knowledge: Vec<KnowledgeObject>,
 }
@@ -197,37 +287,41 @@ pub async fn decide(config: &Config, options: &PromotionOptions, input: GateInpu
         score(config, role, &candidate, "live", live(&input.knowledge), input.heldout, heldout_name).await?;
     let heldout = compare(heldout_name.into(), on_serving, on_candidate);
 
-    let guard = if options.guard_dataset.as_os_str().is_empty() {
+    let guard_queries = options.guard_queries()?;
+    let guard_overlap = (!guard_queries.is_empty()).then(|| GuardOverlap::between(&guard_queries, input.training));
+    // An overlapping guard refuses without being scored: its score would mean nothing.
+    let guard = if guard_queries.is_empty() || guard_overlap.as_ref().is_some_and(|o| o.shared_queries > 0) {
         None
     } else {
-        let split = options.guard_split()?;
-        let mut queries = dstc11::read_queries(&options.guard_dataset, split)?;
-        if options.guard_limit > 0 && queries.len() > options.guard_limit {
-            let step = queries.len() as f64 / options.guard_limit as f64;
-            queries = (0..options.guard_limit).map(|i| queries[(i as f64 * step) as usize].clone()).collect();
-        }
-        let name = format!("guard: DSTC11 {} split", options.guard_split);
-        let knowledge = || EvalKnowledge::Dstc11(options.guard_dataset.clone());
+        let name = options.guard_name();
+        let knowledge = || EvalKnowledge::Dataset(options.guard_dataset.clone());
         // Shares its scratch knowledge base and vectors with `aitl eval retrieval`.
-        let serving = score(config, role, &input.serving, "dstc11", knowledge(), &queries, &name).await?;
-        let candidate = score(config, role, &candidate, "dstc11", knowledge(), &queries, &name).await?;
+        let scratch = retrieval::scratch_name(&options.guard_dataset);
+        let serving = score(config, role, &input.serving, &scratch, knowledge(), &guard_queries, &name).await?;
+        let candidate = score(config, role, &candidate, &scratch, knowledge(), &guard_queries, &name).await?;
         Some(compare(name, serving, candidate))
     };
 
-    let (accepted, reasons) = verdict(&heldout, guard.as_ref(), options);
+    let (accepted, reasons) = verdict(&heldout, guard.as_ref(), guard_overlap.as_ref(), options);
     Ok(GateReport {
         role,
         candidate: input.candidate_version.into(),
         serving: input.serving_label,
         heldout,
         guard,
+        guard_overlap,
         accepted,
         reasons,
     })
 }
 
 /// Whether the candidate passes, and each check's outcome in words.
-pub fn verdict(heldout: &Comparison, guard: Option<&Comparison>, options: &PromotionOptions) -> (bool, Vec<String>) {
+pub fn verdict(
+    heldout: &Comparison,
+    guard: Option<&Comparison>,
+    overlap: Option<&GuardOverlap>,
+    options: &PromotionOptions,
+) -> (bool, Vec<String>) {
     let mut accepted = true;
     let mut reasons = Vec::new();
     let gain = heldout.candidate - heldout.serving;
@@ -239,6 +333,11 @@ pub fn verdict(heldout: &Comparison, guard: Option<&Comparison>, options: &Promo
     } else {
         accepted = false;
         reasons.push(format!("{} ({gain:+.4}), below the required gain of {}", scores(heldout), options.min_gain));
+    }
+    if let Some(overlap) = overlap {
+        let (disjoint, reason) = overlap.check();
+        accepted &= disjoint;
+        reasons.push(reason);
     }
     match guard {
         Some(guard) => {
@@ -252,6 +351,7 @@ pub fn verdict(heldout: &Comparison, guard: Option<&Comparison>, options: &Promo
                 options.guard_tolerance
             ));
         }
+        None if overlap.is_some() => {}
         None => reasons.push("no guard set configured (promotion.guard_dataset)".into()),
     }
     (accepted, reasons)
@@ -314,14 +414,55 @@ mod tests {
         let options = PromotionOptions { min_gain: 0.02, guard_tolerance: 0.01, ..Default::default() };
         let pass = |heldout: (f64, f64), guard: Option<(f64, f64)>| {
             let guard = guard.map(|(a, b)| comparison(a, b));
-            verdict(&comparison(heldout.0, heldout.1), guard.as_ref(), &options).0
+            verdict(&comparison(heldout.0, heldout.1), guard.as_ref(), None, &options).0
         };
         assert!(pass((0.50, 0.53), None));
         assert!(!pass((0.50, 0.51), None), "a gain below the margin");
         assert!(!pass((0.50, 0.40), None), "a loss");
         assert!(pass((0.50, 0.60), Some((0.70, 0.695))), "a guard loss within the tolerance");
         assert!(!pass((0.50, 0.60), Some((0.70, 0.68))), "a guard regression beyond it");
-        let (_, reasons) = verdict(&comparison(0.5, 0.6), Some(&comparison(0.7, 0.68)), &options);
+        let (_, reasons) = verdict(&comparison(0.5, 0.6), Some(&comparison(0.7, 0.68)), None, &options);
         assert!(reasons[1].contains("a regression beyond the tolerance of 0.01"), "{reasons:?}");
+    }
+
+    fn query(id: &str, context: &str, text: &str, relevant: &[&str]) -> LabelledQuery {
+        LabelledQuery {
+            id: id.into(),
+            index: 0,
+            query: text.into(),
+            context: vec![crate::proto::ConversationTurn { speaker: 0, text: context.into() }],
+            relevant: relevant.iter().map(|r| r.to_string()).collect(),
+            reference_reply: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_guard_that_shares_a_training_question_refuses() {
+        let options = PromotionOptions::default();
+        let training = [query("t1", "About the Acorn", "Free wifi?", &["acorn:wifi"])];
+        // Same question about another hotel; a different question about the same object.
+        let disjoint = [
+            query("g1", "About the Bridge", "Free wifi?", &["bridge:wifi"]),
+            query("g2", "Acorn", "Wifi speed?", &["acorn:wifi"]),
+        ];
+        let overlap = GuardOverlap::between(&disjoint, &training);
+        assert_eq!((overlap.shared_queries, overlap.shared_relevant), (0, 1));
+        let (ok, reasons) = verdict(&comparison(0.5, 0.6), Some(&comparison(0.7, 0.7)), Some(&overlap), &options);
+        assert!(ok && reasons[1].contains("shares no question") && reasons[1].contains("1 of 2"), "{reasons:?}");
+        // The training question again, spaced and cased differently.
+        let shared = [query("g3", "about the  acorn", "free WIFI?", &["acorn:wifi"]), disjoint[0].clone()];
+        let overlap = GuardOverlap::between(&shared, &training);
+        assert_eq!(overlap.shared_queries, 1);
+        let (ok, reasons) = verdict(&comparison(0.5, 0.6), None, Some(&overlap), &options);
+        assert!(!ok && reasons[1].contains("1 of 2 guard questions were trained on"), "{reasons:?}");
+        assert_eq!(reasons.len(), 2, "an overlapping guard is not scored: {reasons:?}");
+    }
+
+    #[test]
+    fn evenly_spaced_subsets() {
+        let rows: Vec<usize> = (0..10).collect();
+        assert_eq!(evenly(rows.clone(), 0), rows);
+        assert_eq!(evenly(rows.clone(), 20), rows);
+        assert_eq!(evenly(rows, 5), vec![0, 2, 4, 6, 8]);
     }
 }

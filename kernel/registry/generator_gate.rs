@@ -5,21 +5,31 @@
 //! serving model's do, by `generator_min_gain`; and if, on a guard set of
 //! reference replies the feedback never touched (DSTC11's, with
 //! `promotion.guard_dataset`), its perplexity rises by no more than
-//! `generator_perplexity_tolerance`. Both are scored through the serving
-//! decoder (its weights, adapter, chat template and prompt precision), one
-//! teacher-forced pass per reply.
+//! `generator_perplexity_tolerance`, and its greedy replies' citation
+//! correctness (the share of cited knowledge that is relevant) falls by no
+//! more than `generator_citation_tolerance`; a guard that shares a question
+//! with the training prompts refuses. Perplexity is scored through the
+//! serving decoder (its weights, adapter, chat template and prompt
+//! precision), one teacher-forced pass per reply; citations through greedy
+//! decoding over a grounding of the guard question's relevant objects mixed
+//! with other questions' (so that citing at random is wrong as often as
+//! not).
 
 use std::path::Path;
 
 use serde::Serialize;
 
-use super::gate::PromotionOptions;
+use super::gate::{GuardOverlap, PromotionOptions};
 use crate::{
     backend::{Device, Precision},
-    engine::generator::Checkpoint,
+    engine::{generator::Checkpoint, grounding},
     error::{Error, Result},
-    eval::dstc11,
-    model::llama::Llama,
+    eval::dataset::{self, LabelledQuery},
+    model::{
+        chat::Role,
+        llama::{Llama, Step},
+    },
+    proto::KnowledgeObject,
     worker::{
         datasets::{GeneratorRow, Message},
         train_generator::{Sequence, tokenize_pair},
@@ -28,6 +38,10 @@ use crate::{
 
 /// Tokens per scored sequence (longer ones keep their ends).
 const MAX_TOKENS: usize = 2_048;
+/// Knowledge objects in each citation check's grounding.
+const CITATION_GROUNDING: usize = 6;
+/// New tokens of each greedy reply.
+const CITATION_REPLY_TOKENS: usize = 96;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct GeneratorGateReport {
@@ -41,6 +55,12 @@ pub struct GeneratorGateReport {
     /// Perplexity of the guard set's reference replies (None: no guard set).
     pub serving_perplexity: Option<f64>,
     pub candidate_perplexity: Option<f64>,
+    /// Greedy replies to guard questions, and the share of their citations
+    /// that name a relevant object (None: nothing cited).
+    pub citation_replies: usize,
+    pub serving_citations: Option<Citations>,
+    pub candidate_citations: Option<Citations>,
+    pub guard_overlap: Option<GuardOverlap>,
     pub accepted: bool,
     pub reasons: Vec<String>,
 }
@@ -53,14 +73,29 @@ impl std::fmt::Display for GeneratorGateReport {
     }
 }
 
+/// Citations in greedy replies.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Citations {
+    pub cited: usize,
+    pub relevant: usize,
+}
+
+impl Citations {
+    pub fn correctness(&self) -> Option<f64> {
+        (self.cited > 0).then(|| self.relevant as f64 / self.cited as f64)
+    }
+}
+
 /// Scores `candidate` (a generator path: GGUF, folder or adapter) against
-/// `serving` on `heldout` pairs and the configured guard set.
+/// `serving` on `heldout` pairs and the configured guard set, which must
+/// share no question with the `training` pairs.
 pub fn decide(
     options: &PromotionOptions,
     precision: Precision,
     (serving_label, serving): (&str, &Path),
     (candidate_label, candidate): (&str, &Path),
     heldout: &[GeneratorRow],
+    training: &[GeneratorRow],
 ) -> Result<GeneratorGateReport> {
     if heldout.is_empty() {
         return Err(Error::FailedPrecondition(format!(
@@ -69,22 +104,48 @@ pub fn decide(
     }
     let device = Device::Cpu;
     let (old, new) = (Checkpoint::load(&device, serving, precision)?, Checkpoint::load(&device, candidate, precision)?);
-    let pairs = evenly(heldout, options.generator_pairs_limit);
-    let guard = guard_rows(options)?;
+    let pairs = super::gate::evenly(heldout.to_vec(), options.generator_pairs_limit);
     let accuracy = |c: &Checkpoint| preference_accuracy(&device, c, &pairs);
     let (serving_accuracy, candidate_accuracy) = (accuracy(&old)?, accuracy(&new)?);
+    let guard_queries = options.guard_queries()?;
+    let guard_overlap = (!guard_queries.is_empty()).then(|| {
+        let trained: Vec<LabelledQuery> = training.iter().filter_map(prompt_query).collect();
+        GuardOverlap::between(&guard_queries, &trained)
+    });
+    // An overlapping guard is refused, not scored.
+    let guard_queries = match &guard_overlap {
+        Some(o) if o.shared_queries > 0 => Vec::new(),
+        _ => guard_queries,
+    };
+    let guard = guard_rows(&guard_queries);
     let perplexity = |c: &Checkpoint| reply_perplexity(&device, c, &guard);
     let (serving_perplexity, candidate_perplexity) = match guard.is_empty() {
         true => (None, None),
         false => (Some(perplexity(&old)?), Some(perplexity(&new)?)),
     };
-    let (accepted, reasons) = verdict(
+    let groundings = citation_groundings(options, &guard_queries)?;
+    let citations = |c: &Checkpoint| greedy_citations(&device, c, &groundings);
+    let (serving_citations, candidate_citations) = match groundings.is_empty() {
+        true => (None, None),
+        false => (Some(citations(&old)?), Some(citations(&new)?)),
+    };
+    let (mut accepted, mut reasons) = verdict(
         options,
         pairs.len(),
         (serving_accuracy, candidate_accuracy),
         guard.len(),
         serving_perplexity.zip(candidate_perplexity),
     );
+    if let Some(overlap) = &guard_overlap {
+        let (disjoint, reason) = overlap.check();
+        accepted &= disjoint;
+        reasons.push(reason);
+    }
+    if let Some((old, new)) = serving_citations.zip(candidate_citations) {
+        let (pass, reason) = citation_verdict(options, groundings.len(), old, new);
+        accepted &= pass;
+        reasons.push(reason);
+    }
     Ok(GeneratorGateReport {
         candidate: candidate_label.into(),
         serving: serving_label.into(),
@@ -94,9 +155,147 @@ pub fn decide(
         guard_replies: guard.len(),
         serving_perplexity,
         candidate_perplexity,
+        citation_replies: groundings.len(),
+        serving_citations,
+        candidate_citations,
+        guard_overlap,
         accepted,
         reasons,
     })
+}
+
+/// Whether the candidate's citations are as correct as the serving
+/// model's, within `generator_citation_tolerance`, and the check in words.
+pub fn citation_verdict(options: &PromotionOptions, replies: usize, old: Citations, new: Citations) -> (bool, String) {
+    let show = |c: Citations| match c.correctness() {
+        Some(share) => format!("{share:.3} ({} of {} citations)", c.relevant, c.cited),
+        None => "nothing cited".to_string(),
+    };
+    let text = format!("citation correctness of {replies} greedy guard replies: {} → {}", show(old), show(new));
+    let tolerance = options.generator_citation_tolerance;
+    match (old.correctness(), new.correctness()) {
+        (_, None) if old.cited > 0 => (false, format!("{text}: the candidate stopped citing knowledge")),
+        (None, _) | (_, None) => (true, format!("{text}: nothing to compare")),
+        (Some(a), Some(b)) if b >= a - tolerance => (true, format!("{text}, within {tolerance}")),
+        (Some(_), Some(_)) => (false, format!("{text}, a fall beyond the tolerated {tolerance}")),
+    }
+}
+
+/// A training pair's question, as a labelled query without labels: its
+/// conversation after the system message, the last turn being the question.
+fn prompt_query(row: &GeneratorRow) -> Option<LabelledQuery> {
+    let turns: Vec<&Message> = row.prompt.iter().filter(|m| m.role != "system").collect();
+    let (last, context) = turns.split_last()?;
+    Some(LabelledQuery {
+        id: String::new(),
+        index: 0,
+        query: last.content.clone(),
+        context: context
+            .iter()
+            .map(|m| crate::proto::ConversationTurn {
+                speaker: if m.role == "assistant" {
+                    crate::proto::Speaker::Agent
+                } else {
+                    crate::proto::Speaker::Customer
+                } as i32,
+                text: m.content.clone(),
+            })
+            .collect(),
+        relevant: Vec::new(),
+        reference_reply: String::new(),
+    })
+}
+
+/// One citation check: a guard question's conversation over knowledge that
+/// holds its relevant objects and others'.
+pub struct Grounding {
+    pub query: LabelledQuery,
+    pub knowledge: Vec<KnowledgeObject>,
+}
+
+/// Groundings for the first `generator_citation_limit` guard queries (evenly
+/// spaced): each question's relevant objects (at most half the grounding)
+/// and, to fill it, the relevant objects of the guard questions after it,
+/// in an order fixed by the ids' hashes so relevance is not position.
+fn citation_groundings(options: &PromotionOptions, guard: &[LabelledQuery]) -> Result<Vec<Grounding>> {
+    if guard.is_empty() || options.generator_citation_limit == 0 {
+        return Ok(Vec::new());
+    }
+    let corpus: std::collections::HashMap<String, KnowledgeObject> =
+        dataset::read_corpus_of(&options.guard_dataset)?.into_iter().map(|o| (o.id.clone(), o)).collect();
+    let chosen = super::gate::evenly((0..guard.len()).collect(), options.generator_citation_limit);
+    let mut out = Vec::with_capacity(chosen.len());
+    for i in chosen {
+        let query = &guard[i];
+        let mut ids: Vec<&str> = query.relevant.iter().take(CITATION_GROUNDING / 2).map(String::as_str).collect();
+        let others = guard.iter().cycle().skip(i + 1).take(guard.len() - 1);
+        for id in others.flat_map(|q| q.relevant.iter()) {
+            if ids.len() == CITATION_GROUNDING {
+                break;
+            }
+            if !query.relevant.contains(id) && !ids.contains(&id.as_str()) {
+                ids.push(id);
+            }
+        }
+        ids.sort_by_key(|id| {
+            use sha2::Digest;
+            sha2::Sha256::digest(id.as_bytes())[..8].to_vec()
+        });
+        let knowledge: Vec<KnowledgeObject> = ids.iter().filter_map(|id| corpus.get(*id).cloned()).collect();
+        if knowledge.iter().any(|k| query.relevant.contains(&k.id)) {
+            out.push(Grounding { query: query.clone(), knowledge });
+        }
+    }
+    Ok(out)
+}
+
+/// The model's greedy reply to each grounding, and how many of its
+/// citations name one of the question's relevant objects.
+pub fn greedy_citations(device: &Device, checkpoint: &Checkpoint, groundings: &[Grounding]) -> Result<Citations> {
+    let mut total = Citations { cited: 0, relevant: 0 };
+    for g in groundings {
+        let mut conversation = g.query.context.clone();
+        conversation.push(crate::proto::ConversationTurn {
+            speaker: crate::proto::Speaker::Customer as i32,
+            text: g.query.query.clone(),
+        });
+        let messages = grounding::messages(grounding::DEFAULT_SYSTEM_PROMPT, &g.knowledge, &conversation);
+        let borrowed: Vec<(Role, &str)> = messages.iter().map(|(r, t)| (*r, t.as_str())).collect();
+        let reply = greedy_reply(device, checkpoint, &checkpoint.tokenizer.render(&borrowed))?;
+        let ids: Vec<String> = g.knowledge.iter().map(|k| k.id.clone()).collect();
+        let cited = grounding::citations(&reply, &ids);
+        total.cited += cited.len();
+        total.relevant += cited.iter().filter(|id| g.query.relevant.contains(id)).count();
+    }
+    Ok(total)
+}
+
+/// Greedy decoding of at most [`CITATION_REPLY_TOKENS`] after `prompt`.
+fn greedy_reply(device: &Device, checkpoint: &Checkpoint, prompt: &str) -> Result<String> {
+    let model = &checkpoint.model;
+    let mut tokens = checkpoint.tokenizer.encode(prompt)?;
+    let room = model.config().context.saturating_sub(CITATION_REPLY_TOKENS).max(1);
+    if tokens.len() > room {
+        tokens.drain(..tokens.len() - room);
+    }
+    let mut cache = model.new_cache();
+    let mut input = tokens;
+    let mut reply = Vec::new();
+    for _ in 0..CITATION_REPLY_TOKENS {
+        let logits = model.forward(device, &mut [Step { tokens: &input, cache: &mut cache }])?;
+        let next = logits[0]
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u32)
+            .ok_or_else(|| Error::Internal("the decoder returned no logits".into()))?;
+        if next == checkpoint.tokenizer.eos || checkpoint.tokenizer.is_end_of_turn(next) {
+            break;
+        }
+        reply.push(next);
+        input = vec![next];
+    }
+    checkpoint.tokenizer.decode(&reply)
 }
 
 /// Whether the candidate passes, and each check in words.
@@ -135,15 +334,6 @@ pub fn verdict(
         None => reasons.push("no guard set (promotion.guard_dataset): perplexity not checked".into()),
     }
     (accepted, reasons)
-}
-
-/// At most `limit` of `rows`, evenly spaced (0: all).
-fn evenly<T: Clone>(rows: &[T], limit: usize) -> Vec<T> {
-    if limit == 0 || rows.len() <= limit {
-        return rows.to_vec();
-    }
-    let step = rows.len() as f64 / limit as f64;
-    (0..limit).map(|i| rows[(i as f64 * step) as usize].clone()).collect()
 }
 
 /// What a scored sequence may hold: [`MAX_TOKENS`], or less where the
@@ -186,15 +376,11 @@ pub fn reply_perplexity(device: &Device, checkpoint: &Checkpoint, rows: &[Genera
     Ok((nll / tokens.max(1) as f64).exp())
 }
 
-/// DSTC11 reference replies after their conversations, as rows whose chosen
-/// reply is the reference (the rejected side is unused).
-fn guard_rows(options: &PromotionOptions) -> Result<Vec<GeneratorRow>> {
-    if options.guard_dataset.as_os_str().is_empty() {
-        return Ok(Vec::new());
-    }
-    let queries = dstc11::read_queries(&options.guard_dataset, options.guard_split()?)?;
+/// The guard queries' reference replies after their conversations, as rows
+/// whose chosen reply is the reference (the rejected side is unused).
+fn guard_rows(queries: &[LabelledQuery]) -> Vec<GeneratorRow> {
     let message = |role: &str, content: &str| Message { role: role.into(), content: content.into() };
-    let rows: Vec<GeneratorRow> = queries
+    queries
         .iter()
         .filter(|q| !q.reference_reply.trim().is_empty())
         .map(|q| {
@@ -210,8 +396,7 @@ fn guard_rows(options: &PromotionOptions) -> Result<Vec<GeneratorRow>> {
             let reply = vec![message("assistant", &q.reference_reply)];
             GeneratorRow { prompt, chosen: reply.clone(), rejected: reply, weight: 1.0 }
         })
-        .collect();
-    Ok(evenly(&rows, options.guard_limit))
+        .collect()
 }
 
 #[cfg(test)]
@@ -232,10 +417,48 @@ mod tests {
     }
 
     #[test]
-    fn evenly_spaced_subsets() {
-        let rows: Vec<usize> = (0..10).collect();
-        assert_eq!(evenly(&rows, 0), rows);
-        assert_eq!(evenly(&rows, 20), rows);
-        assert_eq!(evenly(&rows, 5), vec![0, 2, 4, 6, 8]);
+    fn citation_correctness_may_not_fall() {
+        let options = PromotionOptions { generator_citation_tolerance: 0.05, ..Default::default() };
+        let c = |cited, relevant| Citations { cited, relevant };
+        assert!(citation_verdict(&options, 20, c(10, 6), c(10, 6)).0);
+        assert!(citation_verdict(&options, 20, c(10, 6), c(20, 11)).0, "0.55 is within 0.05 of 0.60");
+        let (ok, reason) = citation_verdict(&options, 20, c(10, 6), c(10, 4));
+        assert!(!ok && reason.contains("0.600 (6 of 10 citations) → 0.400") && reason.contains("beyond"), "{reason}");
+        let (ok, reason) = citation_verdict(&options, 20, c(10, 6), c(0, 0));
+        assert!(!ok && reason.contains("stopped citing"), "{reason}");
+        assert!(citation_verdict(&options, 20, c(0, 0), c(3, 1)).0, "the parent cited nothing: nothing to compare");
+    }
+
+    #[test]
+    fn a_training_prompt_names_its_question() {
+        let message = |role: &str, content: &str| Message { role: role.into(), content: content.into() };
+        let row = GeneratorRow {
+            prompt: vec![
+                message("system", "Knowledge: [1] …"),
+                message("user", "About the Acorn"),
+                message("assistant", "Yes?"),
+                message("user", "Free wifi?"),
+            ],
+            chosen: vec![],
+            rejected: vec![],
+            weight: 1.0,
+        };
+        let q = prompt_query(&row).unwrap();
+        let turn = |speaker: crate::proto::Speaker, text: &str| crate::proto::ConversationTurn {
+            speaker: speaker as i32,
+            text: text.into(),
+        };
+        let guard = LabelledQuery {
+            id: "g".into(),
+            index: 0,
+            query: "free  WiFi?".into(),
+            context: vec![
+                turn(crate::proto::Speaker::Customer, "about the acorn"),
+                turn(crate::proto::Speaker::Agent, "yes?"),
+            ],
+            relevant: vec![],
+            reference_reply: String::new(),
+        };
+        assert_eq!(q.key(), guard.key());
     }
 }

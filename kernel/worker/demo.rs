@@ -28,10 +28,10 @@ use crate::{
     config::Config,
     error::{Error, Result},
     eval::{
-        dstc11::Split,
+        dataset::{self, Split},
         retrieval::{self, RetrievalReport},
     },
-    kb::{self, KnowledgeStore, QueryComposition},
+    kb::{KnowledgeStore, QueryComposition},
     registry::{Registry, Role, gate::GateReport, generator_gate::GeneratorGateReport},
     worker::datasets::KnowledgeSource,
 };
@@ -125,10 +125,11 @@ pub async fn run(config: &Config, options: &DemoOptions) -> Result<DemoReport> {
     config.listen = "127.0.0.1:0".parse().expect("literal address");
     // Simulated agents only; the demo's figures are about retrieval and ranking.
     config.judge.llm = "off".into();
-    // The data set's own labels on past questions guard the gate unless the config names a guard.
+    // The data set's guard split (questions no simulated agent annotates)
+    // guards the gate unless the config names a guard.
     if config.promotion.guard_dataset.as_os_str().is_empty() {
         config.promotion.guard_dataset = options.dataset.clone();
-        config.promotion.guard_split = "history".into();
+        config.promotion.guard_split = Split::Guard.name().into();
     }
     let turns = config.retrieve.context_turns;
 
@@ -136,12 +137,12 @@ pub async fn run(config: &Config, options: &DemoOptions) -> Result<DemoReport> {
     let data_dir = config.data_dir.clone();
     clock
         .time(
-            "ingest DSTC11 knowledge",
+            "ingest the data set's knowledge",
             blocking(move || {
                 std::fs::create_dir_all(&data_dir)
                     .map_err(|e| Error::Internal(format!("{}: {e}", data_dir.display())))?;
                 let store = KnowledgeStore::open(&kb_path)?;
-                for chunk in kb::read_dstc11(&dataset)?.chunks(crate::api::convert::MAX_ITEMS) {
+                for chunk in dataset::read_corpus_of(&dataset)?.chunks(crate::api::convert::MAX_ITEMS) {
                     store.upsert_batch(chunk.to_vec())?;
                 }
                 Ok(())
@@ -155,7 +156,7 @@ pub async fn run(config: &Config, options: &DemoOptions) -> Result<DemoReport> {
     let before = clock
         .time(
             "score the held-out queries before",
-            retrieval::run_dstc11(&config, &options.dataset, Split::Eval, turns, true),
+            retrieval::run_dataset(&config, &options.dataset, Split::Eval, turns, true),
         )
         .await?;
     eprintln!("{before}");
@@ -253,7 +254,7 @@ pub async fn run(config: &Config, options: &DemoOptions) -> Result<DemoReport> {
     let after = clock
         .time(
             "score the held-out queries after",
-            retrieval::run_dstc11(&serving, &options.dataset, Split::Eval, turns, true),
+            retrieval::run_dataset(&serving, &options.dataset, Split::Eval, turns, true),
         )
         .await?;
     server.shutdown().await?;

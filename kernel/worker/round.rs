@@ -47,7 +47,12 @@ pub struct Trained {
 
 /// The held-out queries of an export.
 pub fn heldout_queries(dataset: &Path) -> Result<Vec<LabelledQuery>> {
-    let rows: Vec<LabelledInteraction> = datasets::read_rows(dataset, "heldout", "queries")?;
+    labelled_queries(dataset, "heldout")
+}
+
+/// The labelled questions of an export's `split` ("train" or "heldout").
+fn labelled_queries(dataset: &Path, split: &str) -> Result<Vec<LabelledQuery>> {
+    let rows: Vec<LabelledInteraction> = datasets::read_rows(dataset, split, "queries")?;
     Ok(rows.iter().filter(|q| !q.relevant.is_empty()).map(LabelledInteraction::to_query).collect())
 }
 
@@ -178,11 +183,19 @@ pub async fn promote(
         })?;
         let serving_label = registry.role(role).serving.clone().unwrap_or_else(|| "the configured generator".into());
         let heldout: Vec<GeneratorRow> = datasets::read_rows(&manifest.training_set_dir, "heldout", "generator")?;
+        let training: Vec<GeneratorRow> = datasets::read_rows(&manifest.training_set_dir, "train", "generator")?;
         let (options, precision) = (config.promotion.clone(), config.models.generator_precision);
         let folder = folder.clone();
         let candidate = version.to_string();
         let decided = tokio::task::spawn_blocking(move || {
-            generator_gate::decide(&options, precision, (&serving_label, &serving), (&candidate, &folder), &heldout)
+            generator_gate::decide(
+                &options,
+                precision,
+                (&serving_label, &serving),
+                (&candidate, &folder),
+                &heldout,
+                &training,
+            )
         })
         .await
         .map_err(|e| Error::Internal(format!("the generator gate: {e}")))?;
@@ -203,6 +216,7 @@ pub async fn promote(
         None
     } else {
         let queries = heldout_queries(&manifest.training_set_dir)?;
+        let training = labelled_queries(&manifest.training_set_dir, "train")?;
         let serving_label = registry.role(role).serving.clone().unwrap_or_else(|| "the configured model".into());
         let input = GateInput {
             role,
@@ -211,6 +225,7 @@ pub async fn promote(
             serving_label,
             serving: registry.serving_choice(config),
             heldout: &queries,
+            training: &training,
             knowledge,
         };
         Some(gate::decide(config, &config.promotion, input).await?)

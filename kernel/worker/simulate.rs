@@ -23,8 +23,8 @@ use std::{
 use serde::Serialize;
 use tonic::transport::Channel;
 
-pub use super::truth::Truth;
 use super::text;
+pub use super::truth::Truth;
 use crate::{
     error::{Error, Result},
     eval::dstc11::{self, LabelledQuery, Split},

@@ -190,6 +190,57 @@ pub fn mini_dstc11(dir: &Path, entities: usize) {
     std::fs::write(dir.join("val/labels.json"), serde_json::Value::from(labels).to_string()).unwrap();
 }
 
+/// A small data set in BEIR's layout, about software rather than hotels:
+/// `products` products with four FAQs each, one question per FAQ (its
+/// relevant object) after a greeting, timed a minute apart but written to
+/// queries.jsonl newest first (time, not file order, is the order); every
+/// tenth question of the first 90% is the guard's (`qrels/guard.tsv`).
+pub fn mini_beir(dir: &Path, products: usize) {
+    let topics = [
+        (
+            "How do I reset my password?",
+            "Use Forgot password on the sign-in page; the link lasts one hour.",
+            "reset the password",
+        ),
+        ("Can I export my data?", "Settings, then Export, writes every project as a ZIP file.", "export my projects"),
+        (
+            "Is two-factor sign-in supported?",
+            "Yes: authenticator apps and security keys, under Security.",
+            "turn on two-factor sign-in",
+        ),
+        ("How do refunds work?", "Annual plans are refunded in full within 30 days of purchase.", "get a refund"),
+    ];
+    let (mut corpus, mut queries) = (Vec::new(), Vec::new());
+    for p in 0..products {
+        let name = format!("Acme Tool {p}");
+        for (i, (question, answer, topic)) in topics.iter().enumerate() {
+            corpus.push(serde_json::json!({"_id": format!("tool{p}:faq:{i}"), "title": name, "kind": "faq",
+                "text": format!("Q: {question} A: {answer}"), "metadata": {"product": p.to_string()}}));
+            let n = queries.len();
+            queries.push(serde_json::json!({"_id": format!("t{p}-{i}"), "text": format!("How do I {topic} in it?"),
+                "context": [{"speaker": "customer", "text": format!("I use {name} at work.")},
+                            {"speaker": "agent", "text": "Happy to help, what do you need?"}],
+                "reference_reply": answer,
+                "time": format!("2026-03-01T{:02}:{:02}:00Z", n / 60, n % 60)}));
+        }
+    }
+    let history = queries.len() * 9 / 10;
+    let (mut labels, mut guard) = (String::from("query-id\tcorpus-id\tscore\n"), String::new());
+    for (n, q) in queries.iter().enumerate() {
+        let id = q["_id"].as_str().unwrap();
+        let (p, i) = id[1..].split_once('-').unwrap();
+        let line = format!("{id}\ttool{p}:faq:{i}\t1\n");
+        if n < history && n % 10 == 9 { guard.push_str(&line) } else { labels.push_str(&line) }
+    }
+    let lines = |rows: Vec<serde_json::Value>| rows.iter().map(|r| r.to_string() + "\n").collect::<String>();
+    std::fs::create_dir_all(dir.join("qrels")).unwrap();
+    std::fs::write(dir.join("corpus.jsonl"), lines(corpus)).unwrap();
+    queries.reverse();
+    std::fs::write(dir.join("queries.jsonl"), lines(queries)).unwrap();
+    std::fs::write(dir.join("qrels/test.tsv"), labels).unwrap();
+    std::fs::write(dir.join("qrels/guard.tsv"), guard).unwrap();
+}
+
 /// A sentence-transformers folder around the fixture's BERT: mean pooling, normalised.
 pub fn tiny_embedder(dir: &Path) {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cross-encoder-1");
