@@ -16,6 +16,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod eval_server;
 pub mod feedback;
 pub mod kb;
 pub mod model;

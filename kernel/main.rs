@@ -351,6 +351,10 @@ enum EvalCommand {
         /// Skip the second pass through Rank (retrieval-only numbers).
         #[arg(long)]
         no_rank: bool,
+        /// Score a running server (e.g. http://127.0.0.1:50051) whose knowledge base holds the data
+        /// set's corpus, instead of a loopback one started with the configured models.
+        #[arg(long)]
+        server: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -487,14 +491,13 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Eval { command: EvalCommand::Retrieval { dataset, split, context_turns, no_rank, json } } => {
+        Command::Eval { command: EvalCommand::Retrieval { dataset, split, context_turns, no_rank, server, json } } => {
             let turns = context_turns.unwrap_or(config.retrieve.context_turns);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))?;
-            let report =
-                runtime.block_on(aitl::eval::retrieval::run_dataset(&config, &dataset, split, turns, !no_rank))?;
+            let report = runtime.block_on(eval_retrieval(&config, &dataset, split, turns, !no_rank, server))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report).expect("json"));
             } else {
@@ -901,6 +904,32 @@ fn worker_export(config: &Config, no_judge: bool, server: Option<String>) -> Res
     println!("{}", serde_json::to_string_pretty(&sets.manifest).expect("json"));
     println!("training sets written to {}", folder.display());
     Ok(())
+}
+
+async fn eval_retrieval(
+    config: &Config,
+    dataset: &std::path::Path,
+    split: aitl::eval::dataset::Split,
+    turns: usize,
+    rank: bool,
+    server: Option<String>,
+) -> Result<aitl::eval::retrieval::RetrievalReport> {
+    use aitl::eval::retrieval::{self, DatasetEval, Evaluator};
+    let eval = DatasetEval::open(dataset, split)?;
+    match server {
+        Some(url) => {
+            let channel = tonic::transport::Channel::from_shared(url.clone())
+                .map_err(|e| Error::InvalidArgument(format!("--server {url}: {e}")))?
+                .connect()
+                .await
+                .map_err(|e| Error::Unavailable(format!("cannot reach the server at {url}: {e}")))?;
+            retrieval::score(channel, &eval.set(), turns, rank).await
+        }
+        None => {
+            let evaluator = aitl::eval_server::LoopbackEvaluator::new(config);
+            evaluator.evaluate(&evaluator.configured(), &eval.set(), turns, rank).await
+        }
+    }
 }
 
 fn eval_feedback(

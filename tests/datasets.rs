@@ -34,7 +34,7 @@ fn the_dstc11_import_keeps_ids_splits_and_texts() {
     assert_eq!((count(Split::All), count(Split::Eval)), (2_129, 213));
     assert_eq!((count(Split::History), count(Split::Guard)), (1_725, 191));
     let eval = back.split(Split::Eval);
-    assert_eq!((eval[0].id.as_str(), eval[212].id.as_str()), ("d11v-3762", "d11v-4172"));
+    assert_eq!((eval[0].id.as_str(), eval[212].id.as_str()), ("d11v-3762", "d11v-4171"));
     assert_eq!(back.corpus.len(), 10_882);
     let faq = back.corpus.iter().find(|o| o.id == "hotel:0:faq:0").unwrap();
     assert!(faq.text.starts_with("A AND B GUEST HOUSE. Q: Are children welcomed"), "{}", faq.text);

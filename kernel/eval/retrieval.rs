@@ -1,9 +1,10 @@
-//! `aitl eval retrieval`: a labelled data set's queries through the real
-//! Retrieve RPC (an in-process server on loopback over a scratch data dir
-//! that keeps the data set's knowledge base and vectors between runs), then
-//! the top 75 of each through Rank, scored before and after ranking. The
-//! promotion gate runs the same evaluation on agents' held-out labels over
-//! the live knowledge base.
+//! `aitl eval retrieval`: a labelled data set's queries through a server's
+//! public Retrieve RPC, then the top 75 of each through Rank, scored before
+//! and after ranking. This side is a plain gRPC client: it scores whatever
+//! server it is given, a remote one (`--server`) or the loopback one an
+//! [`Evaluator`] starts over a scratch data dir with the models under test
+//! (`crate::eval_server`). The promotion gate runs the same evaluation on
+//! agents' held-out labels over the live knowledge base.
 
 use std::{
     collections::HashSet,
@@ -19,14 +20,36 @@ use super::{
     metrics::{self, QueryScores, RankingMetrics},
 };
 use crate::{
-    config::Config,
     error::{Error, Result},
-    kb::{self, KnowledgeStore},
     proto::{
-        KnowledgeFilter, KnowledgeObject, RankRequest, RetrieveRequest, rank_request::Candidates,
+        GetServingModelsRequest, KnowledgeObject, RankRequest, RetrieveRequest,
+        flywheel_service_client::FlywheelServiceClient, rank_request::Candidates,
         support_service_client::SupportServiceClient,
     },
 };
+
+/// The models one evaluation serves, as config values (a path, "default",
+/// "similarity").
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelChoice {
+    pub embedder: String,
+    pub ranker: String,
+}
+
+/// Runs evaluations with chosen models: the promotion gate compares a
+/// candidate and the serving models through one of these.
+#[tonic::async_trait]
+pub trait Evaluator: Send + Sync {
+    /// Scores `set` through a server that serves `models`, its queries
+    /// composed with `context_turns` turns of context.
+    async fn evaluate(
+        &self,
+        models: &ModelChoice,
+        set: &EvalSet<'_>,
+        context_turns: usize,
+        rank: bool,
+    ) -> Result<RetrievalReport>;
+}
 
 /// Where an evaluation's knowledge base comes from.
 pub enum EvalKnowledge {
@@ -95,30 +118,44 @@ struct Answered {
 /// Calls in flight at once.
 const CONCURRENCY: usize = 8;
 
-/// Evaluates the labelled data set in `dir` (BEIR layout or DSTC11
-/// folder): `split`'s queries, and for the held-out split also the subset
+/// `split`'s queries of the labelled data set in `dir` (BEIR layout or
+/// DSTC11 folder), over its corpus; for the held-out split with the subset
 /// whose relevant objects no history query touched.
-pub async fn run_dataset(
-    config: &Config,
-    dir: &Path,
-    split: Split,
-    context_turns: usize,
-    rank: bool,
-) -> Result<RetrievalReport> {
-    let set = dataset::open(dir)?;
-    let queries = set.split(split);
-    let subsets = match split {
-        Split::Eval => vec![(UNSEEN_RELEVANT.to_string(), set.unseen_relevant().into_iter().map(|q| q.id).collect())],
-        _ => Vec::new(),
-    };
-    let eval_set = EvalSet {
-        name: &scratch_name(dir),
-        knowledge: EvalKnowledge::Dataset(dir.to_owned()),
-        queries: &queries,
-        split: format!("{} {} split", dataset_label(dir), split.name()),
-        subsets,
-    };
-    run(config, eval_set, context_turns, rank).await
+pub struct DatasetEval {
+    pub name: String,
+    pub dir: PathBuf,
+    pub queries: Vec<LabelledQuery>,
+    pub split: String,
+    pub subsets: Vec<(String, HashSet<String>)>,
+}
+
+impl DatasetEval {
+    pub fn open(dir: &Path, split: Split) -> Result<DatasetEval> {
+        let set = dataset::open(dir)?;
+        let subsets = match split {
+            Split::Eval => {
+                vec![(UNSEEN_RELEVANT.to_string(), set.unseen_relevant().into_iter().map(|q| q.id).collect())]
+            }
+            _ => Vec::new(),
+        };
+        Ok(DatasetEval {
+            name: scratch_name(dir),
+            dir: dir.to_owned(),
+            queries: set.split(split),
+            split: format!("{} {} split", dataset_label(dir), split.name()),
+            subsets,
+        })
+    }
+
+    pub fn set(&self) -> EvalSet<'_> {
+        EvalSet {
+            name: &self.name,
+            knowledge: EvalKnowledge::Dataset(self.dir.clone()),
+            queries: &self.queries,
+            split: self.split.clone(),
+            subsets: self.subsets.clone(),
+        }
+    }
 }
 
 /// The data set's name in reports: its folder's name.
@@ -138,37 +175,37 @@ pub fn scratch_name(dir: &Path) -> String {
     format!("dataset-{clean}")
 }
 
-/// Runs `set`'s queries through Retrieve (and Rank) of an in-process server
-/// with `config`'s models.
-pub async fn run(config: &Config, set: EvalSet<'_>, context_turns: usize, rank: bool) -> Result<RetrievalReport> {
+/// Scores `set`'s queries through the server behind `channel` (its
+/// knowledge base must hold the set's objects). The client sends each
+/// query's last `context_turns` turns; the server combines at most its own
+/// `retrieve.context_turns` of them.
+pub async fn score(
+    channel: tonic::transport::Channel,
+    set: &EvalSet<'_>,
+    context_turns: usize,
+    rank: bool,
+) -> Result<RetrievalReport> {
     let queries = set.queries;
-    let mut eval_config = config.clone();
-    eval_config.data_dir = config.data_dir.join("eval").join(set.name);
-    eval_config.models.cache_dir = config.model_cache();
-    // Retrieval and ranking need no decoder.
-    eval_config.models.generator = "none".into();
-    eval_config.listen = "127.0.0.1:0".parse().expect("literal address");
-    eval_config.retrieve.context_turns = context_turns;
-    if eval_config.embedder_dir()?.is_none() {
-        return Err(Error::InvalidArgument("retrieval evaluation needs an embedding model (models.embedder)".into()));
-    }
-    prepare_knowledge(&eval_config, set.knowledge)?;
-    let server = crate::server::start(eval_config).await?;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
-        .map_err(|e| Error::Internal(e.to_string()))?
-        .connect()
+    let unreachable = |s: tonic::Status| Error::Unavailable(format!("evaluation server: {s}"));
+    let serving = FlywheelServiceClient::new(channel.clone())
+        .get_serving_models(GetServingModelsRequest {})
         .await
-        .map_err(|e| Error::Unavailable(format!("eval server: {e}")))?;
+        .map_err(unreachable)?;
+    let has_ranker = serving.into_inner().models.iter().any(|m| m.role == "ranker" && !m.version.is_empty());
+    let rank = rank && has_ranker;
     let client = SupportServiceClient::new(channel);
-    let rank = rank && server.state.ranker.get().is_some();
     let top_k = *metrics::RECALL_AT.iter().max().expect("non-empty") as u32;
-    let results: Vec<Result<Answered>> = futures_util::stream::iter(queries.iter())
-        .map(|q: &LabelledQuery| {
+    // Owned queries: each call's future holds its own, so the stream is Send
+    // for any caller (a borrowed one trips the compiler's higher-ranked
+    // lifetime check behind an async trait).
+    let results: Vec<Result<Answered>> = futures_util::stream::iter(queries.to_vec())
+        .map(|q: LabelledQuery| {
             let mut client = client.clone();
+            let context = q.context[q.context.len().saturating_sub(context_turns)..].to_vec();
             async move {
                 let failed = |s: tonic::Status| Error::Internal(format!("{}: {s}", q.id));
                 let request =
-                    RetrieveRequest { query: q.query.clone(), context: q.context.clone(), top_k, ..Default::default() };
+                    RetrieveRequest { query: q.query.clone(), context: context.clone(), top_k, ..Default::default() };
                 let started = Instant::now();
                 let answer = client.retrieve(request).await.map_err(failed)?.into_inner();
                 let retrieve_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -177,7 +214,7 @@ pub async fn run(config: &Config, set: EvalSet<'_>, context_turns: usize, rank: 
                 let ranked = if rank {
                     let request = RankRequest {
                         query: q.query.clone(),
-                        context: q.context.clone(),
+                        context,
                         candidates: Some(Candidates::RetrieveInteractionId(answer.interaction_id)),
                         ..Default::default()
                     };
@@ -199,7 +236,6 @@ pub async fn run(config: &Config, set: EvalSet<'_>, context_turns: usize, rank: 
         .buffered(CONCURRENCY)
         .collect()
         .await;
-    server.shutdown().await?;
     let mut scores = Vec::with_capacity(queries.len());
     let mut ranked_scores = Vec::with_capacity(queries.len());
     let mut latencies = Vec::with_capacity(queries.len());
@@ -239,7 +275,7 @@ pub async fn run(config: &Config, set: EvalSet<'_>, context_turns: usize, rank: 
         RankedReport { ranker, metrics: metrics::average(&ranked_scores), rank_p50_ms, rank_p99_ms }
     });
     Ok(RetrievalReport {
-        split: set.split,
+        split: set.split.clone(),
         context_turns,
         embedder,
         metrics: metrics::average(&scores),
@@ -257,60 +293,6 @@ fn percentiles(values: &mut [f64]) -> (f64, f64) {
         values.get(((values.len() as f64 * p) as usize).min(values.len().saturating_sub(1))).copied().unwrap_or(0.0)
     };
     (pick(0.5), pick(0.99))
-}
-
-/// The knowledge in the scratch knowledge base (objects it no longer has
-/// deleted), with vectors.
-fn prepare_knowledge(config: &Config, knowledge: EvalKnowledge) -> Result<()> {
-    let objects = match knowledge {
-        EvalKnowledge::Dataset(dir) => dataset::read_corpus_of(&dir)?,
-        EvalKnowledge::Objects(objects) => objects.into_iter().filter(|o| !o.deleted).collect(),
-    };
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| Error::Internal(format!("{}: {e}", config.data_dir.display())))?;
-    let store = KnowledgeStore::open(&config.knowledge_path())?;
-    for chunk in objects.chunks(crate::api::convert::MAX_ITEMS) {
-        store.upsert_batch(chunk.to_vec())?;
-    }
-    let wanted: HashSet<&str> = objects.iter().map(|o| o.id.as_str()).collect();
-    for id in all_ids(&store)? {
-        if !wanted.contains(id.as_str()) {
-            store.delete(&id)?;
-        }
-    }
-    if let Some(dir) = config.embedder_dir()? {
-        let mut last = 0;
-        let (embedded, _) = kb::semantic::embed_stale(
-            &config.device()?,
-            &store,
-            &dir,
-            config.models.embed_token_budget,
-            |done, total| {
-                if done * 10 / total.max(1) != last * 10 / total.max(1) {
-                    eprintln!("embedding knowledge: {done}/{total}");
-                }
-                last = done;
-            },
-        )?;
-        if embedded > 0 {
-            eprintln!("embedded {embedded} knowledge objects");
-        }
-    }
-    Ok(())
-}
-
-/// Ids of every live object of `store`.
-fn all_ids(store: &KnowledgeStore) -> Result<Vec<String>> {
-    let mut ids = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = store.list(after.as_deref(), 1_000, &KnowledgeFilter::default(), false)?;
-        ids.extend(page.objects.into_iter().map(|o| o.id));
-        match page.next_after {
-            Some(next) => after = Some(next),
-            None => return Ok(ids),
-        }
-    }
 }
 
 impl std::fmt::Display for RetrievalReport {

@@ -5,8 +5,9 @@
 //! of labelled queries the feedback never touched: a guard that shares a
 //! question with the candidate's training set is refused, since a model
 //! that memorised its training questions passes it easily. Both models are scored
-//! the same way: an in-process server on loopback over a snapshot of the
-//! live knowledge base, through the real Retrieve and Rank RPCs.
+//! the same way, by an [`Evaluator`] (in production the loopback server of
+//! `crate::eval_server` over a snapshot of the live knowledge base), through
+//! the public Retrieve and Rank RPCs.
 
 use std::path::PathBuf;
 
@@ -14,12 +15,11 @@ use serde::{Deserialize, Serialize};
 
 use super::Role;
 use crate::{
-    config::Config,
     error::{Error, Result},
     eval::{
         dataset::{self, LabelledQuery, Split},
         metrics::RankingMetrics,
-        retrieval::{self, EvalKnowledge, EvalSet, RetrievalReport},
+        retrieval::{self, EvalKnowledge, EvalSet, Evaluator, RetrievalReport},
     },
     proto::KnowledgeObject,
 };
@@ -163,13 +163,7 @@ impl GuardOverlap {
     }
 }
 
-/// The models one evaluation serves, as config values (a path, "default",
-/// "similarity").
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ModelChoice {
-    pub embedder: String,
-    pub ranker: String,
-}
+pub use crate::eval::retrieval::ModelChoice;
 
 impl ModelChoice {
     /// With `version`'s folder in `role`'s place.
@@ -203,22 +197,28 @@ pub fn metric(role: Role, report: &RetrievalReport) -> Result<(&'static str, f64
     }
 }
 
-/// Scores `models` on `queries` over `knowledge` for `role`'s metric.
-pub async fn score(
-    config: &Config,
-    role: Role,
-    models: &ModelChoice,
-    name: &str,
-    knowledge: EvalKnowledge,
-    queries: &[LabelledQuery],
-    split: &str,
-) -> Result<(&'static str, f64, RankingMetrics)> {
-    let mut config = config.clone();
-    config.models.embedder.clone_from(&models.embedder);
-    config.models.ranker.clone_from(&models.ranker);
-    let set = EvalSet { name, knowledge, queries, split: split.into(), subsets: Vec::new() };
-    let report = retrieval::run(&config, set, config.retrieve.context_turns, role == Role::Ranker).await?;
-    metric(role, &report)
+/// What the gate scores through: an evaluator and the context turns the
+/// serving config composes queries with.
+pub struct Scorer<'a> {
+    pub evaluator: &'a dyn Evaluator,
+    pub context_turns: usize,
+}
+
+impl Scorer<'_> {
+    /// Scores `models` on `queries` over `knowledge` for `role`'s metric.
+    pub async fn score(
+        &self,
+        role: Role,
+        models: &ModelChoice,
+        name: &str,
+        knowledge: EvalKnowledge,
+        queries: &[LabelledQuery],
+        split: &str,
+    ) -> Result<(&'static str, f64, RankingMetrics)> {
+        let set = EvalSet { name, knowledge, queries, split: split.into(), subsets: Vec::new() };
+        let report = self.evaluator.evaluate(models, &set, self.context_turns, role == Role::Ranker).await?;
+        metric(role, &report)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -260,7 +260,7 @@ pub struct GateInput<'a> {
     pub knowledge: Vec<KnowledgeObject>,
 }
 
-pub async fn decide(config: &Config, options: &PromotionOptions, input: GateInput<'_>) -> Result<GateReport> {
+pub async fn decide(scorer: &Scorer<'_>, options: &PromotionOptions, input: GateInput<'_>) -> Result<GateReport> {
     let role = input.role;
     if input.heldout.is_empty() {
         return Err(Error::FailedPrecondition(format!(
@@ -282,9 +282,9 @@ pub async fn decide(config: &Config, options: &PromotionOptions, input: GateInpu
     let heldout_name = "held-out feedback";
     let live = |objects: &Vec<KnowledgeObject>| EvalKnowledge::Objects(objects.clone());
     let on_serving =
-        score(config, role, &input.serving, "live", live(&input.knowledge), input.heldout, heldout_name).await?;
+        scorer.score(role, &input.serving, "live", live(&input.knowledge), input.heldout, heldout_name).await?;
     let on_candidate =
-        score(config, role, &candidate, "live", live(&input.knowledge), input.heldout, heldout_name).await?;
+        scorer.score(role, &candidate, "live", live(&input.knowledge), input.heldout, heldout_name).await?;
     let heldout = compare(heldout_name.into(), on_serving, on_candidate);
 
     let guard_queries = options.guard_queries()?;
@@ -297,8 +297,8 @@ pub async fn decide(config: &Config, options: &PromotionOptions, input: GateInpu
         let knowledge = || EvalKnowledge::Dataset(options.guard_dataset.clone());
         // Shares its scratch knowledge base and vectors with `aitl eval retrieval`.
         let scratch = retrieval::scratch_name(&options.guard_dataset);
-        let serving = score(config, role, &input.serving, &scratch, knowledge(), &guard_queries, &name).await?;
-        let candidate = score(config, role, &candidate, &scratch, knowledge(), &guard_queries, &name).await?;
+        let serving = scorer.score(role, &input.serving, &scratch, knowledge(), &guard_queries, &name).await?;
+        let candidate = scorer.score(role, &candidate, &scratch, knowledge(), &guard_queries, &name).await?;
         Some(compare(name, serving, candidate))
     };
 
@@ -360,7 +360,7 @@ pub fn verdict(
 /// The trained folder and the models it was trained from, on the training
 /// set's held-out queries: what its manifest records.
 pub async fn heldout(
-    config: &Config,
+    scorer: &Scorer<'_>,
     role: Role,
     parent: &ModelChoice,
     folder: &std::path::Path,
@@ -369,10 +369,10 @@ pub async fn heldout(
 ) -> Result<super::manifest::HeldoutEvaluation> {
     let name = "held-out feedback";
     let (metric, parent_value, parent_metrics) =
-        score(config, role, parent, "live", EvalKnowledge::Objects(knowledge.clone()), queries, name).await?;
+        scorer.score(role, parent, "live", EvalKnowledge::Objects(knowledge.clone()), queries, name).await?;
     let trained = parent.with(role, folder);
     let (_, value, model) =
-        score(config, role, &trained, "live", EvalKnowledge::Objects(knowledge), queries, name).await?;
+        scorer.score(role, &trained, "live", EvalKnowledge::Objects(knowledge), queries, name).await?;
     Ok(super::manifest::HeldoutEvaluation { metric: metric.into(), value, parent_value, model, parent: parent_metrics })
 }
 

@@ -29,7 +29,7 @@ use crate::{
     error::{Error, Result},
     eval::{
         dataset::{self, Split},
-        retrieval::{self, RetrievalReport},
+        retrieval::{self, Evaluator, RetrievalReport},
     },
     kb::{KnowledgeStore, QueryComposition},
     registry::{Registry, Role, gate::GateReport, generator_gate::GeneratorGateReport},
@@ -113,6 +113,13 @@ async fn switched(server: &crate::server::RunningServer, role: Role, version: &s
     }
 }
 
+/// The data set's held-out split through a loopback server with `config`'s models.
+async fn evaluate_dataset(config: &Config, dataset: &std::path::Path, turns: usize) -> Result<RetrievalReport> {
+    let evaluator = crate::eval_server::LoopbackEvaluator::new(config);
+    let eval = retrieval::DatasetEval::open(dataset, Split::Eval)?;
+    evaluator.evaluate(&evaluator.configured(), &eval.set(), turns, true).await
+}
+
 pub async fn run(config: &Config, options: &DemoOptions) -> Result<DemoReport> {
     let mut clock = Clock { stages: Vec::new() };
     if config.log_dir().exists() {
@@ -153,12 +160,8 @@ pub async fn run(config: &Config, options: &DemoOptions) -> Result<DemoReport> {
         clock.time("start the server (embeds the knowledge base)", crate::server::start(config.clone())).await?;
     let url = format!("http://{}", server.addr);
 
-    let before = clock
-        .time(
-            "score the held-out queries before",
-            retrieval::run_dataset(&config, &options.dataset, Split::Eval, turns, true),
-        )
-        .await?;
+    let before =
+        clock.time("score the held-out queries before", evaluate_dataset(&config, &options.dataset, turns)).await?;
     eprintln!("{before}");
 
     let simulation = SimulationOptions {
@@ -251,12 +254,8 @@ pub async fn run(config: &Config, options: &DemoOptions) -> Result<DemoReport> {
     }
 
     let serving = Registry::load(&config.data_dir)?.serving_config(&config);
-    let after = clock
-        .time(
-            "score the held-out queries after",
-            retrieval::run_dataset(&serving, &options.dataset, Split::Eval, turns, true),
-        )
-        .await?;
+    let after =
+        clock.time("score the held-out queries after", evaluate_dataset(&serving, &options.dataset, turns)).await?;
     server.shutdown().await?;
     Ok(DemoReport { before, after, simulation, training_set, gates, generator_gate, promoted, stages: clock.stages })
 }

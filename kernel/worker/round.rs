@@ -118,7 +118,9 @@ pub async fn train(
         None
     } else {
         let parent = registry.serving_choice(config);
-        Some(gate::heldout(config, role, &parent, &folder, &queries, knowledge).await?)
+        let evaluator = crate::eval_server::LoopbackEvaluator::new(config);
+        let scorer = gate::Scorer { evaluator: &evaluator, context_turns: config.retrieve.context_turns };
+        Some(gate::heldout(&scorer, role, &parent, &folder, &queries, knowledge).await?)
     };
     let manifest = TrainedManifest {
         role,
@@ -228,7 +230,9 @@ pub async fn promote(
             training: &training,
             knowledge,
         };
-        Some(gate::decide(config, &config.promotion, input).await?)
+        let evaluator = crate::eval_server::LoopbackEvaluator::new(config);
+        let scorer = gate::Scorer { evaluator: &evaluator, context_turns: config.retrieve.context_turns };
+        Some(gate::decide(&scorer, &config.promotion, input).await?)
     };
     let passed = gate.as_ref().is_some_and(|g| g.accepted) || generator_gate.as_ref().is_some_and(|g| g.accepted);
     let promoted = passed || force;
