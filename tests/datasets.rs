@@ -10,7 +10,8 @@ use std::path::Path;
 
 use aitl::eval::{
     dataset::{self, Split},
-    dstc11, retrieval,
+    dstc11,
+    retrieval::{self, Evaluator},
 };
 
 fn dstc11_dir() -> std::path::PathBuf {
@@ -52,7 +53,9 @@ async fn the_imported_dstc11_reproduces_the_reference_numbers() {
     let beir = dir.path().join("dstc11-beir");
     imported.write(&beir).unwrap();
     let config = common::config_with_embedder(&dir.path().join("data"));
-    let report = retrieval::run_dataset(&config, &beir, Split::Eval, 3, false).await.unwrap();
+    let evaluator = aitl::eval_server::LoopbackEvaluator::new(&config);
+    let eval = retrieval::DatasetEval::open(&beir, Split::Eval).unwrap();
+    let report = evaluator.evaluate(&evaluator.configured(), &eval.set(), 3, false).await.unwrap();
     common::say(&report.to_string());
     assert_eq!(report.metrics.queries, 213);
     // The reference table rounds to three decimals: within half a unit of the last digit.
