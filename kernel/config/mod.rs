@@ -3,6 +3,8 @@
 //! variables and flags (`AITL_LISTEN`, `AITL_DATA_DIR`). The defaults run on
 //! a laptop.
 
+pub mod promotion;
+
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -35,7 +37,7 @@ pub struct Config {
     /// The flywheel worker's Virtual Judge.
     pub judge: crate::worker::judge::JudgeOptions,
     /// When a trained model may replace the serving one.
-    pub promotion: crate::registry::gate::PromotionOptions,
+    pub promotion: promotion::PromotionOptions,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
