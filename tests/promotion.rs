@@ -139,6 +139,7 @@ async fn the_flywheel_demo_runs_a_round_end_to_end() {
         dataset: dataset.clone(),
         agents: 4,
         careless_share: 0.25,
+        annotators: Default::default(),
         judge: true,
         generate_share: 0.0,
         limit: None,
