@@ -167,8 +167,8 @@ enum Command {
         generate_share: f64,
         #[arg(long, default_value_t = 48)]
         max_new_tokens: u32,
-        /// Share of careful agents' missing-knowledge reports made an hour late (timing only; the
-        /// `late_missing` model is the one whose late reports go wrong).
+        /// Share of missing-knowledge reports made an hour late by agents of the other models (timing
+        /// only; the `late_missing` model's reports are all late, and go wrong at its rate).
         #[arg(long, default_value_t = 0.0)]
         late_missing: f64,
         /// Careful agents turn random after this many annotations (fault `fatigue`).

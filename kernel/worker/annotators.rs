@@ -412,8 +412,8 @@ pub struct Annotator {
     /// A careful agent decides at random from this many annotations on
     /// (`--fatigue-after`, the simulator's older fatigue switch).
     fatigue_after: Option<usize>,
-    /// Share of a careful agent's missing-knowledge reports made an hour
-    /// late (timing only: they name the right object).
+    /// Share of missing-knowledge reports made an hour late by models other
+    /// than `late_missing` (`--late-missing`; timing only: they stay right).
     late_share: f64,
 }
 

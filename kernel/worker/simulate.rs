@@ -49,7 +49,8 @@ pub struct SimulationOptions {
     /// Share of questions that also go through Generate (decoding is the slow part on a CPU).
     pub generate_share: f64,
     pub max_new_tokens: u32,
-    /// Share of careful missing-knowledge reports made an hour late (timing only).
+    /// Share of missing-knowledge reports made an hour late by agents of
+    /// models other than `late_missing` (timing only: they stay right).
     pub late_missing_share: f64,
     /// A careful agent decides at random after this many annotations (fault `fatigue`).
     pub fatigue_after: Option<usize>,
