@@ -460,7 +460,7 @@ impl Annotator {
         self.rate * (self.made % self.shift) as f64 / self.shift as f64
     }
 
-    fn made<T: PartialEq>(&mut self, value: T, careful: &T, delay_s: f64, fault: &'static str) -> Made<T> {
+    fn record<T: PartialEq>(&mut self, value: T, careful: &T, delay_s: f64, fault: &'static str) -> Made<T> {
         self.made += 1;
         let fault = (value != *careful).then_some(fault);
         Made { value, delay_s, fault }
@@ -507,7 +507,7 @@ impl Annotator {
             }
             _ => (careful.clone(), careful_delay),
         };
-        Some(self.made(labels, &careful, delay, fault))
+        Some(self.record(labels, &careful, delay, fault))
     }
 
     /// Missing-knowledge reports, one annotation each.
