@@ -88,8 +88,6 @@ enum Command {
         #[command(subcommand)]
         command: WorkerCommand,
     },
-    /// Simulated agents drive a running server over gRPC through a data set's history part:
-    /// Retrieve, Rank, Generate (for a share of questions), then their annotations.
     /// One round of the flywheel from an empty data dir: ingest DSTC11, score Retrieve and Rank on its
     /// held-out queries, simulate agents over its history questions, judge, export, train the retriever
     /// (and the ranker), gate and promote them into the running server, score again.
@@ -99,9 +97,16 @@ enum Command {
         dataset: PathBuf,
         #[arg(long, default_value_t = 10)]
         agents: usize,
-        /// Share of agents who answer at random.
-        #[arg(long, default_value_t = 0.0)]
+        /// Share of agents who answer at random (the `random` annotator model's share).
+        #[arg(long, visible_alias = "careless-share", default_value_t = 0.0)]
         careless: f64,
+        /// Annotator models over the agents, as shares of agents: "careful:0.8,position_bias:0.1,..."
+        /// (see `aitl simulate --help`).
+        #[arg(long, default_value = "")]
+        annotators: String,
+        /// Per-model rates, "model=rate" (comma-separated or repeated).
+        #[arg(long)]
+        annotator_rate: Vec<String>,
         /// Train on every annotation, ignoring the judge (ablation).
         #[arg(long)]
         no_judge: bool,
@@ -132,6 +137,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Simulated agents drive a running server over gRPC through a data set's history part:
+    /// Retrieve, Rank, Generate (for a share of questions), then their annotations, each agent
+    /// following an annotator model; a truth file says which annotations are wrong and why.
     Simulate {
         /// "dstc11" or the DSTC11 Track 5 folder.
         #[arg(long, default_value = "dstc11")]
@@ -141,18 +149,35 @@ enum Command {
         server: String,
         #[arg(long, default_value_t = 10)]
         agents: usize,
-        /// Share of agents who answer at random.
-        #[arg(long, default_value_t = 0.0)]
+        /// Share of agents who answer at random (the `random` annotator model's share; listed
+        /// first in the mix).
+        #[arg(long, visible_alias = "careless-share", default_value_t = 0.0)]
         careless: f64,
+        /// Annotator models over the agents, as shares of agents:
+        /// "careful:0.8,position_bias:0.1,preference_mismatch:0.1". Each model gets its share
+        /// rounded to whole agents, in the order listed from sim-agent-00; shares sum to at most 1
+        /// and the agents left over are careful. Models: careful, random, position_bias,
+        /// always_relevant, copy_first, preference_mismatch, boilerplate, fatigue, late_missing,
+        /// plausible_mislabel (what each does and its default rate: kernel/worker/annotators.rs).
+        #[arg(long, default_value = "")]
+        annotators: String,
+        /// Per-model rates overriding the defaults, "model=rate" in [0, 1], comma-separated or
+        /// repeated: --annotator-rate position_bias=0.9,fatigue=0.5.
+        #[arg(long)]
+        annotator_rate: Vec<String>,
+        /// Annotations in a shift of the `fatigue` model (its default selections rise linearly over it).
+        #[arg(long, default_value_t = 200)]
+        fatigue_shift: usize,
         /// Share of questions that also get two generated candidates (decoding is slow on a CPU).
         #[arg(long, default_value_t = 0.05)]
         generate_share: f64,
         #[arg(long, default_value_t = 48)]
         max_new_tokens: u32,
-        /// Share of missing-knowledge reports made an hour late.
+        /// Share of missing-knowledge reports made an hour late by agents of the other models (timing
+        /// only; the `late_missing` model's reports are all late, and go wrong at its rate).
         #[arg(long, default_value_t = 0.0)]
         late_missing: f64,
-        /// Careful agents turn careless after this many annotations.
+        /// Careful agents turn random after this many annotations (fault `fatigue`).
         #[arg(long)]
         fatigue_after: Option<usize>,
         /// Only the first N history questions.
@@ -160,7 +185,8 @@ enum Command {
         limit: Option<usize>,
         #[arg(long, default_value_t = 7)]
         seed: u64,
-        /// Where to write which annotations were careless (for `aitl eval feedback --truth`).
+        /// Where to write each agent's model and which annotations are wrong, and why (for
+        /// `aitl eval feedback --truth`).
         #[arg(long, default_value = "simulation-truth.json")]
         truth: PathBuf,
     },
@@ -593,6 +619,8 @@ fn run(cli: Cli) -> Result<()> {
             dataset,
             agents,
             careless,
+            annotators,
+            annotator_rate,
             no_judge,
             generate_share,
             limit,
@@ -608,6 +636,7 @@ fn run(cli: Cli) -> Result<()> {
                 dataset,
                 agents,
                 careless_share: careless,
+                annotators: aitl::worker::annotators::AnnotatorMix::parse(&annotators, &annotator_rate)?,
                 judge: !no_judge,
                 generate_share,
                 limit,
@@ -646,6 +675,9 @@ fn run(cli: Cli) -> Result<()> {
             server,
             agents,
             careless,
+            annotators,
+            annotator_rate,
+            fatigue_shift,
             generate_share,
             max_new_tokens,
             late_missing,
@@ -671,12 +703,17 @@ fn run(cli: Cli) -> Result<()> {
                 limit,
                 seed,
                 truth,
+                annotators: aitl::worker::annotators::AnnotatorMix {
+                    shift: fatigue_shift.max(1),
+                    ..aitl::worker::annotators::AnnotatorMix::parse(&annotators, &annotator_rate)?
+                },
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))?;
             let report = runtime.block_on(aitl::worker::simulate::run(&options))?;
+            eprint!("{report}");
             println!("{}", serde_json::to_string_pretty(&report).expect("json"));
             Ok(())
         }

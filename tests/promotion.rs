@@ -164,6 +164,7 @@ async fn the_flywheel_demo_runs_a_round_end_to_end_on_a_beir_data_set() {
         dataset: dataset.clone(),
         agents: 4,
         careless_share: 0.25,
+        annotators: Default::default(),
         judge: true,
         generate_share: 0.0,
         limit: None,

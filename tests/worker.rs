@@ -612,6 +612,7 @@ async fn simulated_agents_feed_the_worker_and_the_judge_separates_the_careless()
         limit: None,
         seed: 3,
         truth: dir.path().join("truth.json"),
+        annotators: Default::default(),
     };
     let report = aitl::worker::simulate::run(&options).await.unwrap();
     assert_eq!(report.questions, 43, "90% of 48 questions are history");

@@ -40,6 +40,8 @@ pub struct DemoOptions {
     pub dataset: PathBuf,
     pub agents: usize,
     pub careless_share: f64,
+    /// Annotator models over the agents besides the careless share (`--annotators`).
+    pub annotators: super::annotators::AnnotatorMix,
     /// The judge's verdicts filter the training sets (off: the ablation).
     pub judge: bool,
     pub generate_share: f64,
@@ -176,6 +178,7 @@ pub async fn run(config: &Config, options: &DemoOptions) -> Result<DemoReport> {
         limit: options.limit,
         seed: options.seed,
         truth: config.data_dir.join("truth.json"),
+        annotators: options.annotators.clone(),
     };
     let simulation = clock.time("simulate agents over the history questions", simulate::run(&simulation)).await?;
 

@@ -1,21 +1,24 @@
-//! Simulated agents (`aitl simulate --dataset dstc11`): drives a running
-//! server over gRPC the way live traffic would, in time order over the data
-//! set's history part: Retrieve (top 75) → Rank (top 8 shown) → Generate (two
-//! candidates, for a configurable share of questions) → annotations. The
-//! agents know the data set's labels:
-//! - careful agents label each shown object relevant or not from the labels,
-//!   report the relevant objects retrieval missed as missing knowledge, prefer
-//!   the candidate closer to the reference reply, adopt it when it is close
-//!   and otherwise send the reference reply as their edit;
-//! - careless agents answer at random, fast, with boilerplate rationales;
-//! - fatigue turns a careful agent careless after a number of annotations;
-//! - a share of missing-knowledge reports can be made late.
+//! Simulated agents (`aitl simulate --dataset DIR`, any labelled data set of
+//! `eval::dataset`): drives a running server over gRPC the way live traffic
+//! would, in time order over the data set's history split (the guard's
+//! questions left out, for the promotion gate): Retrieve (top 75) → Rank (top 8 shown) → Generate (two
+//! candidates, for a configurable share of questions) → annotations: the
+//! relevance of the shown objects, missing-knowledge reports, a preference
+//! between the candidates and an adoption.
 //!
-//! It sends nothing but what real clients send. Which annotations were made
-//! carelessly goes to a truth file beside, so the judge can be scored.
+//! What each agent sends is decided by its annotator model
+//! (`annotators.rs`: careful, random, position-biased, fatigued, ...), mixed
+//! over the agents by `--annotators`. The simulator gathers what an agent
+//! sees — the shown objects with their entities, the data set's labels,
+//! the relevant objects retrieval missed (looked up with GetKnowledge, and
+//! their same-entity look-alikes from the retrieved objects or ListKnowledge),
+//! the candidates and the reference reply — and submits what the model
+//! returns. It sends nothing but what real clients send. Which model each
+//! agent follows and which annotations are wrong, and why, go to a truth
+//! file beside (`truth.rs`), so the judge can be scored.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashMap, HashSet},
     path::PathBuf,
     time::{Duration, Instant, SystemTime},
 };
@@ -23,15 +26,17 @@ use std::{
 use serde::Serialize;
 use tonic::transport::Channel;
 
+use super::annotators::{self, Annotator, AnnotatorMix, Candidate, Dice, Made, Missing, Model, Question, Shown};
 use super::text;
 pub use super::truth::Truth;
 use crate::{
     error::{Error, Result},
-    eval::dstc11::{self, LabelledQuery, Split},
+    eval::dataset::{self, LabelledQuery, Split},
     proto::{
-        self, AdoptionDecision, Annotation, GenerateRequest, KnowledgeJudgement, RankRequest, RelevanceLabel,
-        RequestContext, RetrieveRequest, SamplingParams, Speaker, SubmitAnnotationRequest, annotation,
-        generate_request, missing_knowledge, rank_request, support_service_client::SupportServiceClient,
+        self, Annotation, GenerateRequest, GetKnowledgeRequest, KnowledgeFilter, KnowledgeJudgement, KnowledgeObject,
+        ListKnowledgeRequest, RankRequest, RequestContext, RetrieveRequest, SamplingParams, Speaker,
+        SubmitAnnotationRequest, annotation, generate_request, knowledge_service_client::KnowledgeServiceClient,
+        missing_knowledge, rank_request, support_service_client::SupportServiceClient,
     },
 };
 
@@ -40,19 +45,30 @@ pub struct SimulationOptions {
     pub server: String,
     pub dataset: PathBuf,
     pub agents: usize,
-    /// Share of agents who answer at random.
+    /// Share of agents who answer at random (the `random` model's share in the mix).
     pub careless_share: f64,
     /// Share of questions that also go through Generate (decoding is the slow part on a CPU).
     pub generate_share: f64,
     pub max_new_tokens: u32,
-    /// Share of missing-knowledge reports made an hour late.
+    /// Share of missing-knowledge reports made an hour late by agents of
+    /// models other than `late_missing` (timing only: they stay right).
     pub late_missing_share: f64,
-    /// A careful agent turns careless after this many annotations.
+    /// A careful agent decides at random after this many annotations (fault `fatigue`).
     pub fatigue_after: Option<usize>,
     /// Only the first this many history questions.
     pub limit: Option<usize>,
     pub seed: u64,
     pub truth: PathBuf,
+    /// Annotator models over the agents (besides `careless_share`), their rates, the fatigue shift.
+    pub annotators: AnnotatorMix,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ModelReport {
+    pub agents: usize,
+    pub annotations: usize,
+    /// Wrong annotations by kind (relevance, missing_knowledge, preference, adoption).
+    pub wrong: BTreeMap<String, usize>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -60,29 +76,34 @@ pub struct SimulationReport {
     pub questions: usize,
     pub generated: usize,
     pub annotations: usize,
+    /// Wrong annotations, all models together.
     pub careless_annotations: usize,
     pub seconds: f64,
+    /// Per annotator model, by name.
+    pub models: BTreeMap<String, ModelReport>,
 }
 
-/// SplitMix64: a small deterministic generator; same seed, same simulation.
-struct Dice(u64);
-
-impl Dice {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+impl std::fmt::Display for SimulationReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "simulation: {} questions ({} generated), {} annotations, {} wrong, {:.1} s",
+            self.questions, self.generated, self.annotations, self.careless_annotations, self.seconds
+        )?;
+        const KINDS: [&str; 4] = ["relevance", "missing_knowledge", "preference", "adoption"];
+        writeln!(
+            f,
+            "| model | agents | annotations | wrong relevance | wrong missing | wrong preference | wrong adoption |"
+        )?;
+        writeln!(f, "| --- | --- | --- | --- | --- | --- | --- |")?;
+        for (model, r) in &self.models {
+            write!(f, "| {model} | {} | {} |", r.agents, r.annotations)?;
+            for kind in KINDS {
+                write!(f, " {} |", r.wrong.get(kind).copied().unwrap_or(0))?;
+            }
+            writeln!(f)?;
+        }
+        Ok(())
     }
 }
 
@@ -90,35 +111,31 @@ fn failed<'a>(what: &'a str, id: &'a str) -> impl Fn(tonic::Status) -> Error + '
     move |s| Error::Unavailable(format!("{what} for {id}: {}: {}", s.code(), s.message()))
 }
 
-const CARELESS_RATIONALES: &[&str] = &["ok", "fine", "", "good", "better"];
-
 struct Agent {
     id: String,
-    careless: bool,
-    annotations: usize,
+    annotator: Annotator,
+}
+
+fn entity(object: &KnowledgeObject) -> Option<String> {
+    annotators::entity_key(&object.title, &object.metadata)
 }
 
 struct Simulator<'a> {
     client: SupportServiceClient<Channel>,
+    knowledge: KnowledgeServiceClient<Channel>,
     options: &'a SimulationOptions,
+    /// Which questions go through Generate (the agents have dice of their own).
     dice: Dice,
     truth: Truth,
     report: SimulationReport,
 }
 
 impl Simulator<'_> {
-    async fn submit(
-        &mut self,
-        agent: &mut Agent,
-        careless: bool,
-        delay_s: f64,
-        a: Annotation,
-        kind: &str,
-    ) -> Result<()> {
+    async fn submit<T>(&mut self, agent: &Agent, made: &Made<T>, a: Annotation, kind: &str) -> Result<()> {
         let now = SystemTime::now();
         let annotation = Annotation {
             agent_id: agent.id.clone(),
-            shown_at: Some((now - Duration::from_secs_f64(delay_s)).into()),
+            shown_at: Some((now - Duration::from_secs_f64(made.delay_s)).into()),
             annotated_at: Some(now.into()),
             ..a
         };
@@ -127,19 +144,73 @@ impl Simulator<'_> {
             .submit_annotation(SubmitAnnotationRequest { annotation: Some(annotation) })
             .await
             .map_err(failed("SubmitAnnotation", &id))?;
-        agent.annotations += 1;
         self.truth.annotations += 1;
         *self.truth.by_kind.entry(kind.into()).or_insert(0) += 1;
-        if careless {
-            self.truth.careless_annotations.insert(id);
+        let model = self.report.models.entry(agent.annotator.model().name().into()).or_default();
+        model.annotations += 1;
+        if let Some(fault) = made.fault {
+            self.truth.wrong(&id, fault);
+            *model.wrong.entry(kind.into()).or_insert(0) += 1;
             self.report.careless_annotations += 1;
         }
         self.report.annotations += 1;
         Ok(())
     }
 
+    /// The relevant objects retrieval missed, each with the objects about
+    /// its entity that are not relevant (from what was retrieved; else, for
+    /// an agent who may name one, from ListKnowledge).
+    async fn missing(
+        &mut self,
+        q: &LabelledQuery,
+        retrieved: &[KnowledgeObject],
+        wants_look_alikes: bool,
+    ) -> Result<(Vec<Missing>, Vec<Option<String>>)> {
+        let mut missing = Vec::new();
+        let mut entities = Vec::new();
+        for id in q.relevant.iter().filter(|id| !retrieved.iter().any(|k| &k.id == *id)) {
+            let object = match self
+                .knowledge
+                .get_knowledge(GetKnowledgeRequest { id: id.clone(), ..Default::default() })
+                .await
+            {
+                Ok(object) => Some(object.into_inner()),
+                Err(s) if s.code() == tonic::Code::NotFound => None,
+                Err(s) => return Err(failed("GetKnowledge", &q.id)(s)),
+            };
+            let key = object.as_ref().and_then(entity);
+            let not_relevant = |k: &&KnowledgeObject| !q.relevant.contains(&k.id);
+            let mut look_alikes: Vec<String> = retrieved
+                .iter()
+                .filter(not_relevant)
+                .filter(|k| key.is_some() && entity(k) == key)
+                .map(|k| k.id.clone())
+                .collect();
+            let needs_listing = look_alikes.is_empty() && wants_look_alikes;
+            if let Some(object) = object.as_ref().filter(|o| needs_listing && o.metadata.contains_key("entity_id")) {
+                let metadata: HashMap<String, String> = ["domain", "entity_id"]
+                    .iter()
+                    .filter_map(|k| object.metadata.get(*k).map(|v| (k.to_string(), v.clone())))
+                    .collect();
+                let listed = self
+                    .knowledge
+                    .list_knowledge(ListKnowledgeRequest {
+                        page_size: 100,
+                        filter: Some(KnowledgeFilter { metadata, ..Default::default() }),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(failed("ListKnowledge", &q.id))?
+                    .into_inner();
+                look_alikes = listed.objects.iter().filter(not_relevant).map(|k| k.id.clone()).collect();
+            }
+            missing.push(Missing { id: id.clone(), look_alikes });
+            entities.push(key);
+        }
+        Ok((missing, entities))
+    }
+
     async fn question(&mut self, q: &LabelledQuery, agent: &mut Agent) -> Result<()> {
-        let careless = agent.careless || self.options.fatigue_after.is_some_and(|n| agent.annotations >= n);
         let context = Some(RequestContext { agent_id: agent.id.clone(), case_id: q.id.clone(), tenant: String::new() });
         let retrieved = self
             .client
@@ -153,8 +224,8 @@ impl Simulator<'_> {
             .await
             .map_err(failed("Retrieve", &q.id))?
             .into_inner();
-        let retrieved_ids: Vec<String> =
-            retrieved.results.iter().filter_map(|r| r.knowledge.as_ref().map(|k| k.id.clone())).collect();
+        let retrieved_objects: Vec<KnowledgeObject> =
+            retrieved.results.iter().filter_map(|r| r.knowledge.clone()).collect();
         let ranked = self
             .client
             .rank(RankRequest {
@@ -167,12 +238,29 @@ impl Simulator<'_> {
             .await
             .map_err(failed("Rank", &q.id))?
             .into_inner();
-        let shown: Vec<String> = ranked
+        let relevant: HashSet<&str> = q.relevant.iter().map(String::as_str).collect();
+        let shown: Vec<Shown> = ranked
             .items
             .iter()
-            .filter_map(|i| i.knowledge.as_ref()?.knowledge.as_ref().map(|k| k.id.clone()))
+            .filter_map(|i| i.knowledge.as_ref()?.knowledge.as_ref())
+            .map(|k| Shown { id: k.id.clone(), entity: entity(k), relevant: relevant.contains(k.id.as_str()) })
             .collect();
-        let relevant: HashSet<&str> = q.relevant.iter().map(String::as_str).collect();
+        let wants_look_alikes = agent.annotator.model() == Model::LateMissing;
+        let (missing, missing_entities) = self.missing(q, &retrieved_objects, wants_look_alikes).await?;
+        let relevant_entities: HashSet<String> = retrieved_objects
+            .iter()
+            .filter(|k| relevant.contains(k.id.as_str()))
+            .filter_map(entity)
+            .chain(missing_entities.into_iter().flatten())
+            .collect();
+        let query_words: Vec<String> = text::words(&q.query).take(6).collect();
+        let question = Question {
+            shown: &shown,
+            relevant_entities: &relevant_entities,
+            missing: &missing,
+            query_words: &query_words,
+            reference_reply: &q.reference_reply,
+        };
         let base = |id: String, interaction: &str| Annotation {
             annotation_id: id,
             interaction_id: interaction.to_string(),
@@ -181,55 +269,30 @@ impl Simulator<'_> {
         };
 
         // Relevance of what Rank showed.
-        let labels = [RelevanceLabel::Relevant, RelevanceLabel::PartiallyRelevant, RelevanceLabel::Irrelevant];
-        let judgements: Vec<KnowledgeJudgement> = shown
-            .iter()
-            .map(|id| {
-                let label = if careless {
-                    labels[self.dice.below(3)]
-                } else if relevant.contains(id.as_str()) {
-                    RelevanceLabel::Relevant
-                } else {
-                    RelevanceLabel::Irrelevant
-                };
-                KnowledgeJudgement { knowledge_id: id.clone(), label: label as i32 }
-            })
-            .collect();
-        if !judgements.is_empty() {
-            let delay = if careless {
-                0.2 * judgements.len() as f64
-            } else {
-                1.5 * judgements.len() as f64 + 5.0 * self.dice.unit()
-            };
+        if let Some(made) = agent.annotator.relevance(&question) {
+            let judgements = made
+                .value
+                .iter()
+                .map(|(id, label)| KnowledgeJudgement { knowledge_id: id.clone(), label: *label as i32 })
+                .collect();
             let a = Annotation {
                 kind: Some(annotation::Kind::Relevance(proto::KnowledgeRelevance { judgements })),
                 ..base(format!("sim-{}-relevance", q.id), &ranked.interaction_id)
             };
-            self.submit(agent, careless, delay, a, "relevance").await?;
+            self.submit(agent, &made, a, "relevance").await?;
         }
 
-        // Missing knowledge: what retrieval did not find (careless agents name something shown).
-        let missing: Vec<String> = if careless {
-            if self.dice.unit() < 0.3 && !shown.is_empty() {
-                vec![shown[self.dice.below(shown.len())].clone()]
-            } else {
-                Vec::new()
-            }
-        } else {
-            q.relevant.iter().filter(|id| !retrieved_ids.contains(id)).cloned().collect()
-        };
-        for (n, id) in missing.into_iter().enumerate() {
-            let late = self.dice.unit() < self.options.late_missing_share;
-            let delay = if late { 3_600.0 } else { 5.0 + 15.0 * self.dice.unit() };
+        // Missing knowledge: what retrieval did not find.
+        for (n, made) in agent.annotator.missing(&question).into_iter().enumerate() {
             let a = Annotation {
                 kind: Some(annotation::Kind::MissingKnowledge(proto::MissingKnowledge {
-                    source: Some(missing_knowledge::Source::KnowledgeId(id)),
+                    source: Some(missing_knowledge::Source::KnowledgeId(made.value.clone())),
                     note: String::new(),
                 })),
                 // On the Rank interaction: the agent reports it while checking what was shown.
                 ..base(format!("sim-{}-missing-{n}", q.id), &ranked.interaction_id)
             };
-            self.submit(agent, careless, delay, a, "missing_knowledge").await?;
+            self.submit(agent, &made, a, "missing_knowledge").await?;
         }
 
         if self.dice.unit() >= self.options.generate_share {
@@ -259,64 +322,46 @@ impl Simulator<'_> {
             .into_inner();
         self.report.generated += 1;
         let [a, b] = &generated.candidates[..] else { return Ok(()) };
-        let (sa, sb) = (text::similarity(&a.text, &q.reference_reply), text::similarity(&b.text, &q.reference_reply));
-        let (mut best, mut other, mut best_sim) = if sa >= sb { (a, b, sa) } else { (b, a, sb) };
-        if careless && self.dice.unit() < 0.5 {
-            (best, other, best_sim) = (other, best, 0.0);
-        }
-        let words: Vec<String> = text::words(&q.query).take(6).collect();
-        let rationale = if careless {
-            CARELESS_RATIONALES[self.dice.below(CARELESS_RATIONALES.len())].to_string()
-        } else {
-            format!("closer to what the customer asked about: {}", words.join(" "))
+        let candidate = |c: &proto::Candidate| Candidate {
+            id: c.candidate_id.clone(),
+            similarity: text::similarity(&c.text, &q.reference_reply),
         };
-        let delay = if careless { 1.0 } else { 8.0 + 10.0 * self.dice.unit() };
-        let preference = Annotation {
+        let (preference, adoption) = agent.annotator.reply(&question, &candidate(a), &candidate(b));
+        let p = &preference.value;
+        let a = Annotation {
             kind: Some(annotation::Kind::Preference(proto::PairwisePreference {
-                preferred_candidate_id: best.candidate_id.clone(),
-                other_candidate_id: other.candidate_id.clone(),
+                preferred_candidate_id: p.preferred.clone(),
+                other_candidate_id: p.other.clone(),
                 strength: proto::PreferenceStrength::Better as i32,
-                rationale,
+                rationale: p.rationale.clone(),
             })),
             ..base(format!("sim-{}-preference", q.id), &generated.interaction_id)
         };
-        self.submit(agent, careless, delay, preference, "preference").await?;
-        let adoption = if careless {
-            // Sends one of the two at random, whatever it preferred.
-            let sent = if self.dice.unit() < 0.5 { best } else { other };
-            proto::Adoption {
-                candidate_id: sent.candidate_id.clone(),
-                decision: AdoptionDecision::AdoptedAsIs as i32,
-                sent_text: String::new(),
-                rationale: String::new(),
-            }
-        } else if best_sim >= 0.6 {
-            proto::Adoption {
-                candidate_id: best.candidate_id.clone(),
-                decision: AdoptionDecision::AdoptedAsIs as i32,
-                sent_text: String::new(),
-                rationale: String::new(),
-            }
-        } else {
-            proto::Adoption {
-                candidate_id: best.candidate_id.clone(),
-                decision: AdoptionDecision::Edited as i32,
-                sent_text: q.reference_reply.clone(),
-                rationale: format!("rewrote the reply around {}", words.join(" ")),
-            }
-        };
-        let adoption = Annotation {
-            kind: Some(annotation::Kind::Adoption(adoption)),
+        self.submit(agent, &preference, a, "preference").await?;
+        let d = &adoption.value;
+        let a = Annotation {
+            kind: Some(annotation::Kind::Adoption(proto::Adoption {
+                candidate_id: d.candidate.clone(),
+                decision: d.decision as i32,
+                sent_text: d.sent_text.clone(),
+                rationale: d.rationale.clone(),
+            })),
             ..base(format!("sim-{}-adoption", q.id), &generated.interaction_id)
         };
-        self.submit(agent, careless, delay + 20.0, adoption, "adoption").await
+        self.submit(agent, &adoption, a, "adoption").await
     }
+}
+
+/// Each agent's seed: the simulation's, spread by the agent's index.
+fn agent_seed(seed: u64, index: usize) -> u64 {
+    Dice(seed ^ (index as u64).wrapping_mul(0xd1b5_4a32_d192_ed03)).next()
 }
 
 /// Runs the simulation against `options.server`; writes the truth file.
 pub async fn run(options: &SimulationOptions) -> Result<SimulationReport> {
     let started = Instant::now();
-    let mut queries = dstc11::read_queries(&options.dataset, Split::History)?;
+    let mix = options.annotators.clone().with_careless(options.careless_share)?;
+    let mut queries = dataset::read_queries(&options.dataset, Split::History)?;
     if let Some(limit) = options.limit {
         queries.truncate(limit);
     }
@@ -325,19 +370,37 @@ pub async fn run(options: &SimulationOptions) -> Result<SimulationReport> {
         .connect()
         .await
         .map_err(|e| Error::Unavailable(format!("cannot reach the server at {}: {e}", options.server)))?;
-    let careless_agents = (options.agents as f64 * options.careless_share).round() as usize;
-    let mut agents: Vec<Agent> = (0..options.agents.max(1))
-        .map(|i| Agent { id: format!("sim-agent-{i:02}"), careless: i < careless_agents, annotations: 0 })
+    let mut agents: Vec<Agent> = mix
+        .assign(options.agents.max(1))
+        .into_iter()
+        .enumerate()
+        .map(|(i, model)| Agent {
+            id: format!("sim-agent-{i:02}"),
+            annotator: Annotator::new(model, mix.rate(model), agent_seed(options.seed, i))
+                .with_shift(mix.shift)
+                .with_fatigue_after(options.fatigue_after)
+                .with_late_share(options.late_missing_share),
+        })
         .collect();
+    let mut report = SimulationReport::default();
+    for agent in &agents {
+        report.models.entry(agent.annotator.model().name().into()).or_default().agents += 1;
+    }
     let mut sim = Simulator {
-        client: SupportServiceClient::new(channel),
+        client: SupportServiceClient::new(channel.clone()),
+        knowledge: KnowledgeServiceClient::new(channel),
         options,
         dice: Dice(options.seed),
         truth: Truth {
-            careless_agents: agents.iter().filter(|a| a.careless).map(|a| a.id.clone()).collect(),
+            careless_agents: agents
+                .iter()
+                .filter(|a| a.annotator.model() != Model::Careful)
+                .map(|a| a.id.clone())
+                .collect(),
+            agent_models: agents.iter().map(|a| (a.id.clone(), a.annotator.model().name().to_string())).collect(),
             ..Truth::default()
         },
-        report: SimulationReport::default(),
+        report,
     };
     for (i, q) in queries.iter().enumerate() {
         let n = agents.len();
