@@ -215,7 +215,7 @@ pub fn mini_beir(dir: &Path, products: usize) {
         let name = format!("Acme Tool {p}");
         for (i, (question, answer, topic)) in topics.iter().enumerate() {
             corpus.push(serde_json::json!({"_id": format!("tool{p}:faq:{i}"), "title": name, "kind": "faq",
-                "text": format!("Q: {question} A: {answer}"), "metadata": {"product": p.to_string()}}));
+                "text": format!("{name}: {question} {answer}"), "metadata": {"product": p.to_string()}}));
             let n = queries.len();
             queries.push(serde_json::json!({"_id": format!("t{p}-{i}"), "text": format!("How do I {topic} in it?"),
                 "context": [{"speaker": "customer", "text": format!("I use {name} at work.")},
