@@ -134,6 +134,10 @@ enum Command {
         no_generator: bool,
         #[arg(long, default_value_t = 7)]
         seed: u64,
+        /// The judge ablation: a round with and one without the judge per seed ("1,2,3"), each in
+        /// {data_dir}/ablation/, then the means with 95% intervals over the seeds.
+        #[arg(long, value_delimiter = ',')]
+        ablation_seeds: Vec<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -630,6 +634,7 @@ fn run(cli: Cli) -> Result<()> {
             generator_steps,
             no_generator,
             seed,
+            ablation_seeds,
             json,
         } => {
             let options = aitl::worker::demo::DemoOptions {
@@ -662,6 +667,15 @@ fn run(cli: Cli) -> Result<()> {
                     generator
                 }),
             };
+            if !ablation_seeds.is_empty() {
+                let report = runtime()?.block_on(aitl::worker::ablation::run(&config, &options, &ablation_seeds))?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+                } else {
+                    print!("{report}");
+                }
+                return Ok(());
+            }
             let report = runtime()?.block_on(aitl::worker::demo::run(&config, &options))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report).expect("json"));

@@ -36,6 +36,7 @@ use crate::{
     worker::datasets::KnowledgeSource,
 };
 
+#[derive(Clone)]
 pub struct DemoOptions {
     pub dataset: PathBuf,
     pub agents: usize,
@@ -315,10 +316,10 @@ impl std::fmt::Display for DemoReport {
         let lift = |before: f64, after: f64| if before > 0.0 { (after / before - 1.0) * 100.0 } else { 0.0 };
         let r75 = |r: &RetrievalReport| r.metrics.recall_at(75).unwrap_or(0.0);
         let p8 = |r: &RetrievalReport| r.ranked.as_ref().and_then(|m| m.metrics.precision_at(8)).unwrap_or(0.0);
-        writeln!(f, "flywheel round on DSTC11: {} held-out queries", self.after.metrics.queries)?;
+        writeln!(f, "flywheel round on the {}: {} held-out queries", self.after.split, self.after.metrics.queries)?;
         writeln!(
             f,
-            "simulation: {} questions, {} annotations ({} careless); training set {}: {} rejected by the judge",
+            "simulation: {} questions, {} annotations ({} wrong, by the truth file); training set {}: {} rejected by the judge",
             self.simulation.questions,
             self.simulation.annotations,
             self.simulation.careless_annotations,
@@ -331,6 +332,16 @@ impl std::fmt::Display for DemoReport {
         writeln!(f, "| Recall@75 (Retrieve) | {b:.3} | {a:.3} | {:+.1}% |", lift(b, a))?;
         let (b, a) = (p8(&self.before), p8(&self.after));
         writeln!(f, "| Precision@8 (Retrieve 75, then Rank) | {b:.3} | {a:.3} | {:+.1}% |", lift(b, a))?;
+        for (before, after) in self.before.subsets.iter().zip(&self.after.subsets) {
+            let name = format!("{} {}", after.metrics.queries, after.name);
+            let (b, a) = (before.metrics.recall_at(75).unwrap_or(0.0), after.metrics.recall_at(75).unwrap_or(0.0));
+            writeln!(f, "| Recall@75, {name} | {b:.3} | {a:.3} | {:+.1}% |", lift(b, a))?;
+            let p8 = |m: &Option<crate::eval::metrics::RankingMetrics>| {
+                m.as_ref().and_then(|m| m.precision_at(8)).unwrap_or(0.0)
+            };
+            let (b, a) = (p8(&before.ranked), p8(&after.ranked));
+            writeln!(f, "| Precision@8, {name} | {b:.3} | {a:.3} | {:+.1}% |", lift(b, a))?;
+        }
         writeln!(
             f,
             "served before: {} / {}; after: {} / {}",

@@ -6,6 +6,7 @@
 //! is idempotent by annotation id, so a crash or restart processes each
 //! annotation exactly once (see `journal.rs` for how).
 
+pub mod ablation;
 pub mod annotators;
 pub mod datasets;
 pub mod demo;
