@@ -88,11 +88,12 @@ enum Command {
         #[command(subcommand)]
         command: WorkerCommand,
     },
-    /// One round of the flywheel from an empty data dir: ingest DSTC11, score Retrieve and Rank on its
-    /// held-out queries, simulate agents over its history questions, judge, export, train the retriever
-    /// (and the ranker), gate and promote them into the running server, score again.
+    /// One round of the flywheel from an empty data dir: ingest a labelled data set (DSTC11 by
+    /// default), score Retrieve and Rank on its held-out queries, simulate agents over its history
+    /// questions, judge, export, train the retriever (and the ranker), gate (guard: the set's guard
+    /// split) and promote them into the running server, score again.
     Demo {
-        /// The DSTC11 Track 5 folder.
+        /// A labelled data set: BEIR layout, or a DSTC11 Track 5 folder.
         #[arg(long, default_value = "../shared/data/dstc11-track5")]
         dataset: PathBuf,
         #[arg(long, default_value_t = 10)]
@@ -145,7 +146,7 @@ enum Command {
     /// Retrieve, Rank, Generate (for a share of questions), then their annotations, each agent
     /// following an annotator model; a truth file says which annotations are wrong and why.
     Simulate {
-        /// "dstc11" or the DSTC11 Track 5 folder.
+        /// "dstc11", or a labelled data set's folder (BEIR layout or DSTC11 Track 5).
         #[arg(long, default_value = "dstc11")]
         dataset: String,
         /// The running server.

@@ -211,3 +211,48 @@ async fn the_flywheel_demo_runs_a_round_end_to_end_on_a_beir_data_set() {
     assert!(stages.contains(&"server switches its retriever") && stages.contains(&"server switches its ranker"));
     print!("{report}");
 }
+
+/// The judge ablation: one round with and one without the judge per seed,
+/// each from an empty data dir, summarised per arm over the seeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_judge_ablation_runs_both_arms_per_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = dir.path().join("dataset");
+    common::mini_beir(&dataset, 12);
+    let mut config = common::config_with_embedder(&dir.path().join("data"));
+    config.models.ranker = "similarity".into();
+    config.promotion.min_gain = -1.0;
+    config.promotion.guard_tolerance = 1.0;
+    let options = aitl::worker::demo::DemoOptions {
+        dataset: dataset.clone(),
+        agents: 4,
+        careless_share: 0.0,
+        annotators: aitl::worker::annotators::AnnotatorMix::parse("always_relevant:0.25,copy_first:0.25", &[]).unwrap(),
+        judge: true,
+        generate_share: 0.0,
+        limit: None,
+        seed: 0,
+        retriever: aitl::worker::train_retriever::RetrieverTraining {
+            schedule: Schedule { batch_size: 8, max_steps: 1, max_tokens: 48, ..Default::default() },
+            ..Default::default()
+        },
+        ranker: None,
+        generator: None,
+    };
+    let report = aitl::worker::ablation::run(&config, &options, &[3, 4]).await.unwrap();
+    print!("{report}");
+    assert_eq!(report.runs.len(), 4);
+    let arms: Vec<(u64, bool)> = report.runs.iter().map(|r| (r.seed, r.judge)).collect();
+    assert_eq!(arms, [(3, true), (3, false), (4, true), (4, false)]);
+    assert!(report.runs.iter().all(|r| r.wrong_annotations > 0), "the mix makes wrong annotations");
+    assert!(report.runs.iter().filter(|r| !r.judge).all(|r| r.rejected == 0), "no judge, no rejections");
+    for arm in [&report.with_judge, &report.without_judge] {
+        assert_eq!(arm[0].metric, "Recall@75");
+        assert!(arm.iter().all(|s| s.low <= s.mean && s.mean <= s.high));
+    }
+    for seed in [3, 4] {
+        for name in ["judge", "no-judge"] {
+            assert!(dir.path().join(format!("data/ablation/{name}-seed{seed}/log")).exists());
+        }
+    }
+}
