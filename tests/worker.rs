@@ -263,7 +263,7 @@ async fn builders_produce_the_expected_rows_from_a_hand_made_log() {
     let folder = sets.export(&dir.path().join("datasets")).unwrap();
     let text = std::fs::read_to_string(folder.join("train/retriever.jsonl")).unwrap();
     let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-    assert_eq!(first, serde_json::json!({"anchor": anchor, "positive": K3, "negative": K2}));
+    assert_eq!(first, serde_json::json!({"anchor": anchor, "positive": K3, "negative": K2, "weight": 1.0}));
     assert!(folder.join("manifest.json").exists() && folder.join("heldout/generator.jsonl").exists());
 
     let gaps = knowledge_gaps(worker.journal());

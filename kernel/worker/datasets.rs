@@ -650,3 +650,100 @@ mod generator_tests {
         );
     }
 }
+
+#[cfg(test)]
+mod weight_tests {
+    use super::*;
+    use crate::worker::rows::{Kind, Row, ShownRow, Verdict};
+
+    /// Knowledge whose text is its id.
+    struct Echo;
+
+    impl KnowledgeSource for Echo {
+        fn object(&self, id: &str, _: Option<u64>) -> Result<KnowledgeObject> {
+            Ok(KnowledgeObject { id: id.into(), text: format!("text of {id}"), ..Default::default() })
+        }
+
+        fn live_objects(&self) -> Result<Vec<KnowledgeObject>> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn journal(dir: &Path) -> Journal {
+        let mut journal = Journal::open(dir).unwrap();
+        for (n, (interaction, agent)) in [("r1", "a"), ("r2", "b")].into_iter().enumerate() {
+            journal
+                .stage(Row::Interaction(InteractionRow {
+                    sequence: n as u64,
+                    interaction_id: interaction.into(),
+                    kind: Kind::Rank,
+                    created_ms: n as i64,
+                    agent_id: agent.into(),
+                    case_id: interaction.into(),
+                    query: format!("question {n}"),
+                    context: Vec::new(),
+                    shown: ["k1", "k2"]
+                        .iter()
+                        .enumerate()
+                        .map(|(i, k)| ShownRow { knowledge_id: k.to_string(), version: 1, rank: i as u32 + 1 })
+                        .collect(),
+                    candidates: Vec::new(),
+                    system_prompt: String::new(),
+                    models: BTreeMap::new(),
+                }))
+                .unwrap();
+            journal
+                .stage(Row::Annotation(AnnotationRow {
+                    sequence: 10 + n as u64,
+                    annotation_id: format!("n{n}"),
+                    interaction_id: interaction.into(),
+                    agent_id: agent.into(),
+                    case_id: interaction.into(),
+                    shown_ms: 0,
+                    annotated_ms: 20_000,
+                    feedback: Feedback::Relevance {
+                        judgements: vec![("k1".into(), Label::Relevant), ("k2".into(), Label::Irrelevant)],
+                    },
+                }))
+                .unwrap();
+        }
+        journal
+            .stage(Row::Verdict(Verdict {
+                annotation_id: "n0".into(),
+                check: "uniform_labels".into(),
+                pass: false,
+                score: 0.0,
+                reason: String::new(),
+            }))
+            .unwrap();
+        journal
+    }
+
+    /// Two interactions (20 × 10% rounds to none held out), one annotation
+    /// each; agent a's failed. Drop mode leaves a's rows out; weight mode
+    /// keeps them at failed_weight 0.1 × a's reliability relative to b's:
+    /// a (0 + 1) / (1 + 2) = 1/3 over b (1 + 1) / (1 + 2) = 2/3, so 0.05.
+    #[test]
+    fn weight_mode_keeps_failed_annotations_with_their_weight() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = journal(dir.path());
+        let composition = QueryComposition { context_turns: 0 };
+        let weights = |sets: &TrainingSets| sets.train.ranker.iter().map(|r| r.weight).collect::<Vec<f32>>();
+
+        let dropped = build(&journal, &Echo, composition, true).unwrap();
+        assert_eq!(weights(&dropped), [1.0, 1.0]);
+        assert_eq!((dropped.manifest.judge_mode, dropped.manifest.rejected), (JudgeMode::Drop, 1));
+
+        let off = build(&journal, &Echo, composition, false).unwrap();
+        assert_eq!(weights(&off), [1.0; 4]);
+
+        let judge = JudgeOptions { mode: JudgeMode::Weight, ..JudgeOptions::default() };
+        let weighted = build_with(&journal, &Echo, composition, &judge).unwrap();
+        let w = weights(&weighted);
+        assert_eq!(w.len(), 4);
+        assert!(w[..2].iter().all(|w| (w - 0.05).abs() < 1e-6), "{w:?}");
+        assert_eq!(&w[2..], [1.0, 1.0]);
+        assert!(weighted.train.retriever.iter().any(|t| (t.weight - 0.05).abs() < 1e-6));
+        assert_eq!((weighted.manifest.judge_mode, weighted.manifest.down_weighted), (JudgeMode::Weight, 1));
+    }
+}

@@ -99,10 +99,14 @@ pub struct JudgeOptions {
     /// positions are all labelled relevant while a lower one is not.
     pub position_top: usize,
     /// Two questions of different cases are similar (their labels of the
-    /// same object are compared) at this word cosine (`text.rs`) or above.
+    /// same object are compared) at this word cosine (`text.rs`) of the
+    /// questions or above. Near 1: templated questions that differ in one
+    /// word ("Tell me about the parking there" / "… the wifi there") are
+    /// different questions about the same objects.
     pub similar_query: f64,
     /// Earlier labels of one object on similar questions before their
-    /// majority counts (`consistency`, `late_report`, `uniform_labels`).
+    /// majority counts (`consistency`, `late_report`, `uniform_labels`);
+    /// only labels of checks no other check failed count.
     pub consistency_min_votes: usize,
     /// The share of those labels that must disagree with the annotation.
     pub consistency_majority: f64,
@@ -137,7 +141,7 @@ impl Default for JudgeOptions {
             drift_window: 10,
             drift_min_sd: 0.05,
             position_top: 2,
-            similar_query: 0.8,
+            similar_query: 0.95,
             consistency_min_votes: 3,
             consistency_majority: 0.8,
             fatigue_window: 30,
@@ -364,7 +368,9 @@ impl Judge {
         self.late_report(a, case, &interaction.query, &mut out);
         let improbable = self.improbable_all_relevant(a, &features, case, &interaction.query);
 
-        self.observe(agent, a, &features, case, &interaction.query);
+        // Only labels no check doubts become evidence about the objects.
+        let doubted = out.iter().any(|v| !v.pass && v.annotation_id == a.annotation_id);
+        self.observe(agent, a, &features, case, &interaction.query, doubted);
         self.uniform_labels(agent, a, &features, improbable, &mut out);
         self.position_bias(agent, a, &features, &mut out);
         self.first_candidate(agent, a, &features, &mut out);
@@ -373,7 +379,15 @@ impl Judge {
         out
     }
 
-    fn observe(&mut self, agent: usize, a: &AnnotationRow, features: &Features, case: &str, query: &str) {
+    fn observe(
+        &mut self,
+        agent: usize,
+        a: &AnnotationRow,
+        features: &Features,
+        case: &str,
+        query: &str,
+        doubted: bool,
+    ) {
         let options = &self.options;
         let history = &mut self.agents[agent];
         match &a.feedback {
@@ -383,7 +397,7 @@ impl Judge {
                     *history.rationales.entry(key).or_insert(0) += 1;
                 }
             }
-            Feedback::Relevance { judgements } => {
+            Feedback::Relevance { judgements } if !doubted => {
                 for (id, label) in judgements {
                     if *label == Label::PartiallyRelevant {
                         continue;
@@ -399,7 +413,7 @@ impl Judge {
                     });
                 }
             }
-            Feedback::Missing { .. } => {}
+            Feedback::Relevance { .. } | Feedback::Missing { .. } => {}
         }
         if let Some(r) = &features.relevance {
             if r.judged >= options.uniform_min_judgements {
