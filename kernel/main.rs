@@ -950,8 +950,9 @@ fn worker_export(config: &Config, no_judge: bool, server: Option<String>) -> Res
     let journal = aitl::worker::journal::Journal::open(&config.worker_dir())?;
     let knowledge = knowledge_source(config, server)?;
     let composition = aitl::kb::QueryComposition { context_turns: config.retrieve.context_turns };
-    let sets =
-        aitl::worker::datasets::build(&journal, knowledge.as_ref(), composition, config.judge.enabled && !no_judge)?;
+    let mut judge = config.judge.clone();
+    judge.enabled &= !no_judge;
+    let sets = aitl::worker::datasets::build_with(&journal, knowledge.as_ref(), composition, &judge)?;
     let folder = sets.export(&config.datasets_dir())?;
     println!("{}", serde_json::to_string_pretty(&sets.manifest).expect("json"));
     println!("training sets written to {}", folder.display());

@@ -24,6 +24,7 @@ fn triplets() -> Vec<RetrieverTriplet> {
                 anchor: format!("question {i} about the {topic}"),
                 positive: format!("the hotel {topic} policy, part {}", i / 8),
                 negative: format!("the hotel {other} policy"),
+                weight: 1.0,
             }
         })
         .collect()
@@ -126,6 +127,7 @@ fn ranker_training_lowers_the_loss_and_rank_serves_what_training_computed() {
                 query: format!("tell me about the {topic}"),
                 passage: format!("the hotel {passage_topic} policy"),
                 label: if relevant { 1.0 } else { 0.0 },
+                weight: 1.0,
             }
         })
         .collect();

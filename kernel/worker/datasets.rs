@@ -17,7 +17,9 @@
 //!   ids agents found relevant or missing; the held-out ones are what the
 //!   promotion gate scores models on.
 //!
-//! An annotation trains unless a judge check failed on it (when the judge ran).
+//! An annotation trains unless a judge check failed on it (when the judge
+//! ran, in drop mode); in the judge's weight mode every annotation trains
+//! and each row carries its annotation's weight (`weights.rs`).
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -29,7 +31,9 @@ use sha2::Digest;
 
 use super::{
     journal::Journal,
+    judge::{JudgeMode, JudgeOptions},
     rows::{AnnotationRow, Decision, Feedback, InteractionRow, Label, Turn, now_millis},
+    weights::annotation_weights,
 };
 use crate::{
     engine::grounding,
@@ -61,12 +65,20 @@ pub struct RetrieverTriplet {
     pub anchor: String,
     pub positive: String,
     pub negative: String,
+    /// How much the row counts in training, in [0, 1]: 1 unless the judge
+    /// runs in weight mode (the lesser of the positive's and the negative's
+    /// annotation weights); exports written before weights read as 1.
+    #[serde(default = "unit_weight")]
+    pub weight: f32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RetrieverPair {
     pub anchor: String,
     pub positive: String,
+    /// As [`RetrieverTriplet::weight`].
+    #[serde(default = "unit_weight")]
+    pub weight: f32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,6 +86,9 @@ pub struct RankerRow {
     pub query: String,
     pub passage: String,
     pub label: f32,
+    /// The label's annotation weight (1 unless the judge runs in weight mode).
+    #[serde(default = "unit_weight")]
+    pub weight: f32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -139,6 +154,12 @@ pub struct Manifest {
     /// Log sequences the journal covered.
     pub log_sequences: (u64, u64),
     pub judge_enabled: bool,
+    /// Drop: rejected annotations left out; weight: all in, weighted.
+    #[serde(default)]
+    pub judge_mode: JudgeMode,
+    /// Weight mode: annotations that train with a weight below 1.
+    #[serde(default)]
+    pub down_weighted: usize,
     pub annotations: usize,
     /// Annotations a judge check failed on, per check (one annotation can fail several).
     pub rejected_by_check: BTreeMap<String, usize>,
@@ -176,9 +197,15 @@ struct Builder<'a> {
     knowledge: &'a dyn KnowledgeSource,
     composition: QueryComposition,
     texts: HashMap<(String, Option<u64>), String>,
+    /// Annotation id → weight; absent: 1.
+    weights: HashMap<String, f32>,
 }
 
 impl Builder<'_> {
+    fn weight(&self, a: &AnnotationRow) -> f32 {
+        self.weights.get(&a.annotation_id).copied().unwrap_or(1.0)
+    }
+
     fn text(&mut self, id: &str, version: Option<u64>) -> Result<String> {
         let key = (id.to_string(), version);
         if let Some(text) = self.texts.get(&key) {
@@ -237,6 +264,7 @@ impl Builder<'_> {
         let (mut relevant, mut irrelevant) = (Vec::new(), Vec::new());
         let mut labelled = false;
         for a in annotations {
+            let weight = self.weight(a);
             match &a.feedback {
                 Feedback::Relevance { judgements } => {
                     labelled = true;
@@ -251,10 +279,11 @@ impl Builder<'_> {
                             query: anchor.clone(),
                             passage: passage.clone(),
                             label: relevance_score(*label),
+                            weight,
                         });
                         match label {
-                            Label::Relevant if seen_positive.insert(id.clone()) => positives.push(passage),
-                            Label::Irrelevant => negatives.push(passage),
+                            Label::Relevant if seen_positive.insert(id.clone()) => positives.push((passage, weight)),
+                            Label::Irrelevant => negatives.push((passage, weight)),
                             _ => {}
                         }
                     }
@@ -264,8 +293,13 @@ impl Builder<'_> {
                     relevant.push(id.clone());
                     let passage = self.text(id, None)?;
                     if seen_positive.insert(id.clone()) {
-                        sets.ranker.push(RankerRow { query: anchor.clone(), passage: passage.clone(), label: 1.0 });
-                        positives.push(passage);
+                        sets.ranker.push(RankerRow {
+                            query: anchor.clone(),
+                            passage: passage.clone(),
+                            label: 1.0,
+                            weight,
+                        });
+                        positives.push((passage, weight));
                     }
                 }
                 _ => {}
@@ -283,18 +317,19 @@ impl Builder<'_> {
                 irrelevant,
             });
         }
-        for (i, positive) in positives.into_iter().enumerate() {
+        for (i, (positive, weight)) in positives.into_iter().enumerate() {
             match negatives.get(i % negatives.len().max(1)) {
-                Some(negative) => sets.retriever.push(RetrieverTriplet {
+                Some((negative, negative_weight)) => sets.retriever.push(RetrieverTriplet {
                     anchor: anchor.clone(),
                     positive,
                     negative: negative.clone(),
+                    weight: weight.min(*negative_weight),
                 }),
-                None => sets.retriever_pairs.push(RetrieverPair { anchor: anchor.clone(), positive }),
+                None => sets.retriever_pairs.push(RetrieverPair { anchor: anchor.clone(), positive, weight }),
             }
         }
 
-        let pairs = generator_pairs(interaction, annotations);
+        let pairs = generator_pairs(interaction, annotations, |a| self.weight(a));
         if !pairs.is_empty() {
             let prompt = self.prompt(interaction)?;
             for (chosen, rejected, weight) in pairs {
@@ -331,14 +366,20 @@ pub fn preference_weight(strength: u32) -> f32 {
 /// - rejected: the candidate loses to the text the agent sent instead,
 ///   when the agent sent one.
 ///
-/// Adoptions weigh 1.
-fn generator_pairs(interaction: &InteractionRow, annotations: &[&AnnotationRow]) -> Vec<(String, String, f32)> {
+/// Adoptions weigh 1. Every pair's weight is multiplied by its
+/// annotation's (`weight`: 1 unless the judge runs in weight mode).
+fn generator_pairs(
+    interaction: &InteractionRow,
+    annotations: &[&AnnotationRow],
+    weight: impl Fn(&AnnotationRow) -> f32,
+) -> Vec<(String, String, f32)> {
     let mut pairs: Vec<(String, String, f32)> = Vec::new();
     for a in annotations {
+        let w = weight(a);
         match &a.feedback {
             Feedback::Preference { preferred, other, strength, .. } => {
                 if let (Some(p), Some(o)) = (interaction.candidate(preferred), interaction.candidate(other)) {
-                    pairs.push((p.text.clone(), o.text.clone(), preference_weight(*strength)));
+                    pairs.push((p.text.clone(), o.text.clone(), preference_weight(*strength) * w));
                 }
             }
             Feedback::Adoption { candidate_id, decision, sent_text, .. } => {
@@ -346,14 +387,14 @@ fn generator_pairs(interaction: &InteractionRow, annotations: &[&AnnotationRow])
                 let differs = !sent_text.trim().is_empty() && sent_text.trim() != adopted.text.trim();
                 match decision {
                     Decision::Edited | Decision::Rejected if differs => {
-                        pairs.push((sent_text.clone(), adopted.text.clone(), 1.0))
+                        pairs.push((sent_text.clone(), adopted.text.clone(), w))
                     }
                     Decision::AdoptedAsIs => pairs.extend(
                         interaction
                             .candidates
                             .iter()
                             .filter(|c| c.candidate_id != *candidate_id && c.text.trim() != adopted.text.trim())
-                            .map(|c| (adopted.text.clone(), c.text.clone(), 1.0)),
+                            .map(|c| (adopted.text.clone(), c.text.clone(), w)),
                     ),
                     _ => {}
                 }
@@ -378,16 +419,36 @@ pub fn rejections(journal: &Journal) -> HashMap<String, Vec<String>> {
     out
 }
 
-/// Builds the train and held-out sets from the journal.
+/// Builds the train and held-out sets from the journal, dropping the
+/// annotations a judge check failed when `judge_enabled`.
 pub fn build(
     journal: &Journal,
     knowledge: &dyn KnowledgeSource,
     composition: QueryComposition,
     judge_enabled: bool,
 ) -> Result<TrainingSets> {
+    let judge = JudgeOptions { enabled: judge_enabled, mode: JudgeMode::Drop, ..JudgeOptions::default() };
+    build_with(journal, knowledge, composition, &judge)
+}
+
+/// Builds the train and held-out sets from the journal as `judge` says:
+/// switched off, every annotation trains with weight 1; in drop mode the
+/// annotations a check failed are left out; in weight mode every
+/// annotation trains with its weight (`weights.rs`).
+pub fn build_with(
+    journal: &Journal,
+    knowledge: &dyn KnowledgeSource,
+    composition: QueryComposition,
+    judge: &JudgeOptions,
+) -> Result<TrainingSets> {
+    let judge_enabled = judge.enabled;
+    let mode = judge.mode;
     let rejected = if judge_enabled { rejections(journal) } else { HashMap::new() };
+    let weights =
+        if judge_enabled && mode == JudgeMode::Weight { annotation_weights(journal, judge) } else { HashMap::new() };
+    let dropped = |id: &str| mode == JudgeMode::Drop && rejected.contains_key(id);
     let mut by_interaction: HashMap<&str, Vec<&AnnotationRow>> = HashMap::new();
-    for a in journal.annotations.iter().filter(|a| !rejected.contains_key(&a.annotation_id)) {
+    for a in journal.annotations.iter().filter(|a| !dropped(&a.annotation_id)) {
         by_interaction.entry(a.interaction_id.as_str()).or_default().push(a);
     }
     let mut interactions: Vec<&InteractionRow> =
@@ -396,7 +457,8 @@ pub fn build(
     let heldout_count = (interactions.len() as f64 * HELDOUT_SHARE).round() as usize;
     let boundary = interactions.len() - heldout_count;
 
-    let mut builder = Builder { knowledge, composition, texts: HashMap::new() };
+    let down_weighted = weights.values().filter(|w| **w < 1.0).count();
+    let mut builder = Builder { knowledge, composition, texts: HashMap::new(), weights };
     let (mut train, mut heldout) = (Sets::default(), Sets::default());
     for (i, interaction) in interactions.iter().enumerate() {
         let sets = if i < boundary { &mut train } else { &mut heldout };
@@ -425,6 +487,8 @@ pub fn build(
         created_ms: now_millis(),
         log_sequences: (first.min().unwrap_or(0), journal.last_sequence),
         judge_enabled,
+        judge_mode: mode,
+        down_weighted,
         annotations: journal.annotations.len(),
         rejected: rejected.len(),
         rejected_by_check,
@@ -534,7 +598,7 @@ mod generator_tests {
     }
 
     fn pairs(feedback: Feedback) -> Vec<(String, String, f32)> {
-        generator_pairs(&interaction(), &[&annotation(feedback)])
+        generator_pairs(&interaction(), &[&annotation(feedback)], |_| 1.0)
     }
 
     fn pair(chosen: &str, rejected: &str, weight: f32) -> (String, String, f32) {
@@ -584,5 +648,102 @@ mod generator_tests {
             pairs(adoption(Decision::Edited, "It ships today by courier.")),
             [pair("It ships today by courier.", "It ships today.", 1.0)]
         );
+    }
+}
+
+#[cfg(test)]
+mod weight_tests {
+    use super::*;
+    use crate::worker::rows::{Kind, Row, ShownRow, Verdict};
+
+    /// Knowledge whose text is its id.
+    struct Echo;
+
+    impl KnowledgeSource for Echo {
+        fn object(&self, id: &str, _: Option<u64>) -> Result<KnowledgeObject> {
+            Ok(KnowledgeObject { id: id.into(), text: format!("text of {id}"), ..Default::default() })
+        }
+
+        fn live_objects(&self) -> Result<Vec<KnowledgeObject>> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn journal(dir: &Path) -> Journal {
+        let mut journal = Journal::open(dir).unwrap();
+        for (n, (interaction, agent)) in [("r1", "a"), ("r2", "b")].into_iter().enumerate() {
+            journal
+                .stage(Row::Interaction(InteractionRow {
+                    sequence: n as u64,
+                    interaction_id: interaction.into(),
+                    kind: Kind::Rank,
+                    created_ms: n as i64,
+                    agent_id: agent.into(),
+                    case_id: interaction.into(),
+                    query: format!("question {n}"),
+                    context: Vec::new(),
+                    shown: ["k1", "k2"]
+                        .iter()
+                        .enumerate()
+                        .map(|(i, k)| ShownRow { knowledge_id: k.to_string(), version: 1, rank: i as u32 + 1 })
+                        .collect(),
+                    candidates: Vec::new(),
+                    system_prompt: String::new(),
+                    models: BTreeMap::new(),
+                }))
+                .unwrap();
+            journal
+                .stage(Row::Annotation(AnnotationRow {
+                    sequence: 10 + n as u64,
+                    annotation_id: format!("n{n}"),
+                    interaction_id: interaction.into(),
+                    agent_id: agent.into(),
+                    case_id: interaction.into(),
+                    shown_ms: 0,
+                    annotated_ms: 20_000,
+                    feedback: Feedback::Relevance {
+                        judgements: vec![("k1".into(), Label::Relevant), ("k2".into(), Label::Irrelevant)],
+                    },
+                }))
+                .unwrap();
+        }
+        journal
+            .stage(Row::Verdict(Verdict {
+                annotation_id: "n0".into(),
+                check: "uniform_labels".into(),
+                pass: false,
+                score: 0.0,
+                reason: String::new(),
+            }))
+            .unwrap();
+        journal
+    }
+
+    /// Two interactions (20 × 10% rounds to none held out), one annotation
+    /// each; agent a's failed. Drop mode leaves a's rows out; weight mode
+    /// keeps them at failed_weight 0.1 × a's reliability relative to b's:
+    /// a (0 + 1) / (1 + 2) = 1/3 over b (1 + 1) / (1 + 2) = 2/3, so 0.05.
+    #[test]
+    fn weight_mode_keeps_failed_annotations_with_their_weight() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = journal(dir.path());
+        let composition = QueryComposition { context_turns: 0 };
+        let weights = |sets: &TrainingSets| sets.train.ranker.iter().map(|r| r.weight).collect::<Vec<f32>>();
+
+        let dropped = build(&journal, &Echo, composition, true).unwrap();
+        assert_eq!(weights(&dropped), [1.0, 1.0]);
+        assert_eq!((dropped.manifest.judge_mode, dropped.manifest.rejected), (JudgeMode::Drop, 1));
+
+        let off = build(&journal, &Echo, composition, false).unwrap();
+        assert_eq!(weights(&off), [1.0; 4]);
+
+        let judge = JudgeOptions { mode: JudgeMode::Weight, ..JudgeOptions::default() };
+        let weighted = build_with(&journal, &Echo, composition, &judge).unwrap();
+        let w = weights(&weighted);
+        assert_eq!(w.len(), 4);
+        assert!(w[..2].iter().all(|w| (w - 0.05).abs() < 1e-6), "{w:?}");
+        assert_eq!(&w[2..], [1.0, 1.0]);
+        assert!(weighted.train.retriever.iter().any(|t| (t.weight - 0.05).abs() < 1e-6));
+        assert_eq!((weighted.manifest.judge_mode, weighted.manifest.down_weighted), (JudgeMode::Weight, 1));
     }
 }

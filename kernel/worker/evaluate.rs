@@ -3,19 +3,22 @@
 //! models: retrieval and ranking quality from agents' labels (or a data set's
 //! own labels when simulating), citation correctness, adoption and
 //! preference by model version, judge rejections and, given the simulator's
-//! truth file, how well the judge separates careless from careful agents;
-//! annotation delays and per-agent fatigue signals.
+//! truth file, how well the judge separates careless from careful agents
+//! (recall per failure mode, precision per check, false rejections of
+//! careful annotations, judge–truth agreement); annotation delays and
+//! per-agent fatigue signals.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 
 use super::{
+    agreement::Agreement,
     datasets::{HELDOUT_SHARE, rejections},
     gaps::IMMEDIATE_SECONDS,
     journal::Journal,
     rows::{AnnotationRow, CandidateRow, Decision, Feedback, InteractionRow, Kind, Label},
-    simulate::Truth,
+    truth::Truth,
 };
 use crate::eval::metrics::{self, RankingMetrics};
 
@@ -85,6 +88,27 @@ pub fn wilson_interval(successes: usize, trials: usize) -> (f64, f64) {
     ((center - half).max(0.0), (center + half).min(1.0))
 }
 
+/// One failure mode of the simulator's annotator models.
+#[derive(Debug, Default, Serialize)]
+pub struct FaultOutcome {
+    /// Wrong annotations of this mode.
+    pub wrong: usize,
+    /// Of those, rejected by the judge.
+    pub rejected: usize,
+    pub recall: f64,
+}
+
+/// One judge check against the truth.
+#[derive(Debug, Default, Serialize)]
+pub struct CheckOutcome {
+    /// Annotations the check failed.
+    pub rejections: usize,
+    /// Of those, wrong ones.
+    pub wrong: usize,
+    /// `wrong` over `rejections`.
+    pub precision: f64,
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct Separation {
     pub careless_annotations: usize,
@@ -94,6 +118,63 @@ pub struct Separation {
     pub precision: f64,
     /// Careless annotations that were rejected.
     pub recall: f64,
+    /// Journaled annotations not in the truth's wrong set.
+    pub careful_annotations: usize,
+    /// Careful annotations the judge rejected.
+    pub false_rejections: usize,
+    /// `false_rejections` over `careful_annotations`.
+    pub false_rejection_rate: f64,
+    /// Failure mode (the truth's `faults`; `unknown` for truth files without
+    /// them) → wrong annotations and how many the judge rejected.
+    pub by_fault: BTreeMap<String, FaultOutcome>,
+    /// Check → its rejections and how many were of wrong annotations.
+    pub by_check: BTreeMap<String, CheckOutcome>,
+    /// The judge's accept/reject against the truth's on every journaled annotation.
+    pub agreement: Agreement,
+}
+
+impl Separation {
+    fn new(journal: &Journal, truth: &Truth, rejected: &HashMap<String, Vec<String>>) -> Self {
+        let wrong = |id: &str| truth.careless_annotations.contains(id);
+        let rejected_careless = rejected.keys().filter(|id| wrong(id)).count();
+        let mut by_fault: BTreeMap<String, FaultOutcome> = BTreeMap::new();
+        for id in &truth.careless_annotations {
+            let outcome = by_fault.entry(truth.fault(id).unwrap_or("unknown").to_string()).or_default();
+            outcome.wrong += 1;
+            outcome.rejected += usize::from(rejected.contains_key(id));
+        }
+        for outcome in by_fault.values_mut() {
+            outcome.recall = outcome.rejected as f64 / outcome.wrong.max(1) as f64;
+        }
+        let mut by_check: BTreeMap<String, CheckOutcome> = BTreeMap::new();
+        for (id, checks) in rejected {
+            for check in checks {
+                let outcome = by_check.entry(check.clone()).or_default();
+                outcome.rejections += 1;
+                outcome.wrong += usize::from(wrong(id));
+            }
+        }
+        for outcome in by_check.values_mut() {
+            outcome.precision = outcome.wrong as f64 / outcome.rejections.max(1) as f64;
+        }
+        let careful: Vec<&AnnotationRow> = journal.annotations.iter().filter(|a| !wrong(&a.annotation_id)).collect();
+        let false_rejections = careful.iter().filter(|a| rejected.contains_key(&a.annotation_id)).count();
+        Separation {
+            careless_annotations: truth.careless_annotations.len(),
+            rejected: rejected.len(),
+            rejected_careless,
+            precision: rejected_careless as f64 / rejected.len().max(1) as f64,
+            recall: rejected_careless as f64 / truth.careless_annotations.len().max(1) as f64,
+            careful_annotations: careful.len(),
+            false_rejections,
+            false_rejection_rate: false_rejections as f64 / careful.len().max(1) as f64,
+            by_fault,
+            by_check,
+            agreement: Agreement::from_pairs(
+                journal.annotations.iter().map(|a| (rejected.contains_key(&a.annotation_id), wrong(&a.annotation_id))),
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -127,6 +208,9 @@ pub struct FeedbackReport {
     /// Judge–human agreement: the share of agents' relevance labels the
     /// language-model judge agreed with (when it ran).
     pub llm_agreement: Option<f64>,
+    /// The judge's accept/reject against people's verdicts on a labelled
+    /// subset (see [`score_human_verdicts`]).
+    pub human_agreement: Option<Agreement>,
     /// Immediate (≤ 60 s), within the hour, later.
     pub delays: (usize, usize, usize),
     pub agents: BTreeMap<String, AgentSignals>,
@@ -176,6 +260,16 @@ pub fn score_helpfulness(
     Ok(())
 }
 
+/// Scores the judge against people's verdicts on a labelled subset
+/// (annotation id → accepted; `agreement::read_human_verdicts` reads a file).
+pub fn score_human_verdicts(
+    report: &mut FeedbackReport,
+    journal: &Journal,
+    human: &std::collections::BTreeMap<String, bool>,
+) {
+    report.human_agreement = Some(Agreement::on_subset(&rejections(journal), human));
+}
+
 /// `labels`: a data set's relevance per case, used instead of agents' labels when given.
 pub fn evaluate(
     journal: &Journal,
@@ -210,14 +304,7 @@ pub fn evaluate(
         }
     }
     if let Some(truth) = truth {
-        let rejected_careless = rejected.keys().filter(|id| truth.careless_annotations.contains(*id)).count();
-        report.separation = Some(Separation {
-            careless_annotations: truth.careless_annotations.len(),
-            rejected: rejected.len(),
-            rejected_careless,
-            precision: rejected_careless as f64 / rejected.len().max(1) as f64,
-            recall: rejected_careless as f64 / truth.careless_annotations.len().max(1) as f64,
-        });
+        report.separation = Some(Separation::new(journal, truth, &rejected));
     }
 
     let agreement: Vec<f64> = journal.verdicts.iter().filter(|v| v.check == "llm_relevance").map(|v| v.score).collect();
@@ -379,11 +466,45 @@ impl std::fmt::Display for FeedbackReport {
         if let Some(a) = self.llm_agreement {
             writeln!(f, "judge–human agreement on relevance labels (language model): {a:.3}")?;
         }
-        if let Some(s) = self.separation.as_ref().filter(|s| s.careless_annotations > 0) {
+        if let Some(s) = self.separation.as_ref() {
+            if s.careless_annotations > 0 {
+                writeln!(
+                    f,
+                    "judge vs careless annotations: precision {:.3}, recall {:.3} ({} of {} careless rejected)",
+                    s.precision, s.recall, s.rejected_careless, s.careless_annotations
+                )?;
+            }
             writeln!(
                 f,
-                "judge vs careless annotations: precision {:.3}, recall {:.3} ({} of {} careless rejected)",
-                s.precision, s.recall, s.rejected_careless, s.careless_annotations
+                "  careful annotations falsely rejected: {} of {} ({:.1}%)",
+                s.false_rejections,
+                s.careful_annotations,
+                100.0 * s.false_rejection_rate
+            )?;
+            if !s.by_fault.is_empty() {
+                writeln!(f, "  {:<20} {:>7} {:>9} {:>7}", "failure mode", "wrong", "rejected", "recall")?;
+                for (fault, o) in &s.by_fault {
+                    writeln!(f, "  {fault:<20} {:>7} {:>9} {:>7.3}", o.wrong, o.rejected, o.recall)?;
+                }
+            }
+            if !s.by_check.is_empty() {
+                writeln!(f, "  {:<22} {:>10} {:>8} {:>9}", "check", "rejections", "wrong", "precision")?;
+                for (check, o) in &s.by_check {
+                    writeln!(f, "  {check:<22} {:>10} {:>8} {:>9.3}", o.rejections, o.wrong, o.precision)?;
+                }
+            }
+            let a = &s.agreement;
+            writeln!(
+                f,
+                "  judge vs truth on {} annotations: accuracy {:.3}, Cohen's kappa {:.3}",
+                a.annotations, a.accuracy, a.kappa
+            )?;
+        }
+        if let Some(a) = &self.human_agreement {
+            writeln!(
+                f,
+                "judge vs human verdicts on {} annotations: accuracy {:.3}, Cohen's kappa {:.3}",
+                a.annotations, a.accuracy, a.kappa
             )?;
         }
         writeln!(f, "held-out interactions: {}", self.heldout_interactions)?;
@@ -629,6 +750,69 @@ mod tests {
         assert_eq!(pair.a_win_interval, wilson_interval(0, 1));
         assert_eq!(report.agents["b"].rejected_share, 1.0);
         assert_eq!(report.agents["a"].relevant_share, 1.0 / 3.0);
+    }
+
+    /// Recall per failure mode, precision per check, false rejections of
+    /// careful annotations and judge–truth agreement, by hand.
+    #[test]
+    fn separation_per_fault_and_check_matches_hand_computed_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path()).unwrap();
+        journal.stage(Row::Interaction(interaction("r0", Kind::Rank, 0, "c0"))).unwrap();
+        let labels = Feedback::Relevance { judgements: vec![("k1".into(), Label::Relevant)] };
+        for id in ["x1", "x2", "x3", "x4", "x5"] {
+            journal.stage(annotation(id, "r0", "a", 10.0, labels.clone())).unwrap();
+        }
+        let fail = |id: &str, check: &str| {
+            Row::Verdict(Verdict {
+                annotation_id: id.into(),
+                check: check.into(),
+                pass: false,
+                score: 0.0,
+                reason: String::new(),
+            })
+        };
+        for row in [
+            fail("x1", "uniform_labels"),
+            fail("x3", "position_bias"),
+            fail("x3", "uniform_labels"),
+            fail("x5", "too_fast"),
+        ] {
+            journal.stage(row).unwrap();
+        }
+        // x3 and x4 wrong by position bias; x5 wrong without a recorded mode (an older truth file).
+        let mut truth = Truth::default();
+        truth.wrong("x3", "position_bias");
+        truth.wrong("x4", "position_bias");
+        truth.careless_annotations.insert("x5".into());
+        let report = evaluate(&journal, Some(&truth), None);
+        let s = report.separation.as_ref().unwrap();
+        // Rejected x1, x3, x5; wrong x3, x4, x5: precision 2/3, recall 2/3.
+        assert_eq!((s.rejected, s.rejected_careless, s.careless_annotations), (3, 2, 3));
+        assert!((s.precision - 2.0 / 3.0).abs() < 1e-12 && (s.recall - 2.0 / 3.0).abs() < 1e-12);
+        // Careful: x1 (rejected) and x2.
+        assert_eq!((s.careful_annotations, s.false_rejections, s.false_rejection_rate), (2, 1, 0.5));
+        let fault = |m: &str| (s.by_fault[m].wrong, s.by_fault[m].rejected, s.by_fault[m].recall);
+        assert_eq!(fault("position_bias"), (2, 1, 0.5));
+        assert_eq!(fault("unknown"), (1, 1, 1.0));
+        let check = |c: &str| (s.by_check[c].rejections, s.by_check[c].wrong, s.by_check[c].precision);
+        assert_eq!(check("uniform_labels"), (2, 1, 0.5));
+        assert_eq!(check("position_bias"), (1, 1, 1.0));
+        assert_eq!(check("too_fast"), (1, 1, 1.0));
+        // (judge rejects, wrong): x1 (T, F), x2 (F, F), x3 (T, T), x4 (F, T), x5 (T, T): accuracy 3/5;
+        // both reject 3/5 of the time: chance 0.6·0.6 + 0.4·0.4 = 0.52; κ = (0.6 − 0.52) / 0.48 = 1/6.
+        assert!((s.agreement.accuracy - 0.6).abs() < 1e-12);
+        assert!((s.agreement.kappa - 1.0 / 6.0).abs() < 1e-12, "{:?}", s.agreement);
+        let text = report.to_string();
+        assert!(text.contains("position_bias") && text.contains("falsely rejected: 1 of 2"), "{text}");
+
+        // People's verdicts on a subset: x1 and x2 accepted, x3 rejected; the judge agrees on x2 and x3.
+        let mut report = report;
+        let human = [("x1".to_string(), true), ("x2".to_string(), true), ("x3".to_string(), false)].into();
+        score_human_verdicts(&mut report, &journal, &human);
+        let h = report.human_agreement.as_ref().unwrap();
+        assert_eq!(h.annotations, 3);
+        assert!((h.accuracy - 2.0 / 3.0).abs() < 1e-12);
     }
 
     #[test]

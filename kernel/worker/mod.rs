@@ -7,6 +7,7 @@
 //! annotation exactly once (see `journal.rs` for how).
 
 pub mod ablation;
+pub mod agreement;
 pub mod annotators;
 pub mod datasets;
 pub mod demo;
@@ -19,6 +20,7 @@ pub mod llm_judge;
 pub mod round;
 pub mod rows;
 pub mod simulate;
+pub mod stats;
 pub mod text;
 pub mod train_bert;
 pub mod train_generator;
@@ -26,6 +28,7 @@ pub mod train_llama;
 pub mod train_ranker;
 pub mod train_retriever;
 pub mod truth;
+pub mod weights;
 
 use std::{ops::ControlFlow, path::Path};
 
@@ -73,7 +76,7 @@ impl Worker {
     pub fn open(worker_dir: &Path, log_dir: &Path, judge: JudgeOptions) -> Result<Self> {
         let journal = Journal::open(worker_dir)?;
         let mut judge = Judge::new(judge);
-        judge.replay(&journal.annotations);
+        judge.replay(&journal);
         Ok(Worker { journal, judge, cursor: Cursor::open(log_dir, CURSOR)?, dir: worker_dir.to_owned(), llm: None })
     }
 

@@ -4,7 +4,9 @@
 //! It starts from a cross-encoder folder (a previous ranker) or from the
 //! embedding model's encoder with a new head, and writes a
 //! `BertForSequenceClassification` folder, as sentence-transformers'
-//! CrossEncoder saves one, that aitl's Rank serves.
+//! CrossEncoder saves one, that aitl's Rank serves. Rows carry weights
+//! (the judge's weight mode): the loss is their weighted mean, and rows of
+//! weight 0 are left out before batching.
 
 use std::{
     path::{Path, PathBuf},
@@ -20,7 +22,7 @@ use super::{
     train_bert::{
         Batches, Schedule, TrainBert, TrainBertConfig, candle, device_name, fill_from, learning_rate, optimizer_step,
     },
-    train_retriever::TrainingReport,
+    train_retriever::{TrainingReport, weighted_mean},
 };
 use crate::{
     error::{Error, Result},
@@ -127,12 +129,18 @@ fn write_folder(base: &Path, varmap: &VarMap, out: &Path) -> Result<()> {
     varmap.save(out.join("model.safetensors")).map_err(candle)
 }
 
-/// Mean binary cross-entropy of logits `x` against targets `y`, in the
-/// stable form `max(x, 0) − x·y + ln(1 + e^−|x|)` (candle's version takes
-/// the log of a sigmoid, which reaches −∞ for confident logits).
-fn binary_cross_entropy(x: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+/// Binary cross-entropy of logits `x` against targets `y`, weighted-averaged
+/// with weights `w`, in the stable form `max(x, 0) − x·y + ln(1 + e^−|x|)`
+/// (candle's version takes the log of a sigmoid, which reaches −∞ for
+/// confident logits).
+fn binary_cross_entropy(x: &Tensor, y: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let softplus = x.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?;
-    ((x.relu()? - (x * y)?)? + softplus)?.mean_all()
+    weighted_mean(&((x.relu()? - (x * y)?)? + softplus)?, w)
+}
+
+/// The rows that train: those of a positive, finite weight.
+fn weighted_rows(rows: &[RankerRow]) -> Vec<&RankerRow> {
+    rows.iter().filter(|r| r.weight.is_finite() && r.weight > 0.0).collect()
 }
 
 pub fn train_ranker(
@@ -143,8 +151,9 @@ pub fn train_ranker(
     mut progress: impl FnMut(usize, usize, f32),
 ) -> Result<TrainingReport> {
     let started = Instant::now();
+    let rows = weighted_rows(rows);
     if rows.len() < 2 {
-        return Err(Error::InvalidArgument(format!("the ranker set has {} rows", rows.len())));
+        return Err(Error::InvalidArgument(format!("the ranker set has {} rows of positive weight", rows.len())));
     }
     let schedule = &options.schedule;
     let (net, varmap, fresh) = load(base, schedule.max_tokens, schedule.device.open()?)?;
@@ -156,12 +165,14 @@ pub fn train_ranker(
     let mut batches = Batches::new(rows.len(), (batch, per_epoch), schedule.seed);
     let mut losses = Vec::new();
     for step in 0..total {
-        let chunk: Vec<&RankerRow> = batches.at(step).iter().map(|&i| &rows[i]).collect();
+        let chunk: Vec<&RankerRow> = batches.at(step).iter().map(|&i| rows[i]).collect();
         let pairs: Vec<(&str, &str)> = chunk.iter().map(|r| (r.query.as_str(), r.passage.as_str())).collect();
         let labels = Tensor::from_vec(chunk.iter().map(|r| r.label).collect::<Vec<f32>>(), chunk.len(), &net.device)
             .map_err(candle)?;
+        let weights = Tensor::from_vec(chunk.iter().map(|r| r.weight).collect::<Vec<f32>>(), chunk.len(), &net.device)
+            .map_err(candle)?;
         let logits = net.logits(&pairs)?;
-        let loss = binary_cross_entropy(&logits, &labels).map_err(candle)?;
+        let loss = binary_cross_entropy(&logits, &labels, &weights).map_err(candle)?;
         let rate = learning_rate(schedule.learning_rate, schedule.warmup_share, step, total);
         let value = optimizer_step(&mut optimizer, &loss, rate, step)?;
         losses.push(value);
@@ -183,4 +194,37 @@ pub fn score_with_candle(dir: &Path, pairs: &[(&str, &str)], max_tokens: usize) 
     let (net, _, _) = load(dir, max_tokens, CandleDevice::Cpu)?;
     let scores = candle_nn::ops::sigmoid(&net.logits(pairs)?).map_err(candle)?;
     scores.to_vec1::<f32>().map_err(candle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(label: f32, weight: f32) -> RankerRow {
+        RankerRow { query: "q".into(), passage: format!("p{label}"), label, weight }
+    }
+
+    /// A zero-weight row is left out before batching, and inside a batch it
+    /// would add nothing to the loss; equal weights give the plain mean.
+    #[test]
+    fn a_zero_weight_row_changes_nothing() {
+        let rows = [row(1.0, 1.0), row(0.0, 0.0), row(0.5, 0.5)];
+        let kept: Vec<&RankerRow> = weighted_rows(&rows);
+        assert_eq!(kept, [&rows[0], &rows[2]]);
+
+        let device = CandleDevice::Cpu;
+        let t = |v: &[f32]| Tensor::new(v, &device).unwrap();
+        let loss = |x: &[f32], y: &[f32], w: &[f32]| {
+            binary_cross_entropy(&t(x), &t(y), &t(w)).unwrap().to_scalar::<f32>().unwrap()
+        };
+        let two = loss(&[2.0, -1.0], &[1.0, 0.5], &[1.0, 0.5]);
+        let three = loss(&[2.0, 5.0, -1.0], &[1.0, 0.0, 0.5], &[1.0, 0.0, 0.5]);
+        assert!((two - three).abs() < 1e-7, "{two} vs {three}");
+        // By hand: BCE(x, y) = max(x, 0) − xy + ln(1 + e^−|x|).
+        let bce = |x: f64, y: f64| x.max(0.0) - x * y + (1.0 + (-x.abs()).exp()).ln();
+        let expected = (bce(2.0, 1.0) + 0.5 * bce(-1.0, 0.5)) / 1.5;
+        assert!((f64::from(two) - expected).abs() < 1e-6, "{two} vs {expected}");
+        let mean = loss(&[2.0, -1.0], &[1.0, 0.5], &[0.7, 0.7]);
+        assert!((f64::from(mean) - (bce(2.0, 1.0) + bce(-1.0, 0.5)) / 2.0).abs() < 1e-6);
+    }
 }

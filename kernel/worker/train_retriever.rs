@@ -7,6 +7,11 @@
 //! model's, and the result is a sentence-transformers folder that aitl's own
 //! encoder serves and sentence-transformers loads.
 //!
+//! Rows carry weights (the judge's weight mode, `weights.rs`): the loss is
+//! the weighted mean of the anchors' cross-entropies, and a row of weight 0
+//! is left out before batching, so it neither trains nor serves as an
+//! in-batch negative: the run is the one without it.
+//!
 //! Checkpoints hold the weights and the step; a resumed run continues from
 //! the step with fresh optimizer moments (candle's AdamW state is not
 //! serialisable), which is the usual warm restart.
@@ -62,11 +67,44 @@ pub struct TrainingReport {
     pub device: String,
 }
 
-/// One training example: anchor, positive, optional hard negative.
+/// One training example: anchor, positive, optional hard negative, weight.
+#[derive(Debug, PartialEq)]
 struct Example<'a> {
     anchor: &'a str,
     positive: &'a str,
     negative: Option<&'a str>,
+    weight: f32,
+}
+
+/// The examples that train: every row of a positive, finite weight.
+fn examples<'a>(triplets: &'a [RetrieverTriplet], pairs: &'a [RetrieverPair]) -> Vec<Example<'a>> {
+    triplets
+        .iter()
+        .map(|t| Example { anchor: &t.anchor, positive: &t.positive, negative: Some(&t.negative), weight: t.weight })
+        .chain(pairs.iter().map(|p| Example {
+            anchor: &p.anchor,
+            positive: &p.positive,
+            negative: None,
+            weight: p.weight,
+        }))
+        .filter(|e| e.weight.is_finite() && e.weight > 0.0)
+        .collect()
+}
+
+/// Σ wᵢ·xᵢ / Σ wᵢ of `[n]` tensors: a mean when the weights are equal.
+pub(super) fn weighted_mean(values: &Tensor, weights: &Tensor) -> candle_core::Result<Tensor> {
+    (values * weights)?.sum_all()?.broadcast_div(&weights.sum_all()?)
+}
+
+/// MultipleNegativesRankingLoss with row weights: anchor i's cross-entropy
+/// of its scores (`[n, documents]`) against its own positive (column i),
+/// weighted-averaged over the anchors.
+fn weighted_ranking_loss(scores: &Tensor, weights: &Tensor) -> candle_core::Result<Tensor> {
+    let n = scores.dim(0)?;
+    let log_p = candle_nn::ops::log_softmax(scores, 1)?;
+    let own = Tensor::arange(0u32, n as u32, scores.device())?.unsqueeze(1)?;
+    let nll = log_p.gather(&own, 1)?.squeeze(1)?.neg()?;
+    weighted_mean(&nll, weights)
 }
 
 /// Side files of a sentence-transformers folder, copied to the trained one.
@@ -166,14 +204,10 @@ pub fn train_retriever(
     mut progress: impl FnMut(usize, usize, f32),
 ) -> Result<TrainingReport> {
     let started = Instant::now();
-    let examples: Vec<Example> = triplets
-        .iter()
-        .map(|t| Example { anchor: &t.anchor, positive: &t.positive, negative: Some(&t.negative) })
-        .chain(pairs.iter().map(|p| Example { anchor: &p.anchor, positive: &p.positive, negative: None }))
-        .collect();
+    let examples = examples(triplets, pairs);
     if examples.len() < 2 {
         return Err(Error::InvalidArgument(format!(
-            "the retriever set has {} examples; in-batch negatives need at least 2",
+            "the retriever set has {} examples of positive weight; in-batch negatives need at least 2",
             examples.len()
         )));
     }
@@ -197,8 +231,10 @@ pub fn train_retriever(
         let a = encoder.embed(&anchors)?;
         let d = encoder.embed(&documents)?;
         let scores = a.matmul(&d.t().map_err(candle)?).and_then(|s| s * options.scale).map_err(candle)?;
-        let targets = Tensor::arange(0u32, chunk.len() as u32, &encoder.device).map_err(candle)?;
-        let loss = candle_nn::loss::cross_entropy(&scores, &targets).map_err(candle)?;
+        let weights =
+            Tensor::from_vec(chunk.iter().map(|e| e.weight).collect::<Vec<f32>>(), chunk.len(), &encoder.device)
+                .map_err(candle)?;
+        let loss = weighted_ranking_loss(&scores, &weights).map_err(candle)?;
         let rate = learning_rate(schedule.learning_rate, schedule.warmup_share, step, total);
         let value = optimizer_step(&mut optimizer, &loss, rate, step)?;
         losses.push(value);
@@ -228,4 +264,47 @@ pub fn train_retriever(
 pub fn embed_with_candle(dir: &Path, texts: &[&str], max_tokens: usize) -> Result<Vec<Vec<f32>>> {
     let (encoder, _) = load(dir, max_tokens, CandleDevice::Cpu)?;
     encoder.embed(texts)?.to_vec2::<f32>().map_err(candle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn triplet(i: usize, weight: f32) -> RetrieverTriplet {
+        RetrieverTriplet { anchor: format!("q{i}"), positive: format!("p{i}"), negative: format!("n{i}"), weight }
+    }
+
+    /// A zero-weight row is gone before batching: the examples, hence the
+    /// batches and every step, are those of the set without it.
+    #[test]
+    fn a_zero_weight_row_changes_nothing() {
+        let with: Vec<RetrieverTriplet> = vec![triplet(0, 1.0), triplet(1, 0.0), triplet(2, 0.5)];
+        let without: Vec<RetrieverTriplet> = vec![triplet(0, 1.0), triplet(2, 0.5)];
+        let pairs = [RetrieverPair { anchor: "a".into(), positive: "b".into(), weight: 0.0 }];
+        assert_eq!(examples(&with, &pairs), examples(&without, &[]));
+        assert_eq!(examples(&with, &pairs).len(), 2);
+    }
+
+    /// Equal weights give candle's mean cross-entropy; unequal ones the
+    /// weighted mean of the per-anchor values (computed here by hand).
+    #[test]
+    fn the_ranking_loss_is_a_weighted_mean_of_cross_entropies() {
+        let device = CandleDevice::Cpu;
+        let scores = Tensor::new(&[[2.0f32, 0.0, -1.0], [0.5, 1.5, 0.0]], &device).unwrap();
+        let targets = Tensor::new(&[0u32, 1], &device).unwrap();
+        let mean = candle_nn::loss::cross_entropy(&scores, &targets).unwrap().to_scalar::<f32>().unwrap();
+        let equal = Tensor::new(&[0.3f32, 0.3], &device).unwrap();
+        let loss = weighted_ranking_loss(&scores, &equal).unwrap().to_scalar::<f32>().unwrap();
+        assert!((loss - mean).abs() < 1e-6, "{loss} vs {mean}");
+        // Row cross-entropies: ln(e² + 1 + e⁻¹) − 2 and ln(e^0.5 + e^1.5 + 1) − 1.5.
+        let ce = |row: [f64; 3], own: usize| row.iter().map(|x| x.exp()).sum::<f64>().ln() - row[own];
+        let (a, b) = (ce([2.0, 0.0, -1.0], 0), ce([0.5, 1.5, 0.0], 1));
+        let weights = Tensor::new(&[1.0f32, 3.0], &device).unwrap();
+        let loss = weighted_ranking_loss(&scores, &weights).unwrap().to_scalar::<f32>().unwrap();
+        assert!((f64::from(loss) - (a + 3.0 * b) / 4.0).abs() < 1e-5, "{loss}");
+        // Weight 0 on the second row: the first row's loss alone.
+        let weights = Tensor::new(&[1.0f32, 0.0], &device).unwrap();
+        let loss = weighted_ranking_loss(&scores, &weights).unwrap().to_scalar::<f32>().unwrap();
+        assert!((f64::from(loss) - a).abs() < 1e-5, "{loss}");
+    }
 }
