@@ -437,7 +437,7 @@ fn over_a_quantized_base_gradients_reach_the_adapters() {
 /// as the trainer did.
 #[test]
 fn the_gate_accepts_a_better_adapter_and_refuses_a_worse_one() {
-    use aitl::registry::{gate::PromotionOptions, generator_gate};
+    use aitl::{registry::gate::PromotionOptions, worker::generator_gate};
     let dir = tempfile::tempdir().unwrap();
     let base = fixtures().join("tiny-llama");
     let heldout = synthetic(8, 100);

@@ -15,10 +15,9 @@ pub use knowledge::Knowledge;
 pub use support::Support;
 
 use crate::{
-    engine::RankerSlot,
     feedback::{AnnotationIntake, InteractionBook},
     kb::{KnowledgeStore, QueryComposition, SemanticIndex},
-    serving::{Generators, ServedModels, Slot},
+    serving::{Generators, RankerSlot, ServedModels, Slot},
     trainlog::TrainingLog,
 };
 

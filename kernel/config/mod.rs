@@ -3,6 +3,7 @@
 //! variables and flags (`AITL_LISTEN`, `AITL_DATA_DIR`). The defaults run on
 //! a laptop.
 
+pub mod judge;
 pub mod promotion;
 
 use std::{
@@ -35,7 +36,7 @@ pub struct Config {
     pub models: ModelsConfig,
     pub retrieve: RetrieveConfig,
     /// The flywheel worker's Virtual Judge.
-    pub judge: crate::worker::judge::JudgeOptions,
+    pub judge: judge::JudgeOptions,
     /// When a trained model may replace the serving one.
     pub promotion: promotion::PromotionOptions,
 }

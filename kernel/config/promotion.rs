@@ -1,5 +1,5 @@
 //! `[promotion]`: when a trained model may replace the serving one. The
-//! gates that read these (`registry::gate`, `registry::generator_gate`) add
+//! gates that read these (`registry::gate`, `worker::generator_gate`) add
 //! the methods that load guard sets; the type lives here so the config
 //! imports neither the gates nor the data sets they read.
 

@@ -11,4 +11,4 @@ pub mod sampler;
 pub use embedder::EmbeddingEngine;
 pub use encoder::{EncodeTimings, EncoderEngine, EncoderOptions};
 pub use generator::{GeneratorEngine, GeneratorOptions};
-pub use ranker::{Ranker, RankerSlot};
+pub use ranker::Ranker;

@@ -127,6 +127,3 @@ async fn similarity(
         .collect();
     Ok((scores, timings))
 }
-
-/// The ranker Rank uses; a promotion swaps it while requests run.
-pub type RankerSlot = crate::serving::Slot<Ranker>;

@@ -9,7 +9,6 @@
 //! file. "No version" means the model the config names.
 
 pub mod gate;
-pub mod generator_gate;
 pub mod manifest;
 
 use std::{

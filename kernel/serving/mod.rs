@@ -19,6 +19,9 @@ use crate::{
     registry::{Registry, Role},
 };
 
+/// The ranker Rank uses; a promotion swaps it while requests run.
+pub type RankerSlot = Slot<crate::engine::Ranker>;
+
 /// One swappable model; None when the role has no model.
 pub struct Slot<T>(RwLock<Option<Arc<T>>>);
 

@@ -18,6 +18,7 @@ use serde::Serialize;
 use super::{
     Worker, datasets,
     journal::Journal,
+    generator_gate::GeneratorGateReport,
     round::{self, Trainer},
     simulate::{self, SimulationOptions, SimulationReport},
     train_generator::{self, GeneratorTraining},
@@ -32,7 +33,7 @@ use crate::{
         retrieval::{self, Evaluator, RetrievalReport},
     },
     kb::{KnowledgeStore, QueryComposition},
-    registry::{Registry, Role, gate::GateReport, generator_gate::GeneratorGateReport},
+    registry::{Registry, Role, gate::GateReport},
     worker::datasets::KnowledgeSource,
 };
 

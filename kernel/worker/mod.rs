@@ -13,6 +13,7 @@ pub mod datasets;
 pub mod demo;
 pub mod evaluate;
 pub mod gaps;
+pub mod generator_gate;
 pub mod journal;
 pub mod judge;
 pub mod knowledge;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::{
     datasets::{self, GeneratorRow, LabelledInteraction, RankerRow, RetrieverPair, RetrieverTriplet},
+    generator_gate::{self, GeneratorGateReport},
     train_ranker::{self, RankerTraining},
     train_retriever::{self, RetrieverTraining},
 };
@@ -17,7 +18,6 @@ use crate::{
     registry::{
         self, Registry, Role,
         gate::{self, GateInput, GateReport},
-        generator_gate::{self, GeneratorGateReport},
         manifest::TrainedManifest,
     },
 };

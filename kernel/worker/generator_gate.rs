@@ -19,7 +19,10 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::gate::{GuardOverlap, PromotionOptions};
+use super::{
+    datasets::{GeneratorRow, Message},
+    train_generator::{Sequence, tokenize_pair},
+};
 use crate::{
     backend::{Device, Precision},
     engine::{generator::Checkpoint, grounding},
@@ -30,10 +33,7 @@ use crate::{
         llama::{Llama, Step},
     },
     proto::KnowledgeObject,
-    worker::{
-        datasets::{GeneratorRow, Message},
-        train_generator::{Sequence, tokenize_pair},
-    },
+    registry::gate::{self, GuardOverlap, PromotionOptions},
 };
 
 /// Tokens per scored sequence (longer ones keep their ends).
@@ -104,7 +104,7 @@ pub fn decide(
     }
     let device = Device::Cpu;
     let (old, new) = (Checkpoint::load(&device, serving, precision)?, Checkpoint::load(&device, candidate, precision)?);
-    let pairs = super::gate::evenly(heldout.to_vec(), options.generator_pairs_limit);
+    let pairs = gate::evenly(heldout.to_vec(), options.generator_pairs_limit);
     let accuracy = |c: &Checkpoint| preference_accuracy(&device, c, &pairs);
     let (serving_accuracy, candidate_accuracy) = (accuracy(&old)?, accuracy(&new)?);
     let guard_queries = options.guard_queries()?;
@@ -223,7 +223,7 @@ fn citation_groundings(options: &PromotionOptions, guard: &[LabelledQuery]) -> R
     }
     let corpus: std::collections::HashMap<String, KnowledgeObject> =
         dataset::read_corpus_of(&options.guard_dataset)?.into_iter().map(|o| (o.id.clone(), o)).collect();
-    let chosen = super::gate::evenly((0..guard.len()).collect(), options.generator_citation_limit);
+    let chosen = gate::evenly((0..guard.len()).collect(), options.generator_citation_limit);
     let mut out = Vec::with_capacity(chosen.len());
     for i in chosen {
         let query = &guard[i];
