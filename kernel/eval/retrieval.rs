@@ -186,7 +186,7 @@ pub async fn score(
     rank: bool,
 ) -> Result<RetrievalReport> {
     let queries = set.queries;
-    let unreachable = |s: tonic::Status| Error::Unavailable(format!("evaluation server: {s}"));
+    let unreachable = |s: tonic::Status| Error::from_status("evaluation server: GetServingModels", &s);
     let serving = FlywheelServiceClient::new(channel.clone())
         .get_serving_models(GetServingModelsRequest {})
         .await
@@ -203,11 +203,14 @@ pub async fn score(
             let mut client = client.clone();
             let context = q.context[q.context.len().saturating_sub(context_turns)..].to_vec();
             async move {
-                let failed = |s: tonic::Status| Error::Internal(format!("{}: {s}", q.id));
+                let failed = |call: &'static str| {
+                    let id = q.id.clone();
+                    move |s: tonic::Status| Error::from_status(format!("{call} for query {id}"), &s)
+                };
                 let request =
                     RetrieveRequest { query: q.query.clone(), context: context.clone(), top_k, ..Default::default() };
                 let started = Instant::now();
-                let answer = client.retrieve(request).await.map_err(failed)?.into_inner();
+                let answer = client.retrieve(request).await.map_err(failed("Retrieve"))?.into_inner();
                 let retrieve_ms = started.elapsed().as_secs_f64() * 1e3;
                 let retrieved = answer.results.into_iter().filter_map(|r| r.knowledge.map(|k| k.id)).collect();
                 let embedder = answer.models.map(|m| m.embedder).unwrap_or_default();
@@ -219,7 +222,7 @@ pub async fn score(
                         ..Default::default()
                     };
                     let started = Instant::now();
-                    let answer = client.rank(request).await.map_err(failed)?.into_inner();
+                    let answer = client.rank(request).await.map_err(failed("Rank"))?.into_inner();
                     let ms = started.elapsed().as_secs_f64() * 1e3;
                     let ids = answer
                         .items

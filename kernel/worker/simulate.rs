@@ -108,7 +108,7 @@ impl std::fmt::Display for SimulationReport {
 }
 
 fn failed<'a>(what: &'a str, id: &'a str) -> impl Fn(tonic::Status) -> Error + 'a {
-    move |s| Error::Unavailable(format!("{what} for {id}: {}: {}", s.code(), s.message()))
+    move |s| Error::from_status(format!("{what} for {id}"), &s)
 }
 
 struct Agent {
