@@ -23,7 +23,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    io::{BufRead, Write},
+    io::Write,
     path::{Path, PathBuf},
 };
 
@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     error::{Error, Result},
-    kb::jsonl::parse_kind,
+    kb::jsonl::{parse_kind, read_lines},
     proto::{ConversationTurn, KnowledgeKind, KnowledgeObject, Speaker},
 };
 
@@ -323,21 +323,6 @@ impl Time {
 struct QueryLabels {
     relevant: Vec<String>,
     guard: bool,
-}
-
-fn read_lines<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> {
-    let file =
-        std::fs::File::open(path).map_err(|e| Error::NotFound(format!("cannot open {}: {e}", path.display())))?;
-    let mut rows = Vec::new();
-    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let at = || format!("{}:{}", path.display(), n + 1);
-        let line = line.map_err(|e| Error::InvalidArgument(format!("{}: {e}", at())))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        rows.push(serde_json::from_str(&line).map_err(|e| Error::InvalidArgument(format!("{}: {e}", at())))?);
-    }
-    Ok(rows)
 }
 
 fn write_lines<T: Serialize>(path: &Path, rows: impl Iterator<Item = T>) -> Result<()> {

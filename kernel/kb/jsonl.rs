@@ -3,7 +3,7 @@
 
 use std::{collections::HashMap, io::BufRead, path::Path};
 
-use serde::Deserialize;
+use serde::{Deserialize, de::DeserializeOwned};
 
 use crate::{
     error::{Error, Result},
@@ -33,31 +33,49 @@ pub fn parse_kind(kind: &str) -> Option<KnowledgeKind> {
     }
 }
 
-pub fn read_jsonl(path: &Path) -> Result<Vec<KnowledgeObject>> {
+/// Every non-blank line of a JSON-lines file, parsed, with its line number
+/// (from 1); errors name the file and the line.
+pub fn read_numbered<T: DeserializeOwned>(path: &Path) -> Result<Vec<(usize, T)>> {
     let file =
         std::fs::File::open(path).map_err(|e| Error::NotFound(format!("cannot open {}: {e}", path.display())))?;
-    let mut objects = Vec::new();
+    let mut rows = Vec::new();
     for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
         let at = || format!("{}:{}", path.display(), n + 1);
         let line = line.map_err(|e| Error::InvalidArgument(format!("{}: {e}", at())))?;
         if line.trim().is_empty() {
             continue;
         }
-        let parsed: Line = serde_json::from_str(&line).map_err(|e| Error::InvalidArgument(format!("{}: {e}", at())))?;
-        let kind = match parsed.kind.as_deref() {
-            None => KnowledgeKind::Other,
-            Some(k) => parse_kind(k).ok_or_else(|| {
-                Error::InvalidArgument(format!("{}: kind {k:?} is not one of policy, case, faq, other", at()))
-            })?,
-        };
-        objects.push(KnowledgeObject {
-            id: parsed.id,
-            kind: kind as i32,
-            title: parsed.title,
-            text: parsed.text,
-            metadata: parsed.metadata,
-            ..Default::default()
-        });
+        rows.push((n + 1, serde_json::from_str(&line).map_err(|e| Error::InvalidArgument(format!("{}: {e}", at())))?));
     }
-    Ok(objects)
+    Ok(rows)
+}
+
+/// [`read_numbered`] without the line numbers.
+pub fn read_lines<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    Ok(read_numbered(path)?.into_iter().map(|(_, row)| row).collect())
+}
+
+pub fn read_jsonl(path: &Path) -> Result<Vec<KnowledgeObject>> {
+    read_numbered::<Line>(path)?
+        .into_iter()
+        .map(|(n, parsed)| {
+            let kind = match parsed.kind.as_deref() {
+                None => KnowledgeKind::Other,
+                Some(k) => parse_kind(k).ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "{}:{n}: kind {k:?} is not one of policy, case, faq, other",
+                        path.display()
+                    ))
+                })?,
+            };
+            Ok(KnowledgeObject {
+                id: parsed.id,
+                kind: kind as i32,
+                title: parsed.title,
+                text: parsed.text,
+                metadata: parsed.metadata,
+                ..Default::default()
+            })
+        })
+        .collect()
 }

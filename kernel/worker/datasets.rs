@@ -538,15 +538,13 @@ impl TrainingSets {
 /// The rows of one set of an export folder: `{dir}/{split}/{set}.jsonl`.
 pub fn read_rows<T: serde::de::DeserializeOwned>(dir: &Path, split: &str, set: &str) -> Result<Vec<T>> {
     let path = dir.join(split).join(format!("{set}.jsonl"));
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        Error::NotFound(format!("{}: {e} (an `aitl worker export` folder of this version of aitl?)", path.display()))
-    })?;
-    text.lines()
-        .enumerate()
-        .map(|(i, line)| {
-            serde_json::from_str(line).map_err(|e| Error::InvalidArgument(format!("{}:{}: {e}", path.display(), i + 1)))
-        })
-        .collect()
+    if !path.is_file() {
+        return Err(Error::NotFound(format!(
+            "{}: missing (an `aitl worker export` folder of this version of aitl?)",
+            path.display()
+        )));
+    }
+    crate::kb::jsonl::read_lines(&path)
 }
 
 /// An export folder's manifest.
