@@ -111,6 +111,10 @@ enum Command {
         /// Train on every annotation, ignoring the judge (ablation).
         #[arg(long)]
         no_judge: bool,
+        /// What the judge's verdicts do to training (`[judge] mode`): drop the annotations some
+        /// check failed, or weight every annotation by its verdicts, agent reliability and delay.
+        #[arg(long, value_enum)]
+        judge_mode: Option<aitl::config::judge::JudgeMode>,
         /// Share of questions that also get two generated candidates (decoding is slow on a CPU).
         #[arg(long, default_value_t = 0.0)]
         generate_share: f64,
@@ -232,6 +236,9 @@ enum WorkerCommand {
     TrainRanker {
         #[arg(long)]
         base: Option<PathBuf>,
+        /// Peak learning rate of a new head (one the base lacks); the encoder trains at --learning-rate.
+        #[arg(long, default_value_t = aitl::worker::train_ranker::RankerTraining::default().head_learning_rate)]
+        head_learning_rate: f64,
         #[command(flatten)]
         args: TrainArgs,
     },
@@ -583,8 +590,8 @@ fn run(cli: Cli) -> Result<()> {
             options.schedule = args.schedule(options.schedule);
             train(&config, &args.dataset, args.output, Trainer::Retriever(options), args.server)
         }
-        Command::Worker { command: WorkerCommand::TrainRanker { base, args } } => {
-            let mut options = aitl::worker::train_ranker::RankerTraining::default();
+        Command::Worker { command: WorkerCommand::TrainRanker { base, head_learning_rate, args } } => {
+            let mut options = aitl::worker::train_ranker::RankerTraining { head_learning_rate, ..Default::default() };
             options.schedule = args.schedule(options.schedule);
             train(&config, &args.dataset, args.output, Trainer::Ranker(options, base), args.server)
         }
@@ -627,6 +634,7 @@ fn run(cli: Cli) -> Result<()> {
             annotators,
             annotator_rate,
             no_judge,
+            judge_mode,
             generate_share,
             limit,
             epochs,
@@ -638,6 +646,9 @@ fn run(cli: Cli) -> Result<()> {
             ablation_seeds,
             json,
         } => {
+            if let Some(mode) = judge_mode {
+                config.judge.mode = mode;
+            }
             let options = aitl::worker::demo::DemoOptions {
                 dataset,
                 agents,

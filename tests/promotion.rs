@@ -175,6 +175,7 @@ async fn the_flywheel_demo_runs_a_round_end_to_end_on_a_beir_data_set() {
         },
         ranker: Some(aitl::worker::train_ranker::RankerTraining {
             schedule: Schedule { batch_size: 8, max_steps: 2, max_tokens: 64, ..Default::default() },
+            ..Default::default()
         }),
         // No Generate share, so no preference pairs: the generator's step says so and is skipped.
         generator: Some(Default::default()),

@@ -313,12 +313,10 @@ pub(super) fn linear_quantized(x: &[f32], w: super::QuantRows<'_>, m: usize) -> 
     if m <= TEAM_MAX_ROWS {
         // Decoding steps: the awake team splits the weight rows (see team.rs).
         let team = super::team::Team::global();
-        let per = n.div_ceil(team.size());
+        let per = n.div_ceil(team.chunks_for(n));
         let parts: Vec<std::sync::Mutex<&mut [f32]>> = target.chunks_mut(per * m).map(std::sync::Mutex::new).collect();
-        team.run(&|member| {
-            if let Some(part) = parts.get(member) {
-                products(&mut part.lock().unwrap_or_else(|e| e.into_inner()), member * per);
-            }
+        team.run(parts.len(), &|part| {
+            products(&mut parts[part].lock().unwrap_or_else(|e| e.into_inner()), part * per);
         });
     } else {
         target

@@ -101,27 +101,24 @@ pub(super) fn cached_attention(
     if rowwise.is_empty() {
         return;
     }
-    // One task per (query row, head) of every decoding sequence, dealt
-    // round-robin to the awake team in one pass: a single decoding row still
-    // spreads its heads over the cores, and several sequences share a join.
+    // One task per (query row, head) of every decoding sequence, claimed by
+    // the awake team in one pass: a single decoding row still spreads its
+    // heads over the cores, and several sequences share a join.
     let team = super::team::Team::global();
     let chunks: Vec<std::sync::Mutex<&mut [f32]>> = out.chunks_mut(head_dim).map(std::sync::Mutex::new).collect();
-    let tasks = rowwise.len() * heads;
-    team.run(&|member| {
-        for task in (member..tasks).step_by(team.size()) {
-            let ((row, i, t), h) = (rowwise[task / heads], task % heads);
-            let s = &sequences[i];
-            let qh = &q[row * width + h * head_dim..row * width + (h + 1) * head_dim];
-            let head = KvHead { k: s.k, v: s.v, stride: kv_width, offset: (h / group) * head_dim };
-            let mut o = chunks[row * heads + h].lock().unwrap_or_else(|e| e.into_inner());
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
-                // SAFETY: the processor has the features `attend_avx512` enables (checked above).
-                unsafe { attend_avx512(qh, &head, s.past + t + 1, scale, &mut o) };
-                continue;
-            }
-            attend(qh, &head, s.past + t + 1, scale, &mut o);
+    team.run(rowwise.len() * heads, &|task| {
+        let ((row, i, t), h) = (rowwise[task / heads], task % heads);
+        let s = &sequences[i];
+        let qh = &q[row * width + h * head_dim..row * width + (h + 1) * head_dim];
+        let head = KvHead { k: s.k, v: s.v, stride: kv_width, offset: (h / group) * head_dim };
+        let mut o = chunks[row * heads + h].lock().unwrap_or_else(|e| e.into_inner());
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the processor has the features `attend_avx512` enables (checked above).
+            unsafe { attend_avx512(qh, &head, s.past + t + 1, scale, &mut o) };
+            return;
         }
+        attend(qh, &head, s.past + t + 1, scale, &mut o);
     });
 }
 

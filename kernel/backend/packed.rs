@@ -144,7 +144,8 @@ pub fn matmul(
         // the awake team's members (see team.rs), which start at once where
         // rayon's sleeping workers would first be woken.
         let team = super::team::Team::global();
-        team.run(&|member| task(member, team.size()));
+        let parts = team.chunks_for(panels);
+        team.run(parts, &|part| task(part, parts));
     } else {
         (0..row_blocks * panel_groups).into_par_iter().for_each(|t| task(t, panel_groups));
     }

@@ -36,6 +36,8 @@ pub struct Summary {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct AblationReport {
+    /// What the judge arm's verdicts did to training (`[judge] mode`).
+    pub judge_mode: crate::config::judge::JudgeMode,
     pub runs: Vec<Run>,
     pub with_judge: Vec<Summary>,
     pub without_judge: Vec<Summary>,
@@ -122,13 +124,21 @@ pub async fn run(config: &Config, options: &DemoOptions, seeds: &[u64]) -> Resul
     }
     let arm = |judge: bool| summarise(&runs.iter().filter(|r| r.judge == judge).collect::<Vec<_>>());
     let (with_judge, without_judge) = (arm(true), arm(false));
-    Ok(AblationReport { runs, with_judge, without_judge })
+    Ok(AblationReport { judge_mode: config.judge.mode, runs, with_judge, without_judge })
 }
 
 impl std::fmt::Display for AblationReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let seeds: Vec<String> = self.runs.iter().filter(|r| r.judge).map(|r| r.seed.to_string()).collect();
-        writeln!(f, "judge ablation over seeds {} (mean, 95% interval over seeds)", seeds.join(", "))?;
+        writeln!(
+            f,
+            "judge ablation over seeds {} (mean, 95% interval over seeds; the judge {}s)",
+            seeds.join(", "),
+            match self.judge_mode {
+                crate::config::judge::JudgeMode::Drop => "drop",
+                crate::config::judge::JudgeMode::Weight => "weight",
+            }
+        )?;
         writeln!(f, "| metric after the round | with the judge | without | difference |")?;
         writeln!(f, "| --- | --- | --- | --- |")?;
         for (on, off) in self.with_judge.iter().zip(&self.without_judge) {

@@ -352,9 +352,24 @@ pub fn optimizer_step(
     rate: f64,
     step: usize,
 ) -> crate::error::Result<f32> {
+    grouped_step(&mut [(optimizer, rate)], loss, step)
+}
+
+/// One backward pass and a step of every optimizer at its own rate (groups
+/// of parameters that learn at different speeds, such as a new head over a
+/// pretrained encoder); returns the loss, or an error when it is no longer
+/// finite.
+pub fn grouped_step(
+    groups: &mut [(&mut candle_nn::AdamW, f64)],
+    loss: &Tensor,
+    step: usize,
+) -> crate::error::Result<f32> {
     use candle_nn::Optimizer;
-    optimizer.set_learning_rate(rate);
-    optimizer.backward_step(loss).map_err(candle)?;
+    let grads = loss.backward().map_err(candle)?;
+    for (optimizer, rate) in groups.iter_mut() {
+        optimizer.set_learning_rate(*rate);
+        optimizer.step(&grads).map_err(candle)?;
+    }
     let value = loss.to_scalar::<f32>().map_err(candle)?;
     if !value.is_finite() {
         return Err(crate::error::Error::Internal(format!("training diverged at step {step}: loss {value}")));

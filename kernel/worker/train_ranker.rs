@@ -7,6 +7,11 @@
 //! CrossEncoder saves one, that aitl's Rank serves. Rows carry weights
 //! (the judge's weight mode): the loss is their weighted mean, and rows of
 //! weight 0 are left out before batching.
+//!
+//! A new head learns at a rate of its own and starts at the labels' prior.
+//! At the encoder's rate (2e-5) Adam moves a random head's weights by about
+//! 0.004 in 200 steps: its logits stayed near 0, the loss near ln 2, and no
+//! demo round's ranker ever beat the similarity ranker.
 
 use std::{
     path::{Path, PathBuf},
@@ -14,13 +19,14 @@ use std::{
 };
 
 use candle_core::{DType, Device as CandleDevice, Module, Tensor};
+use candle_core::Var;
 use candle_nn::{Linear, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use super::{
     datasets::RankerRow,
     train_bert::{
-        Batches, Schedule, TrainBert, TrainBertConfig, candle, device_name, fill_from, learning_rate, optimizer_step,
+        Batches, Schedule, TrainBert, TrainBertConfig, candle, device_name, fill_from, grouped_step, learning_rate,
     },
     train_retriever::{TrainingReport, weighted_mean},
 };
@@ -35,11 +41,18 @@ pub struct RankerTraining {
     /// `max_tokens` counts a (query, passage) pair.
     #[serde(flatten)]
     pub schedule: Schedule,
+    /// Peak learning rate of a new head's weights (those the base folder
+    /// lacks; same warm-up and decay as the encoder's). A head the base
+    /// already has trains at the encoder's rate.
+    pub head_learning_rate: f64,
 }
 
 impl Default for RankerTraining {
     fn default() -> Self {
-        RankerTraining { schedule: Schedule { batch_size: 16, max_tokens: 256, ..Schedule::default() } }
+        RankerTraining {
+            schedule: Schedule { batch_size: 16, max_tokens: 256, ..Schedule::default() },
+            head_learning_rate: 1e-3,
+        }
     }
 }
 
@@ -143,6 +156,51 @@ fn weighted_rows(rows: &[RankerRow]) -> Vec<&RankerRow> {
     rows.iter().filter(|r| r.weight.is_finite() && r.weight > 0.0).collect()
 }
 
+/// The log-odds of the rows' weighted mean label, kept within ±ln 999: the
+/// bias at which a new classifier starts, so its first loss is the labels'
+/// entropy instead of ln 2 (agents mark most shown objects irrelevant).
+fn prior_log_odds(rows: &[&RankerRow]) -> f32 {
+    let total: f64 = rows.iter().map(|r| f64::from(r.weight)).sum();
+    let positive: f64 = rows.iter().map(|r| f64::from(r.weight * r.label)).sum();
+    let p = (positive / total.max(f64::MIN_POSITIVE)).clamp(1e-3, 1.0 - 1e-3);
+    (p / (1.0 - p)).ln() as f32
+}
+
+/// `len` draws from N(0, σ²), the same for the same seed (candle's `randn`
+/// draws from an unseeded generator): a seeded schedule trains the same
+/// head twice.
+fn seeded_normal(len: usize, sigma: f32, seed: u64) -> Vec<f32> {
+    let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut uniform = move || {
+        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    (0..len)
+        .map(|_| {
+            let (u, v) = (uniform(), uniform());
+            ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32 * sigma
+        })
+        .collect()
+}
+
+/// The variables of the new head (named in `fresh`) and the rest.
+fn head_and_encoder(varmap: &VarMap, fresh: &[String]) -> Result<(Vec<Var>, Vec<Var>)> {
+    let vars = varmap.data().lock().map_err(|_| Error::Internal("training: poisoned weights".into()))?;
+    let (head, encoder): (Vec<_>, Vec<_>) = vars.iter().partition(|(name, _)| fresh.contains(name));
+    let take = |group: Vec<(&String, &Var)>| group.into_iter().map(|(_, var)| var.clone()).collect();
+    Ok((take(head), take(encoder)))
+}
+
+fn set_fresh(
+    varmap: &VarMap,
+    name: &str,
+    init: impl Fn(&candle_core::Shape, &CandleDevice) -> candle_core::Result<Tensor>,
+) -> Result<()> {
+    let vars = varmap.data().lock().map_err(|_| Error::Internal("training: poisoned weights".into()))?;
+    let var = vars.get(name).ok_or_else(|| Error::Internal(format!("training: no variable {name}")))?;
+    var.set(&init(var.shape(), var.device()).map_err(candle)?).map_err(candle)
+}
+
 pub fn train_ranker(
     base: &Path,
     rows: &[RankerRow],
@@ -157,11 +215,20 @@ pub fn train_ranker(
     }
     let schedule = &options.schedule;
     let (net, varmap, fresh) = load(base, schedule.max_tokens, schedule.device.open()?)?;
-    if !fresh.is_empty() {
-        tracing::info!(?fresh, "new cross-encoder head");
+    if fresh.iter().any(|name| name == "classifier.bias") {
+        let prior = prior_log_odds(&rows);
+        set_fresh(&varmap, "classifier.bias", |shape, device| Tensor::full(prior, shape, device))?;
+        // Hugging Face's initialisation of a classification head (normal, σ 0.02):
+        // small logits, so the first loss is the prior's and not a random head's.
+        set_fresh(&varmap, "classifier.weight", |shape, device| {
+            Tensor::from_vec(seeded_normal(shape.elem_count(), 0.02, schedule.seed), shape, device)
+        })?;
+        tracing::info!(?fresh, prior, head_learning_rate = options.head_learning_rate, "new cross-encoder head");
     }
     let (batch, per_epoch, total) = schedule.steps(rows.len(), 1);
-    let mut optimizer = schedule.optimizer(varmap.all_vars())?;
+    let (head, encoder) = head_and_encoder(&varmap, &fresh)?;
+    let mut encoder_optimizer = schedule.optimizer(encoder)?;
+    let mut head_optimizer = schedule.optimizer(head)?;
     let mut batches = Batches::new(rows.len(), (batch, per_epoch), schedule.seed);
     let mut losses = Vec::new();
     for step in 0..total {
@@ -174,7 +241,9 @@ pub fn train_ranker(
         let logits = net.logits(&pairs)?;
         let loss = binary_cross_entropy(&logits, &labels, &weights).map_err(candle)?;
         let rate = learning_rate(schedule.learning_rate, schedule.warmup_share, step, total);
-        let value = optimizer_step(&mut optimizer, &loss, rate, step)?;
+        let head_rate = learning_rate(options.head_learning_rate, schedule.warmup_share, step, total);
+        let value =
+            grouped_step(&mut [(&mut encoder_optimizer, rate), (&mut head_optimizer, head_rate)], &loss, step)?;
         losses.push(value);
         progress(step + 1, total, value);
     }
@@ -206,6 +275,24 @@ mod tests {
 
     /// A zero-weight row is left out before batching, and inside a batch it
     /// would add nothing to the loss; equal weights give the plain mean.
+    /// By hand: 3 of weight 1 and a half-weight positive: p = 1.5 / 3.5.
+    #[test]
+    fn a_new_head_starts_at_the_weighted_prior() {
+        let rows = [row(1.0, 1.0), row(0.0, 1.0), row(0.0, 1.0), row(1.0, 0.5)];
+        let kept: Vec<&RankerRow> = rows.iter().collect();
+        let p = 1.5f64 / 3.5;
+        assert!((f64::from(prior_log_odds(&kept)) - (p / (1.0 - p)).ln()).abs() < 1e-6);
+        let all_positive = [row(1.0, 1.0)];
+        assert!((f64::from(prior_log_odds(&[&all_positive[0]])) - 999f64.ln()).abs() < 1e-3);
+
+        let draws = seeded_normal(20_000, 0.02, 7);
+        assert_eq!(draws, seeded_normal(20_000, 0.02, 7));
+        assert_ne!(draws, seeded_normal(20_000, 0.02, 8));
+        let mean = draws.iter().map(|&x| f64::from(x)).sum::<f64>() / 20_000.0;
+        let sd = (draws.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / 20_000.0).sqrt();
+        assert!(mean.abs() < 1e-3 && (sd - 0.02).abs() < 1e-3, "mean {mean}, sd {sd}");
+    }
+
     #[test]
     fn a_zero_weight_row_changes_nothing() {
         let rows = [row(1.0, 1.0), row(0.0, 0.0), row(0.5, 0.5)];
