@@ -144,7 +144,8 @@ impl Team {
             return;
         }
         let shared = &self.shared;
-        let number = shared.generation.load(Ordering::Acquire) + 1;
+        // Job numbers wrap within the claim word's upper bits (after 2^40 jobs).
+        let number = ((shared.generation.load(Ordering::Acquire) + 1) & (u64::MAX >> CHUNK_BITS)).max(1);
         // SAFETY: a helper calls the erased reference only for a chunk it
         // claimed under this job's number (`Shared::work`), each of the
         // `chunks` claims is counted in `done` after its call returns, and
