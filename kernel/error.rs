@@ -43,9 +43,7 @@ impl Error {
             Code::InvalidArgument | Code::OutOfRange => Error::InvalidArgument(message),
             Code::NotFound => Error::NotFound(message),
             Code::AlreadyExists => Error::AlreadyExists(message),
-            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => {
-                Error::Unavailable(message)
-            }
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => Error::Unavailable(message),
             Code::ResourceExhausted => Error::ResourceExhausted(message),
             Code::FailedPrecondition => Error::FailedPrecondition(message),
             code => Error::Internal(format!("{call}: {code:?}: {}", status.message())),

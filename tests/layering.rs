@@ -126,11 +126,8 @@ fn config_evaluation_and_registry_reach_no_server_or_worker_module() {
     for lower in ["config", "eval", "registry"] {
         assert!(graph.contains_key(lower), "no module {lower}");
         let via = reachable(&graph, lower);
-        let reached: Vec<String> = SERVER_AND_WORKER
-            .iter()
-            .filter(|m| via.contains_key(**m))
-            .map(|m| chain(&via, lower, m))
-            .collect();
+        let reached: Vec<String> =
+            SERVER_AND_WORKER.iter().filter(|m| via.contains_key(**m)).map(|m| chain(&via, lower, m)).collect();
         assert!(reached.is_empty(), "{lower} reaches the server or the worker: {}", reached.join("; "));
     }
     // The one bridge from evaluation to a server, as the worker uses it.

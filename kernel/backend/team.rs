@@ -110,7 +110,8 @@ impl Team {
         let mut started = 0;
         for index in 1..=helpers {
             let (shared, body) = (shared.clone(), body.clone());
-            let spawned = std::thread::Builder::new().name(format!("aitl-team-{index}")).spawn(move || body(index, shared));
+            let spawned =
+                std::thread::Builder::new().name(format!("aitl-team-{index}")).spawn(move || body(index, shared));
             if spawned.is_err() {
                 break;
             }

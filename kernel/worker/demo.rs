@@ -17,8 +17,8 @@ use serde::Serialize;
 
 use super::{
     Worker, datasets,
-    journal::Journal,
     generator_gate::GeneratorGateReport,
+    journal::Journal,
     round::{self, Trainer},
     simulate::{self, SimulationOptions, SimulationReport},
     train_generator::{self, GeneratorTraining},

@@ -18,8 +18,8 @@ use std::{
     time::Instant,
 };
 
-use candle_core::{DType, Device as CandleDevice, Module, Tensor};
 use candle_core::Var;
+use candle_core::{DType, Device as CandleDevice, Module, Tensor};
 use candle_nn::{Linear, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
@@ -242,8 +242,7 @@ pub fn train_ranker(
         let loss = binary_cross_entropy(&logits, &labels, &weights).map_err(candle)?;
         let rate = learning_rate(schedule.learning_rate, schedule.warmup_share, step, total);
         let head_rate = learning_rate(options.head_learning_rate, schedule.warmup_share, step, total);
-        let value =
-            grouped_step(&mut [(&mut encoder_optimizer, rate), (&mut head_optimizer, head_rate)], &loss, step)?;
+        let value = grouped_step(&mut [(&mut encoder_optimizer, rate), (&mut head_optimizer, head_rate)], &loss, step)?;
         losses.push(value);
         progress(step + 1, total, value);
     }
