@@ -33,6 +33,10 @@ struct Cli {
     /// Where default models are unpacked (shared by data dirs); overrides the config.
     #[arg(long, global = true, env = "AITL_MODEL_CACHE")]
     model_cache: Option<PathBuf>,
+    /// Threads for all engines' matrix products together (0: one per core); overrides the config's
+    /// compute.threads.
+    #[arg(long, global = true, env = "AITL_THREADS")]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -199,6 +203,53 @@ enum Command {
         #[arg(long, default_value = "simulation-truth.json")]
         truth: PathBuf,
     },
+    /// Load a running server as copilots do and report per RPC as ghz does: count, rate, latency
+    /// percentiles and histogram (failed calls included), status codes; for GenerateStream also
+    /// time to first token, gaps between deltas and tokens/s. Annotations land in the server's
+    /// log (agents load-agent-N, tenant aitl-load): load a scratch data dir.
+    Load {
+        /// The running server.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        server: String,
+        /// copilot: Retrieve (75) → Rank (8) → GenerateStream → four annotations, with think
+        /// times; or one RPC alone.
+        #[arg(long, value_enum, default_value = "copilot")]
+        pattern: aitl::load::Pattern,
+        /// Closed arrival: this many agents, each starting its next turn when the last ended.
+        #[arg(long, default_value_t = 4, conflicts_with = "rate")]
+        agents: usize,
+        /// Open arrival: turns started per second (at most --max-in-flight at once; the rest are
+        /// counted as dropped).
+        #[arg(long)]
+        rate: Option<f64>,
+        #[arg(long, default_value_t = 256)]
+        max_in_flight: usize,
+        /// Seconds measured, after the warm-up.
+        #[arg(long, default_value_t = 30.0)]
+        duration: f64,
+        /// Seconds whose turns run but are not reported.
+        #[arg(long, default_value_t = 5.0)]
+        warmup: f64,
+        /// At most this many turns in all, warm-up included.
+        #[arg(long)]
+        max_turns: Option<u64>,
+        /// Mean think time in milliseconds before each copilot step after the first and after a
+        /// turn (exponential); 0 for none.
+        #[arg(long, default_value_t = 500)]
+        think_ms: u64,
+        #[arg(long, default_value_t = 2)]
+        candidates: u32,
+        #[arg(long, default_value_t = 48)]
+        max_new_tokens: u32,
+        /// Where the questions come from: a labelled data set (BEIR layout or DSTC11 Track 5); its
+        /// history split is cycled through.
+        #[arg(long, default_value = "../shared/data/dstc11-track5")]
+        dataset: PathBuf,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutputFormat,
+    },
     /// The knowledge-gap queue: what agents had to find elsewhere, most reported first.
     Gaps {
         /// Show at most this many.
@@ -207,6 +258,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OutputFormat {
+    Text,
+    /// JSON, with ghz's field names where they overlap.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -490,6 +548,10 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(cache) = cli.model_cache {
         config.models.cache_dir = cache;
     }
+    if let Some(threads) = cli.threads {
+        config.compute.threads = threads;
+    }
+    aitl::backend::set_compute_threads(config.compute.threads).map_err(Error::InvalidArgument)?;
     match cli.command {
         Command::Serve { listen, device } => {
             if let Some(listen) = listen {
@@ -741,6 +803,58 @@ fn run(cli: Cli) -> Result<()> {
             let report = runtime.block_on(aitl::worker::simulate::run(&options))?;
             eprint!("{report}");
             println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+            Ok(())
+        }
+        Command::Load {
+            server,
+            pattern,
+            agents,
+            rate,
+            max_in_flight,
+            duration,
+            warmup,
+            max_turns,
+            think_ms,
+            candidates,
+            max_new_tokens,
+            dataset,
+            seed,
+            format,
+        } => {
+            let seconds = |name: &str, s: f64| {
+                if s.is_finite() && s >= 0.0 {
+                    Ok(std::time::Duration::from_secs_f64(s))
+                } else {
+                    Err(Error::InvalidArgument(format!("load --{name} {s}: must be seconds, 0 or more")))
+                }
+            };
+            let set = aitl::eval::dataset::open(&dataset)?;
+            let options = aitl::load::LoadOptions {
+                server,
+                pattern,
+                arrival: match rate {
+                    Some(rate) => aitl::load::Arrival::Open { rate, max_in_flight },
+                    None => aitl::load::Arrival::Closed { agents },
+                },
+                duration: seconds("duration", duration)?,
+                warmup: seconds("warmup", warmup)?,
+                max_turns,
+                think: std::time::Duration::from_millis(think_ms),
+                candidates,
+                max_new_tokens,
+                queries: set.split(aitl::eval::dataset::Split::History),
+                passages: set.corpus.iter().map(|k| k.text.clone()).collect(),
+                seed,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))?;
+            let report = runtime.block_on(aitl::load::run(&options))?;
+            match format {
+                OutputFormat::Text => print!("{report}"),
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report).expect("json")),
+            }
             Ok(())
         }
     }

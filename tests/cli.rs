@@ -162,3 +162,48 @@ fn dataset_import_and_stats_write_and_read_the_beir_layout() {
     let (ok, _, stderr) = aitl(dir.path(), &["dataset", "stats", "--dataset", out.to_str().unwrap()]);
     assert!(!ok && stderr.contains("test.tsv:1") && stderr.contains("tabs"), "{stderr}");
 }
+
+/// Threads of the running server `pid` whose names start with `prefix`.
+fn threads_named(pid: u32, prefix: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter(|task| {
+            let comm = std::fs::read_to_string(task.as_ref().unwrap().path().join("comm")).unwrap_or_default();
+            comm.starts_with(prefix)
+        })
+        .count()
+}
+
+#[test]
+fn compute_threads_bound_the_pool_and_the_team_of_a_running_server() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, config, expected) in [(Some("3"), None, 3), (None, Some(1), 1)] {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_aitl"));
+        command.arg("--data-dir").arg(dir.path());
+        if let Some(threads) = config {
+            let path = dir.path().join("aitl.toml");
+            std::fs::write(&path, format!("[compute]\nthreads = {threads}\n")).unwrap();
+            command.arg("--config").arg(path);
+        }
+        if let Some(threads) = flag {
+            command.args(["--threads", threads]);
+        }
+        let mut child = command
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("AITL_LOG", "warn")
+            .env("AITL_EMBEDDER", "none")
+            .env("AITL_GENERATOR", "none")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert!(line.contains("serving on"), "{line}");
+        let (pool, team) = (threads_named(child.id(), "aitl-compute-"), threads_named(child.id(), "aitl-team-"));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // The caller is the team's last member, so it has one helper thread fewer than the pool.
+        assert_eq!((pool, team), (expected, expected - 1), "flag {flag:?}, config {config:?}");
+    }
+}

@@ -196,6 +196,10 @@ async fn the_flywheel_demo_runs_a_round_end_to_end_on_a_beir_data_set() {
         assert!(gate.guard.as_ref().is_some_and(|guard| guard.queries == 9), "{gate}");
         assert_eq!(gate.guard_overlap.as_ref().map(|o| o.shared_queries), Some(0), "{gate}");
     }
+    // Agents' labels cover what they were shown: the ranker is scored on condensed lists.
+    let ranker_gate = report.gates.iter().find(|g| g.role == Role::Ranker).unwrap();
+    assert_eq!(ranker_gate.heldout.metric, "ndcg@10 over judged objects", "{ranker_gate}");
+    assert_eq!(ranker_gate.guard.as_ref().unwrap().metric, "precision@8", "the guard's labels are complete");
     let registry = Registry::load(&data).unwrap();
     let (retriever, ranker) = (registry.retriever.serving.unwrap(), registry.ranker.serving.unwrap());
     assert_eq!(report.promoted, [retriever.clone(), ranker.clone()]);

@@ -83,14 +83,42 @@ pub struct Team {
     running: Mutex<()>,
 }
 
+/// Threads compute may use, set once by [`set_compute_threads`]; 0: one per core.
+static COMPUTE_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// The compute budget: the encoder, the cross-encoder and the decoder run
+/// their products on one rayon pool and one team, both of `threads` members
+/// (0: one per core), instead of a pool per engine. Call it before anything
+/// computes; once the pool exists its size cannot change.
+pub fn set_compute_threads(threads: usize) -> Result<(), String> {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let threads = if threads == 0 { cores } else { threads };
+    COMPUTE_THREADS.store(threads, Ordering::Relaxed);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("aitl-compute-{i}"))
+        .build_global()
+        .map_err(|e| format!("compute.threads = {threads}: the compute pool already runs ({e})"))?;
+    let team = Team::global();
+    if team.size() != threads {
+        return Err(format!("compute.threads = {threads}: the compute team already runs with {}", team.size()));
+    }
+    Ok(())
+}
+
+/// Members of the compute team and pool.
+pub fn compute_threads() -> usize {
+    match COMPUTE_THREADS.load(Ordering::Relaxed) {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    }
+}
+
 impl Team {
-    /// The process-wide team: one member per core.
+    /// The process-wide team: [`compute_threads`] members, the caller among them.
     pub fn global() -> &'static Team {
         static TEAM: OnceLock<Team> = OnceLock::new();
-        TEAM.get_or_init(|| {
-            let members = std::thread::available_parallelism().map_or(1, usize::from);
-            Team::new(members.saturating_sub(1))
-        })
+        TEAM.get_or_init(|| Team::new(compute_threads().saturating_sub(1)))
     }
 
     fn new(helpers: usize) -> Team {

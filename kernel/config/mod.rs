@@ -39,6 +39,18 @@ pub struct Config {
     pub judge: judge::JudgeOptions,
     /// When a trained model may replace the serving one.
     pub promotion: promotion::PromotionOptions,
+    pub compute: ComputeConfig,
+}
+
+/// The CPU the engines share.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ComputeConfig {
+    /// Threads for the encoder's, the cross-encoder's and the decoder's
+    /// matrix products, together (one pool and one team of this size); 0:
+    /// one per core. On cores shared with other processes, fewer threads
+    /// than cores leave them room.
+    pub threads: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -190,6 +202,7 @@ impl Default for Config {
             retrieve: RetrieveConfig::default(),
             judge: Default::default(),
             promotion: Default::default(),
+            compute: Default::default(),
         }
     }
 }

@@ -48,6 +48,11 @@ pub struct LabelledQuery {
     pub query: String,
     pub context: Vec<ConversationTurn>,
     pub relevant: Vec<String>,
+    /// None: the labels are complete, every object not in `relevant` is
+    /// irrelevant (a labelled data set). Some: only `relevant` and these were
+    /// judged (agents' feedback on what they were shown), so rankings are
+    /// scored as condensed lists ([`LabelledQuery::judged_only`]).
+    pub judged_irrelevant: Option<Vec<String>>,
     pub reference_reply: String,
 }
 
@@ -223,6 +228,7 @@ pub fn open(dir: &Path) -> Result<LabelledSet> {
             query: line.text,
             context,
             relevant: labels.relevant.clone(),
+            judged_irrelevant: None,
             reference_reply: line.reference_reply,
         });
     }
@@ -263,6 +269,23 @@ impl LabelledQuery {
     pub fn key(&self) -> String {
         let context: Vec<String> = self.context.iter().map(|t| t.text.clone()).collect();
         query_key(&context, &self.query)
+    }
+
+    /// `ranked` as it is scored: whole when the labels are complete; else
+    /// only the objects someone judged, in their order (a condensed list,
+    /// Sakai 2007). Agents judge what the serving ranker showed them, so on
+    /// full lists any other ranker looks worse merely for putting objects
+    /// nobody judged first; on condensed lists two rankers are compared on
+    /// how they order the same judged objects.
+    pub fn judged_only<'a>(&self, ranked: &'a [String]) -> Vec<&'a str> {
+        match &self.judged_irrelevant {
+            None => ranked.iter().map(String::as_str).collect(),
+            Some(irrelevant) => ranked
+                .iter()
+                .filter(|id| self.relevant.contains(id) || irrelevant.contains(id))
+                .map(String::as_str)
+                .collect(),
+        }
     }
 }
 
@@ -516,6 +539,30 @@ mod tests {
         write(dir.path(), "qrels/guard.tsv", "");
         let err = open(dir.path()).unwrap_err().to_string();
         assert!(err.contains("\"yesterday\"") && err.contains("RFC 3339"), "{err}");
+    }
+
+    #[test]
+    fn agents_labels_score_condensed_lists_and_complete_labels_whole_ones() {
+        let ids = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut query = LabelledQuery {
+            id: "q".into(),
+            index: 0,
+            query: "wifi?".into(),
+            context: Vec::new(),
+            relevant: ids(&["r1", "r2"]),
+            judged_irrelevant: None,
+            reference_reply: String::new(),
+        };
+        let ranked = ids(&["u1", "r1", "i1", "u2", "r2", "i2"]);
+        assert_eq!(query.judged_only(&ranked), ["u1", "r1", "i1", "u2", "r2", "i2"]);
+        query.judged_irrelevant = Some(ids(&["i1", "i2", "i3"]));
+        assert_eq!(query.judged_only(&ranked), ["r1", "i1", "r2", "i2"], "unjudged u1, u2 leave, order stays");
+        // The serving ranker put an unjudged object first; on the condensed list it is not penalised for that.
+        let relevant: HashSet<&str> = ["r1", "r2"].into();
+        let full = crate::eval::metrics::score_query(&ranked.iter().map(String::as_str).collect::<Vec<_>>(), &relevant);
+        let condensed = crate::eval::metrics::score_query(&query.judged_only(&ranked), &relevant);
+        let one = |s: &crate::eval::metrics::QueryScores| crate::eval::metrics::average(std::slice::from_ref(s));
+        assert_eq!((one(&full).mrr, one(&condensed).mrr), (0.5, 1.0));
     }
 
     #[test]

@@ -96,6 +96,7 @@ pub fn import(dir: &Path) -> Result<LabelledSet> {
             query: last.text,
             context,
             relevant,
+            judged_irrelevant: None,
             reference_reply: label.response,
         });
     }

@@ -75,6 +75,10 @@ pub struct EvalSet<'a> {
 #[derive(Debug, Clone, Serialize)]
 pub struct RetrievalReport {
     pub split: String,
+    /// Scored on condensed lists: the queries' labels are agents' judgements
+    /// of what they were shown, and objects nobody judged were left out of
+    /// each ranking before scoring ([`LabelledQuery::judged_only`]).
+    pub condensed: bool,
     pub context_turns: usize,
     pub embedder: String,
     pub metrics: RankingMetrics,
@@ -247,13 +251,11 @@ pub async fn score(
     for (query, result) in queries.iter().zip(results) {
         let answered = result?;
         let relevant: HashSet<&str> = query.relevant.iter().map(String::as_str).collect();
-        let ranked: Vec<&str> = answered.retrieved.iter().map(String::as_str).collect();
-        scores.push(metrics::score_query(&ranked, &relevant));
+        scores.push(metrics::score_query(&query.judged_only(&answered.retrieved), &relevant));
         latencies.push(answered.retrieve_ms);
         embedder = answered.embedder;
         if let Some((ids, ms, version)) = &answered.ranked {
-            let reordered: Vec<&str> = ids.iter().map(String::as_str).collect();
-            ranked_scores.push(metrics::score_query(&reordered, &relevant));
+            ranked_scores.push(metrics::score_query(&query.judged_only(ids), &relevant));
             rank_latencies.push(*ms);
             ranker.clone_from(version);
         }
@@ -279,6 +281,7 @@ pub async fn score(
     });
     Ok(RetrievalReport {
         split: set.split.clone(),
+        condensed: queries.iter().any(|q| q.judged_irrelevant.is_some()),
         context_turns,
         embedder,
         metrics: metrics::average(&scores),
@@ -306,6 +309,9 @@ impl std::fmt::Display for RetrievalReport {
             "retrieval on {}: {} queries, embedder {}, {} context turns",
             self.split, m.queries, self.embedder, self.context_turns
         )?;
+        if self.condensed {
+            writeln!(f, "scored on condensed lists: objects no agent judged are left out of each ranking")?;
+        }
         let columns = |m: &RankingMetrics| -> (Vec<String>, Vec<String>) {
             let header = m
                 .recall

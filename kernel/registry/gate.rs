@@ -127,8 +127,10 @@ impl ModelChoice {
     }
 }
 
-/// The role's metric from a report: Recall@75 of Retrieve, or Precision@8
-/// after Rank.
+/// The role's metric from a report: Recall@75 of Retrieve; Precision@8
+/// after Rank, or on agents' labels nDCG@10 after Rank. Agents judge the
+/// eight or so objects they were shown, so a condensed list holds about
+/// eight and its Precision@8 hardly depends on the order; nDCG@10 does.
 pub fn metric(role: Role, report: &RetrievalReport) -> Result<(&'static str, f64, RankingMetrics)> {
     match role {
         Role::Retriever => Ok(("recall@75", report.metrics.recall_at(75).unwrap_or(0.0), report.metrics.clone())),
@@ -137,7 +139,11 @@ pub fn metric(role: Role, report: &RetrievalReport) -> Result<(&'static str, f64
                 .ranked
                 .as_ref()
                 .ok_or_else(|| Error::Unavailable("the evaluation server loaded no ranker".into()))?;
-            Ok(("precision@8", ranked.metrics.precision_at(8).unwrap_or(0.0), ranked.metrics.clone()))
+            Ok(if report.condensed {
+                ("ndcg@10 over judged objects", ranked.metrics.ndcg_at_10, ranked.metrics.clone())
+            } else {
+                ("precision@8", ranked.metrics.precision_at(8).unwrap_or(0.0), ranked.metrics.clone())
+            })
         }
         Role::Generator => Err(Error::InvalidArgument(
             "generators have no offline gate: compare them as champion and challenger (`aitl eval feedback`)".into(),
@@ -380,6 +386,7 @@ mod tests {
             query: text.into(),
             context: vec![crate::proto::ConversationTurn { speaker: 0, text: context.into() }],
             relevant: relevant.iter().map(|r| r.to_string()).collect(),
+            judged_irrelevant: None,
             reference_reply: String::new(),
         }
     }

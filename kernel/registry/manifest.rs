@@ -44,7 +44,8 @@ pub struct TrainedManifest {
 /// the parent's on the same queries and knowledge.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HeldoutEvaluation {
-    /// "recall@75" (retriever) or "precision@8" (ranker, after ranking the retrieved top 75).
+    /// "recall@75" (retriever), or for a ranker (after ranking the retrieved top 75) "precision@8" on
+    /// complete labels and "ndcg@10 over judged objects" on agents' labels.
     pub metric: String,
     pub value: f64,
     pub parent_value: f64,

@@ -132,6 +132,7 @@ impl LabelledInteraction {
             query: self.query.clone(),
             context: Builder::turns(&self.context),
             relevant: self.relevant.clone(),
+            judged_irrelevant: Some(self.irrelevant.clone()),
             reference_reply: String::new(),
         }
     }

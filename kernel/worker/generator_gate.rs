@@ -202,6 +202,7 @@ fn prompt_query(row: &GeneratorRow) -> Option<LabelledQuery> {
             })
             .collect(),
         relevant: Vec::new(),
+        judged_irrelevant: None,
         reference_reply: String::new(),
     })
 }
@@ -457,6 +458,7 @@ mod tests {
                 turn(crate::proto::Speaker::Agent, "yes?"),
             ],
             relevant: vec![],
+            judged_irrelevant: None,
             reference_reply: String::new(),
         };
         assert_eq!(q.key(), guard.key());
