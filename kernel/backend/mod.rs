@@ -22,7 +22,7 @@ mod team;
 pub use experts::{Routing, StackedExperts};
 use quant::GgmlType;
 pub use select::DeviceChoice;
-pub use team::{compute_threads, set_compute_threads};
+pub use team::set_compute_threads;
 
 use crate::error::{Error, Result};
 

@@ -107,7 +107,7 @@ pub fn set_compute_threads(threads: usize) -> Result<(), String> {
 }
 
 /// Members of the compute team and pool.
-pub fn compute_threads() -> usize {
+fn compute_threads() -> usize {
     match COMPUTE_THREADS.load(Ordering::Relaxed) {
         0 => std::thread::available_parallelism().map_or(1, usize::from),
         n => n,
