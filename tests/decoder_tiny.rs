@@ -56,8 +56,9 @@ fn argmax(logits: &[f32]) -> u32 {
     logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap()
 }
 
-/// Every case's last-position logits, from one prefill and again from a
-/// prefill of all but the last token plus one cached step.
+/// Every case's last-position logits, from one prefill, from a prefill of
+/// all but the last token plus one cached step, and from a prefill in
+/// chunks of three tokens (as the decoding engine prefills long prompts).
 fn check(model: &Llama, cases: &serde_json::Value, tolerance: f32, what: &str, reference: &str) {
     let device = Device::Cpu;
     let mut worst = 0f32;
@@ -73,8 +74,15 @@ fn check(model: &Llama, cases: &serde_json::Value, tolerance: f32, what: &str, r
             model.forward(&device, &mut [Step { tokens: head, cache: &mut cache }]).unwrap();
             stepped = model.forward(&device, &mut [Step { tokens: last, cache: &mut cache }]).unwrap().remove(0);
         }
+        let mut chunked = whole.clone();
+        if tokens.len() > 3 {
+            let mut cache = model.new_cache();
+            for chunk in tokens.chunks(3) {
+                chunked = model.forward(&device, &mut [Step { tokens: chunk, cache: &mut cache }]).unwrap().remove(0);
+            }
+        }
         assert_eq!(whole.len(), want.len());
-        for (label, got) in [("prefill", &whole), ("cached step", &stepped)] {
+        for (label, got) in [("prefill", &whole), ("cached step", &stepped), ("prefill in chunks of 3", &chunked)] {
             for (id, (a, b)) in got.iter().zip(&want).enumerate() {
                 let diff = (a - b).abs();
                 worst = worst.max(diff);
@@ -234,12 +242,25 @@ fn unsupported_checkpoints_are_refused_with_the_reason() {
 }
 
 /// The decoding engine serves the folder as it serves GGUF files: two
-/// greedy candidates from one shared prefill, both transformers' text.
+/// greedy candidates from one shared prefill, both transformers' text,
+/// whether the prompt is prefilled whole or in chunks of three tokens.
 #[test]
 fn decoding_engine_serves_a_hugging_face_folder() {
+    let case = &golden()["tiny-llama-chat"];
+    assert!(ids(&case["prompt"]).len() > 6, "the prompt spans several chunks");
+    for prefill_chunk in [GeneratorOptions::default().prefill_chunk, 3] {
+        serve_the_chat_case(GeneratorOptions {
+            queue_capacity: 4,
+            max_sequences: 4,
+            prefill_chunk,
+            ..Default::default()
+        });
+    }
+}
+
+fn serve_the_chat_case(options: GeneratorOptions) {
     let dir = fixtures().join("tiny-llama");
     let case = &golden()["tiny-llama-chat"];
-    let options = GeneratorOptions { queue_capacity: 4, max_sequences: 4, ..Default::default() };
     let engine = GeneratorEngine::load(Device::Cpu, &dir, options).unwrap();
     assert!(engine.version().starts_with("tiny-llama@"), "{}", engine.version());
     let greedy = ids(&case["greedy"]);

@@ -97,6 +97,9 @@ pub struct ModelsConfig {
     pub generator_precision: crate::backend::Precision,
     /// Most candidates decoded together in one step.
     pub max_decoding_sequences: usize,
+    /// Prompt tokens prefilled between two decode steps: smaller keeps other
+    /// streams moving while a long prompt prefills, larger prefills faster.
+    pub prefill_chunk_tokens: usize,
     /// New tokens per candidate when a request leaves max_new_tokens at 0.
     pub default_max_new_tokens: u32,
     /// How often the server looks for a changed model registry
@@ -131,6 +134,7 @@ impl Default for ModelsConfig {
             generate_queue_capacity: 64,
             generator_precision: crate::model::llama::DEFAULT_PREFILL,
             max_decoding_sequences: 16,
+            prefill_chunk_tokens: crate::model::llama::DEFAULT_PREFILL_CHUNK,
             default_max_new_tokens: 256,
             registry_poll_ms: 1_000,
         }
@@ -263,11 +267,13 @@ impl Config {
         }
         if self.models.generate_queue_capacity == 0
             || self.models.max_decoding_sequences == 0
+            || self.models.prefill_chunk_tokens == 0
             || !(1..=4096).contains(&self.models.default_max_new_tokens)
         {
             return bad(
                 "models",
-                "generate_queue_capacity and max_decoding_sequences must be at least 1, default_max_new_tokens 1 to 4096",
+                "generate_queue_capacity, max_decoding_sequences and prefill_chunk_tokens must be at least 1, \
+                 default_max_new_tokens 1 to 4096",
             );
         }
         if !self.models.ranker_activation.is_empty() {

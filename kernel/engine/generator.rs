@@ -4,6 +4,13 @@
 //! and every active candidate of every request advances together in one
 //! forward step. A request whose caller has gone is dropped at the next step;
 //! a full queue answers RESOURCE_EXHAUSTED.
+//!
+//! Prompts are prefilled one request at a time, in chunks of
+//! `prefill_chunk` tokens with a decode step between chunks: a grounded
+//! prompt takes seconds to prefill on a few cores, and run whole it stopped
+//! every other stream for that long (at 4 copilot agents the gap between
+//! deltas reached p99 0.3 s). The chunks depend only on the prompt's length,
+//! so a request's text does not depend on the traffic beside it.
 
 use std::{
     path::Path,
@@ -24,7 +31,7 @@ use crate::{
     model::{
         chat::ChatTokenizer,
         gguf::GgufFile,
-        llama::{DEFAULT_PREFILL, KvCache, Llama, SharedBase, Step},
+        llama::{DEFAULT_PREFILL, DEFAULT_PREFILL_CHUNK, KvCache, Llama, SharedBase, Step},
         lora::LoraAdapter,
     },
 };
@@ -38,11 +45,18 @@ pub struct GeneratorOptions {
     /// Prompts' products against block-quantized weights (see
     /// [`crate::model::llama::DEFAULT_PREFILL`]).
     pub prefill: Precision,
+    /// Prompt tokens per forward pass between decode steps.
+    pub prefill_chunk: usize,
 }
 
 impl Default for GeneratorOptions {
     fn default() -> Self {
-        GeneratorOptions { queue_capacity: 64, max_sequences: 16, prefill: DEFAULT_PREFILL }
+        GeneratorOptions {
+            queue_capacity: 64,
+            max_sequences: 16,
+            prefill: DEFAULT_PREFILL,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+        }
     }
 }
 
@@ -205,7 +219,14 @@ impl GeneratorEngine {
         let worker_tokenizer = tokenizer.clone();
         let max_sequences = options.max_sequences;
         let counters = Arc::new(GeneratorCounters::default());
-        let worker = Worker { device, model, tokenizer: worker_tokenizer, max_sequences, counters: counters.clone() };
+        let worker = Worker {
+            device,
+            model,
+            tokenizer: worker_tokenizer,
+            max_sequences,
+            prefill_chunk: options.prefill_chunk.max(1),
+            counters: counters.clone(),
+        };
         std::thread::Builder::new()
             .name(format!("aitl-decode-{}", worker.device.name()))
             .spawn(move || worker.run(jobs))
@@ -275,7 +296,17 @@ struct Worker {
     model: Llama,
     tokenizer: Arc<ChatTokenizer>,
     max_sequences: usize,
+    prefill_chunk: usize,
     counters: Arc<GeneratorCounters>,
+}
+
+/// The request whose prompt is being prefilled, chunk by chunk.
+struct Prefill {
+    /// Its index in the worker's requests.
+    index: usize,
+    cache: KvCache,
+    /// Prompt tokens already in `cache`.
+    done: usize,
 }
 
 impl Worker {
@@ -283,35 +314,29 @@ impl Worker {
         // Requests with candidates still decoding; None once done or dropped.
         let mut requests: Vec<Option<Request>> = Vec::new();
         let mut active: Vec<Sequence> = Vec::new();
+        let mut prefill: Option<Prefill> = None;
         loop {
-            // Admit what fits; block only when there is nothing to decode.
-            while active.len() < self.max_sequences {
+            // Admit one request when its candidates fit and none is prefilling;
+            // block only when there is nothing to decode or prefill.
+            if prefill.is_none() && active.len() < self.max_sequences {
                 let job = if active.is_empty() {
                     match jobs.recv() {
-                        Ok(job) => job,
+                        Ok(job) => Some(job),
                         Err(_) => return,
                     }
                 } else {
-                    match jobs.try_recv() {
-                        Ok(job) => job,
-                        Err(_) => break,
-                    }
+                    jobs.try_recv().ok()
                 };
-                if job.events.is_closed() {
-                    self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                self.counters.requests.fetch_add(1, Ordering::Relaxed);
-                let _ = job.events.send(GenerateEvent::Admitted);
-                let index = requests.len();
-                match self.prefill(&job, index) {
-                    Ok(sequences) => active.extend(sequences),
-                    Err(e) => {
-                        let _ = job.events.send(GenerateEvent::Failed(e.to_string()));
+                if let Some(job) = job {
+                    if job.events.is_closed() {
+                        self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
+                    self.counters.requests.fetch_add(1, Ordering::Relaxed);
+                    let _ = job.events.send(GenerateEvent::Admitted);
+                    prefill = Some(Prefill { index: requests.len(), cache: self.model.new_cache(), done: 0 });
+                    requests.push(Some(Request { remaining: job.candidates, job }));
                 }
-                requests.push(Some(Request { remaining: job.candidates, job }));
             }
             // A caller that went away frees its candidates' slots now.
             for request in requests.iter_mut() {
@@ -320,41 +345,61 @@ impl Worker {
                     self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
                 }
             }
+            if let Some(mut p) = prefill.take() {
+                if let Some(request) = requests[p.index].as_ref() {
+                    match self.prefill_chunk(&request.job, &mut p) {
+                        Ok(Some(sequences)) => active.extend(sequences),
+                        Ok(None) => prefill = Some(p),
+                        Err(e) => {
+                            let _ = request.job.events.send(GenerateEvent::Failed(e.to_string()));
+                            requests[p.index] = None;
+                        }
+                    }
+                }
+            }
             active.retain(|s| requests[s.job].is_some());
             active = self.advance(active, &mut requests);
-            if active.is_empty() {
+            if active.is_empty() && prefill.is_none() {
                 requests.clear();
             }
         }
     }
 
-    /// Runs the prompt once and forks one cache per candidate.
-    fn prefill(&self, job: &GenerateJob, index: usize) -> Result<Vec<Sequence>> {
-        let mut cache = self.model.new_cache();
-        let logits =
-            self.model.forward(&self.device, &mut [Step { tokens: &job.prompt, cache: &mut cache }])?.remove(0);
-        Ok((0..job.candidates)
-            .map(|candidate| {
-                let mut sampler = Sampler::new(SamplingConfig {
-                    seed: job.sampling.seed.wrapping_add(candidate as u64),
-                    ..job.sampling.clone()
-                });
-                let next = sampler.sample(&mut logits.clone(), &job.prompt);
-                Sequence {
-                    job: index,
-                    candidate,
-                    cache: cache.clone(),
-                    sampler,
-                    history: job.prompt.clone(),
-                    generated: Vec::new(),
-                    text: String::new(),
-                    prefix: 0,
-                    read: 0,
-                    sent: 0,
-                    next,
-                }
-            })
-            .collect())
+    /// Runs the next chunk of the prompt; after the last, forks one cache
+    /// per candidate from it.
+    fn prefill_chunk(&self, job: &GenerateJob, p: &mut Prefill) -> Result<Option<Vec<Sequence>>> {
+        let end = (p.done + self.prefill_chunk).min(job.prompt.len());
+        let mut logits =
+            self.model.forward(&self.device, &mut [Step { tokens: &job.prompt[p.done..end], cache: &mut p.cache }])?;
+        p.done = end;
+        if end < job.prompt.len() {
+            return Ok(None);
+        }
+        let logits = logits.remove(0);
+        Ok(Some(
+            (0..job.candidates)
+                .map(|candidate| {
+                    let mut sampler = Sampler::new(SamplingConfig {
+                        seed: job.sampling.seed.wrapping_add(candidate as u64),
+                        ..job.sampling.clone()
+                    });
+                    let next = sampler.sample(&mut logits.clone(), &job.prompt);
+                    Sequence {
+                        job: p.index,
+                        candidate,
+                        cache: p.cache.clone(),
+                        sampler,
+                        history: job.prompt.clone(),
+                        generated: Vec::new(),
+                        text: String::new(),
+                        prefix: 0,
+                        read: 0,
+                        sent: 0,
+                        next,
+                    }
+                })
+                .collect(),
+        ))
     }
 
     /// Appends the text of tokens not yet in `seq.text`, decoding only a

@@ -379,6 +379,9 @@ pub struct Step<'a> {
 /// `Precision::F32` keeps llama.cpp's arithmetic to the bit.
 pub const DEFAULT_PREFILL: Precision = Precision::Bf16;
 
+/// Prompt tokens a serving engine prefills between two decode steps.
+pub const DEFAULT_PREFILL_CHUNK: usize = 256;
+
 /// A decoder: its base weights, shared by every [`Llama`] made from them,
 /// and optionally a LoRA adapter applied unmerged.
 pub struct Llama {

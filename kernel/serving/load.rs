@@ -47,6 +47,7 @@ pub async fn generator(config: &Config) -> Result<Option<GeneratorEngine>> {
             queue_capacity: config.models.generate_queue_capacity,
             max_sequences: config.models.max_decoding_sequences,
             prefill: config.models.generator_precision,
+            prefill_chunk: config.models.prefill_chunk_tokens,
         };
         GeneratorEngine::load(GENERATOR_DEVICE, &path, options).map(Some)
     })
