@@ -146,7 +146,9 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport> {
         annotations: AtomicU64::new(0),
     });
     let deadline = begun + options.warmup + options.duration;
-    let run_id = format!("{:x}", options.seed ^ std::process::id() as u64 ^ begun.elapsed().as_nanos() as u64);
+    // Annotation ids must not repeat across runs against one server's log.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let run_id = format!("{:x}", options.seed ^ u64::from(std::process::id()) ^ now.as_nanos() as u64);
     let shared = Arc::new(turn::Shared { channel, options: options.clone(), recorder: recorder.clone(), run_id });
     let mut tasks = tokio::task::JoinSet::new();
     match options.arrival {
