@@ -214,6 +214,18 @@ async fn the_copilot_pattern_reports_every_call_with_its_status_and_timings() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn options_that_cannot_run_are_refused_before_connecting() {
+    // Nothing listens there: a refusal that names the option comes before any connection attempt.
+    let server = "http://127.0.0.1:9".to_string();
+    let cases =
+        [(Arrival::Open { rate: 0.0, max_in_flight: 1 }, "--rate 0"), (Arrival::Closed { agents: 0 }, "--agents 0")];
+    for (arrival, flag) in cases {
+        let err = aitl::load::run(&options(server.clone(), Pattern::Retrieve, arrival)).await.unwrap_err();
+        assert!(matches!(err, aitl::error::Error::InvalidArgument(_)) && err.to_string().contains(flag), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_arrival_rate_counts_offered_achieved_and_dropped_turns() {
     let server = scripted_server().await;
     // 100 turns/s offered, one in flight at a time, each Retrieve 20 ms: about half can start.

@@ -130,6 +130,15 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport> {
     if options.pattern == Pattern::Rank && options.passages.is_empty() {
         return Err(Error::InvalidArgument("load --pattern rank: the data set's corpus holds no passages".into()));
     }
+    match options.arrival {
+        Arrival::Closed { agents: 0 } => {
+            return Err(Error::InvalidArgument("load --agents 0: closed arrival needs at least one agent".into()));
+        }
+        Arrival::Open { rate, .. } if !(rate > 0.0 && rate.is_finite()) => {
+            return Err(Error::InvalidArgument(format!("load --rate {rate}: turns per second must be above 0")));
+        }
+        _ => {}
+    }
     let channel = Channel::from_shared(options.server.clone())
         .map_err(|e| Error::InvalidArgument(format!("load --server {:?}: {e}", options.server)))?
         .connect()
@@ -153,7 +162,7 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport> {
     let mut tasks = tokio::task::JoinSet::new();
     match options.arrival {
         Arrival::Closed { agents } => {
-            for agent in 0..agents.max(1) {
+            for agent in 0..agents {
                 let shared = shared.clone();
                 tasks.spawn(async move {
                     let mut dice = turn::Dice::new(shared.options.seed, agent as u64);
@@ -166,9 +175,6 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport> {
             }
         }
         Arrival::Open { rate, max_in_flight } => {
-            if !(rate > 0.0 && rate.is_finite()) {
-                return Err(Error::InvalidArgument(format!("load --rate {rate}: must be above 0")));
-            }
             let in_flight = Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1)));
             let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
