@@ -21,6 +21,7 @@ pub mod feedback;
 pub mod kb;
 pub mod load;
 pub mod model;
+pub mod privacy;
 pub mod provision;
 pub mod registry;
 pub mod server;

@@ -153,6 +153,8 @@ enum Command {
     /// Simulated agents drive a running server over gRPC through a data set's history part:
     /// Retrieve, Rank, Generate (for a share of questions), then their annotations, each agent
     /// following an annotator model; a truth file says which annotations are wrong and why.
+    /// Late reporters backdate shown_at by up to 6 hours: the server needs
+    /// annotations.max_clock_skew_s of at least 22000 for them.
     Simulate {
         /// "dstc11", or a labelled data set's folder (BEIR layout or DSTC11 Track 5).
         #[arg(long, default_value = "dstc11")]

@@ -71,6 +71,15 @@ impl RunningServer {
 /// Opens the data dir and starts serving on `config.listen`.
 pub async fn start(config: Config) -> Result<RunningServer> {
     config.validate()?;
+    let redactor = Arc::new(crate::privacy::Redactor::new(&config.privacy)?);
+    if redactor.enabled() {
+        tracing::info!(
+            custom_patterns = config.privacy.patterns.len(),
+            "personal data is redacted before it is logged"
+        );
+    } else {
+        tracing::warn!("privacy.redact is off: personal data in requests and annotations is logged verbatim");
+    }
     let (log_dir, kb_path, log_options) = (config.log_dir(), config.knowledge_path(), config.log_options());
     let (log, kb, report) = tokio::task::spawn_blocking(move || -> Result<_> {
         let (log, report) = TrainingLog::open(&log_dir, log_options)?;
@@ -83,12 +92,13 @@ pub async fn start(config: Config) -> Result<RunningServer> {
         tracing::warn!(file = %file.display(), offset, dropped, "training log: torn tail truncated");
     }
     let kb = Arc::new(kb);
-    let interactions = Arc::new(InteractionBook::new(log.clone()));
+    let interactions = Arc::new(InteractionBook::new(log.clone(), redactor.clone()));
     let annotations = AnnotationIntake::new(
         log.clone(),
         interactions.clone(),
         kb.clone(),
         Duration::from_secs(config.annotations.max_clock_skew_s),
+        redactor,
     );
     let started = std::time::Instant::now();
     let records = feedback::rebuild(&log, &interactions, &annotations)?;

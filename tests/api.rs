@@ -76,6 +76,17 @@ async fn knowledge_service_round_trip_and_errors() {
         .unwrap()
         .into_inner();
     assert_eq!(page.objects.iter().map(|o| o.id.as_str()).collect::<Vec<_>>(), ["refund-1"]);
+    assert!(!page.next_page_token.contains("refund-1"), "page tokens are opaque: {}", page.next_page_token);
+    let token = &page.next_page_token;
+    let last = if token.ends_with('0') { "1" } else { "0" };
+    for forged in ["refund-1".to_string(), "p1".into(), format!("{}{last}", &token[..token.len() - 1])] {
+        let list = ListKnowledgeRequest { page_size: 1, page_token: forged.into(), ..Default::default() };
+        assert_status(
+            kb.list_knowledge(list).await,
+            Code::InvalidArgument,
+            "page_token: is not a token this server issued",
+        );
+    }
     let page = kb
         .list_knowledge(ListKnowledgeRequest {
             page_size: 1,
@@ -105,6 +116,10 @@ async fn knowledge_service_round_trip_and_errors() {
         .unwrap()
         .into_inner();
     assert!(tombstone.deleted);
+    // Its old versions went with it (the proto's contract), unless asked for.
+    assert_status(kb.get_knowledge(get("ship-1", 1)).await, Code::NotFound, "deleted");
+    let old = GetKnowledgeRequest { id: "ship-1".into(), version: 1, include_deleted: true };
+    assert!(!kb.get_knowledge(old).await.unwrap().into_inner().deleted);
     let all = kb.list_knowledge(ListKnowledgeRequest::default()).await.unwrap().into_inner();
     assert_eq!(all.objects.len(), 2, "tombstones are not listed");
 
@@ -351,6 +366,30 @@ async fn annotations_of_all_kinds_are_validated_deduplicated_and_logged() {
     );
     let no_time = proto::Annotation { shown_at: None, ..preference("e9", &ix, "") };
     assert_status(support.submit_annotation(submit(no_time)).await, Code::InvalidArgument, "annotation.shown_at");
+    let year_zero = prost_types::Timestamp { seconds: -62_135_596_801, nanos: 0 };
+    let ancient = proto::Annotation { shown_at: Some(year_zero), ..preference("e11", &ix, "") };
+    assert_status(support.submit_annotation(submit(ancient)).await, Code::InvalidArgument, "outside years 1 to 9999");
+    let mut bad_nanos = timestamp(SystemTime::now());
+    bad_nanos.nanos = 1_000_000_000;
+    let bad_nanos = proto::Annotation { annotated_at: Some(bad_nanos), ..preference("e12", &ix, "") };
+    assert_status(
+        support.submit_annotation(submit(bad_nanos)).await,
+        Code::InvalidArgument,
+        "annotation.annotated_at: has nanos 1000000000",
+    );
+    let before_answer = SystemTime::now() - Duration::from_secs(3_600);
+    let before_answer = proto::Annotation {
+        shown_at: Some(timestamp(before_answer)),
+        annotated_at: Some(timestamp(before_answer + Duration::from_secs(5))),
+        ..preference("e13", &ix, "")
+    };
+    assert_status(support.submit_annotation(submit(before_answer)).await, Code::InvalidArgument, "before interaction");
+    let blank_agent = proto::Annotation { agent_id: " \t ".into(), ..preference("e14", &ix, "") };
+    assert_status(
+        support.submit_annotation(submit(blank_agent)).await,
+        Code::InvalidArgument,
+        "annotation.agent_id: is blank",
+    );
     let no_kind = proto::Annotation { kind: None, ..preference("e10", &ix, "") };
     assert_status(support.submit_annotation(submit(no_kind)).await, Code::InvalidArgument, "annotation.kind");
     assert_status(

@@ -84,7 +84,7 @@ fn ingest_dstc11_uses_the_shared_id_scheme() {
 fn log_stats_and_dump_show_what_was_written() {
     let dir = tempfile::tempdir().unwrap();
     let (log, _) = TrainingLog::open(&dir.path().join("log"), LogOptions::default()).unwrap();
-    let book = InteractionBook::new(log.clone());
+    let book = InteractionBook::new(log.clone(), Default::default());
     let records: Vec<_> = (0..3).map(|_| common::generate_interaction(&["k1"])).collect();
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     for record in &records {

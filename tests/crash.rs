@@ -27,7 +27,7 @@ async fn seed(data_dir: &Path) -> Vec<InteractionRecord> {
     let kb = KnowledgeStore::open(&data_dir.join("knowledge.redb")).unwrap();
     kb.upsert_batch(vec![knowledge("k1", "Refunds."), knowledge("k2", "Returns.")]).unwrap();
     let (log, _) = TrainingLog::open(&data_dir.join("log"), LogOptions::default()).unwrap();
-    let book = InteractionBook::new(log.clone());
+    let book = InteractionBook::new(log.clone(), Default::default());
     let mut records = Vec::new();
     for _ in 0..4 {
         let record = generate_interaction(&["k1", "k2"]);

@@ -1,5 +1,6 @@
 //! The training log's durability contract: torn tails are cut and reported,
-//! corruption before the tail refuses to open (naming file and offset),
+//! corruption before the tail refuses to open (naming file and offset), so
+//! does damage to a tail the durable watermark says was acknowledged,
 //! segments roll over, and concurrent appends share syncs without losing or
 //! reordering anything.
 
@@ -75,6 +76,8 @@ fn torn_tail_at_every_offset_of_the_last_record_recovers_all_earlier_records() {
         copy_dir(dir.path(), copy.path());
         let torn = copy.path().join(segment.file_name().unwrap());
         std::fs::OpenOptions::new().write(true).open(&torn).unwrap().set_len(cut).unwrap();
+        // As a crash mid-write leaves it: record 20 was never acknowledged.
+        std::fs::write(copy.path().join("DURABLE"), 20u64.to_le_bytes()).unwrap();
         let (log, report) = TrainingLog::open(copy.path(), LogOptions::default()).unwrap();
         assert_eq!(report.records, 19, "cut at {cut}");
         assert_eq!(report.next_sequence, 20);
@@ -93,6 +96,86 @@ fn torn_tail_at_every_offset_of_the_last_record_recovers_all_earlier_records() {
         assert_eq!(ids.len(), if cut == before_last + 5 { 20 } else { 19 });
         assert!(ids.iter().enumerate().all(|(i, (seq, _))| *seq == i as u64 + 1));
     }
+}
+
+/// Nineteen records written and closed; the segment's path and the offset
+/// where record 19 starts.
+fn nineteen_acknowledged(dir: &Path) -> (std::path::PathBuf, u64) {
+    let (log, _) = TrainingLog::open(dir, LogOptions::default()).unwrap();
+    append_all(&log, 1..19);
+    log.close();
+    let segment = only_segment(dir);
+    let last_record_at = std::fs::metadata(&segment).unwrap().len();
+    let (log, _) = TrainingLog::open(dir, LogOptions::default()).unwrap();
+    append_all(&log, 19..20);
+    log.close();
+    (segment, last_record_at)
+}
+
+fn refusal(dir: &Path) -> (std::path::PathBuf, u64, String) {
+    match TrainingLog::open(dir, LogOptions::default()).err().expect("acknowledged damage is refused") {
+        LogError::Corrupt { path, offset, reason } => (path, offset, reason),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn damage_to_the_acknowledged_last_record_refuses_to_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (segment, last_record_at) = nineteen_acknowledged(dir.path());
+    let full = std::fs::metadata(&segment).unwrap().len();
+    for flip_at in [last_record_at + 1, last_record_at + 5, full - 1] {
+        let copy = tempfile::tempdir().unwrap();
+        copy_dir(dir.path(), copy.path());
+        let path = copy.path().join(segment.file_name().unwrap());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[flip_at as usize] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        let (at, offset, reason) = refusal(copy.path());
+        assert_eq!((at, offset), (path.clone(), last_record_at), "flip at {flip_at}");
+        assert!(reason.contains("records 19..=19 were acknowledged"), "{reason}");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "a refused log is left as it was");
+    }
+    // Cut at a frame boundary: nothing looks torn, but record 19 is gone.
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(dir.path(), copy.path());
+    let path = copy.path().join(segment.file_name().unwrap());
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(last_record_at).unwrap();
+    let (_, offset, reason) = refusal(copy.path());
+    assert_eq!(offset, last_record_at);
+    assert!(reason.contains("the log ends") && reason.contains("remove it to accept"), "{reason}");
+    // Without the watermark (an operator's decision) the log opens as it is.
+    std::fs::remove_file(copy.path().join("DURABLE")).unwrap();
+    let (log, report) = TrainingLog::open(copy.path(), LogOptions::default()).unwrap();
+    assert_eq!(report.next_sequence, 19);
+    log.close();
+}
+
+#[test]
+fn an_empty_newest_segment_after_acknowledged_records_refuses_to_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = TrainingLog::open(dir.path(), LogOptions { segment_bytes: 256, ..LogOptions::default() }).unwrap();
+    for i in 1..30 {
+        append_all(&log, i..i + 1);
+    }
+    log.close();
+    let newest = only_segment(dir.path());
+    let first: u64 = newest.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+    assert!(first > 1, "the records span several segments");
+    std::fs::write(&newest, b"").unwrap();
+    let (path, offset, reason) = refusal(dir.path());
+    assert_eq!((path, offset), (newest.clone(), 0));
+    assert!(
+        reason.contains("shorter than its header") && reason.contains(&format!("records {first}..=29")),
+        "{reason}"
+    );
+
+    // The same empty file at the watermark is a segment whose creation a
+    // crash cut short: it holds nothing acknowledged and is started again.
+    std::fs::write(dir.path().join("DURABLE"), first.to_le_bytes()).unwrap();
+    let (log, report) = TrainingLog::open(dir.path(), LogOptions::default()).unwrap();
+    assert_eq!(report.next_sequence, first);
+    log.close();
 }
 
 #[test]

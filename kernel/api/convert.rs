@@ -36,10 +36,14 @@ pub const MAX_EXCERPT_BYTES: usize = 16_384;
 pub const MAX_PAGE_SIZE: u32 = 1_000;
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 
-/// A required identifier: 1..=max bytes, no control characters.
+/// A required identifier: 1..=max bytes, not only white space, no control
+/// characters.
 pub fn check_id(field: &str, value: &str, max: usize) -> Result<()> {
     if value.is_empty() {
         return Err(Error::invalid(field, "is required"));
+    }
+    if value.trim().is_empty() {
+        return Err(Error::invalid(field, "is blank; send a non-blank identifier"));
     }
     check_len(field, value, max)?;
     if value.chars().any(char::is_control) {
@@ -256,8 +260,23 @@ pub fn check_generate(req: &GenerateRequest) -> Result<()> {
     check_request_context("request_context", req.request_context.as_ref())
 }
 
-/// A wire timestamp as SystemTime, or an error naming the field.
+/// 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z, the range
+/// google.protobuf.Timestamp allows.
+const TIMESTAMP_SECONDS: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_402_300_799;
+
+/// A wire timestamp as SystemTime, or an error naming the field. Only the
+/// range and form google.protobuf.Timestamp defines are accepted: prost
+/// would otherwise carry excess nanos into the seconds.
 pub fn timestamp(field: &str, ts: Option<&prost_types::Timestamp>) -> Result<SystemTime> {
     let ts = ts.ok_or_else(|| Error::invalid(field, "is required"))?;
+    if !(0..1_000_000_000).contains(&ts.nanos) {
+        return Err(Error::invalid(field, format!("has nanos {}; send 0 to 999,999,999", ts.nanos)));
+    }
+    if !TIMESTAMP_SECONDS.contains(&ts.seconds) {
+        return Err(Error::invalid(
+            field,
+            format!("has seconds {}, outside years 1 to 9999 that a Timestamp may hold", ts.seconds),
+        ));
+    }
     SystemTime::try_from(*ts).map_err(|e| Error::invalid(field, format!("is not a valid timestamp: {e}")))
 }

@@ -303,7 +303,9 @@ impl Generation {
         let record = InteractionRecord {
             interaction_id: self.interaction_id.clone(),
             kind: InteractionKind::Generate as i32,
-            created_at: Some(SystemTime::now().into()),
+            // When the request arrived: a stream shows candidates before
+            // they are all done, and annotations may not predate this.
+            created_at: Some((SystemTime::now() - total).into()),
             request_context: self.request.request_context.clone(),
             shown_knowledge: self
                 .grounding
@@ -321,6 +323,7 @@ impl Generation {
             models: Some(self.models.clone()),
             timings: Some(timings.clone()),
             request: Some(interaction_record::Request::Generate(self.request.clone())),
+            ..Default::default()
         };
         state.interactions.record(record).await?;
         Ok((candidates, timings))

@@ -106,17 +106,19 @@ impl KnowledgeService for Knowledge {
             }
             n => n,
         };
-        convert::check_len("page_token", &req.page_token, convert::MAX_ID_BYTES)?;
+        let after = match req.page_token.as_str() {
+            "" => None,
+            token => Some(super::page_token::decode(token)?),
+        };
         convert::check_filter("filter", req.filter.as_ref())?;
         let kb = self.state.kb.clone();
         let page = blocking(move || {
-            let after = (!req.page_token.is_empty()).then_some(req.page_token.as_str());
-            Ok(kb.list(after, page_size as usize, &req.filter.unwrap_or_default(), req.include_deleted)?)
+            Ok(kb.list(after.as_deref(), page_size as usize, &req.filter.unwrap_or_default(), req.include_deleted)?)
         })
         .await?;
         Ok(Response::new(ListKnowledgeResponse {
             objects: page.objects,
-            next_page_token: page.next_after.unwrap_or_default(),
+            next_page_token: page.next_after.as_deref().map(super::page_token::encode).unwrap_or_default(),
         }))
     }
 }

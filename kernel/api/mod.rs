@@ -5,6 +5,7 @@ pub mod convert;
 mod flywheel;
 mod generate;
 mod knowledge;
+mod page_token;
 mod status;
 mod support;
 

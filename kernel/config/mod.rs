@@ -40,6 +40,38 @@ pub struct Config {
     /// When a trained model may replace the serving one.
     pub promotion: promotion::PromotionOptions,
     pub compute: ComputeConfig,
+    pub privacy: PrivacyConfig,
+}
+
+/// Personal data in what the server persists (`kernel/privacy` lists what
+/// is caught and what is not).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrivacyConfig {
+    /// Replace personal data with typed placeholders ([EMAIL], [CARD], ...)
+    /// in every text before it reaches the training log, and so the worker
+    /// and its exports; the live response still carries the original. On
+    /// by default.
+    pub redact: bool,
+    /// The deployment's own kinds, found before the built-in ones: e.g.
+    /// `[[privacy.patterns]]` with `name = "CUSTOMER_NO"` and
+    /// `regex = 'CU-\d{8}'` leaves `[CUSTOMER_NO]`.
+    pub patterns: Vec<RedactionPattern>,
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        PrivacyConfig { redact: true, patterns: Vec::new() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedactionPattern {
+    /// The placeholder's name: A-Z, 0-9 and '_'.
+    pub name: String,
+    /// A Rust `regex` pattern.
+    pub regex: String,
 }
 
 /// The CPU the engines share.
@@ -188,7 +220,10 @@ pub struct Limits {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AnnotationConfig {
-    /// How far ahead of the server's clock a client timestamp may be.
+    /// How far a client's clock may differ from the server's: timestamps
+    /// may be this far ahead of the server's clock, and `shown_at` this far
+    /// before the interaction was answered. `aitl simulate`'s late reporters
+    /// backdate `shown_at` by up to 6 hours and need more (the demo sets it).
     pub max_clock_skew_s: u64,
 }
 
@@ -207,6 +242,7 @@ impl Default for Config {
             judge: Default::default(),
             promotion: Default::default(),
             compute: Default::default(),
+            privacy: Default::default(),
         }
     }
 }

@@ -20,6 +20,7 @@ use crate::{
     },
     error::{Error, Result},
     kb::{KbError, KnowledgeStore},
+    privacy::Redactor,
     proto::{
         AdoptionDecision, Annotation, AnnotationRecord, PreferenceStrength, RelevanceLabel, annotation::Kind,
         log_record::Body, missing_knowledge::Source,
@@ -51,6 +52,7 @@ pub struct AnnotationIntake {
     log: crate::trainlog::TrainingLog,
     slots: Arc<DashMap<String, Slot>>,
     max_clock_skew: Duration,
+    redactor: Arc<Redactor>,
 }
 
 impl AnnotationIntake {
@@ -59,8 +61,9 @@ impl AnnotationIntake {
         interactions: Arc<InteractionBook>,
         kb: Arc<KnowledgeStore>,
         max_clock_skew: Duration,
+        redactor: Arc<Redactor>,
     ) -> Self {
-        AnnotationIntake { interactions, kb, log, slots: Arc::default(), max_clock_skew }
+        AnnotationIntake { interactions, kb, log, slots: Arc::default(), max_clock_skew, redactor }
     }
 
     pub(crate) fn index(&self, record: &AnnotationRecord, sequence: u64) {
@@ -72,7 +75,12 @@ impl AnnotationIntake {
         self.slots.entry(annotation.annotation_id.clone()).or_insert(Slot::Durable { sha256, sequence });
     }
 
-    pub async fn submit(&self, annotation: Annotation) -> Result<Accepted> {
+    pub async fn submit(&self, submitted: Annotation) -> Result<Accepted> {
+        // What is written and hashed is the redacted annotation (redaction is
+        // deterministic, so a retry hashes the same); limits apply to what
+        // the client sent.
+        let mut annotation = submitted.clone();
+        let redactions = self.redactor.annotation(&mut annotation);
         let sha256: [u8; 32] = Sha256::digest(annotation.encode_to_vec()).into();
         // A retry of an acknowledged annotation is answered before validation,
         // so it stays OK even if what it refers to changed since.
@@ -80,7 +88,7 @@ impl AnnotationIntake {
             Some(sequence) => {
                 return Ok(Accepted { sequence, duplicate: true, delay: delay_of(&annotation)? });
             }
-            None => self.validate(&annotation)?,
+            None => self.validate(&submitted)?,
         };
         loop {
             let done_tx = match self.slots.entry(annotation.annotation_id.clone()) {
@@ -115,6 +123,7 @@ impl AnnotationIntake {
                 received_at: Some(SystemTime::now().into()),
                 delay: prost_types::Duration::try_from(delay).ok(),
                 content_sha256: sha256.to_vec(),
+                redactions: redactions.clone(),
             };
             // Spawned so that a client that gives up mid-write cannot leave
             // the slot pending: the append and its bookkeeping always finish.
@@ -172,6 +181,19 @@ impl AnnotationIntake {
                 a.interaction_id
             ))
         })?;
+        if let Some(created_at) = shown.created_at
+            && shown_at + self.max_clock_skew < created_at
+        {
+            return Err(Error::invalid(
+                "annotation.shown_at",
+                format!(
+                    "is {} s before interaction {:?} was answered; set it to when the agent saw the response \
+                     (the server allows annotations.max_clock_skew_s of clock difference)",
+                    created_at.duration_since(shown_at).unwrap_or_default().as_secs(),
+                    a.interaction_id
+                ),
+            ));
+        }
         self.check_against_interaction(kind, &a.interaction_id, &shown)?;
         Ok(delay)
     }

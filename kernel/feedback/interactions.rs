@@ -6,6 +6,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 
 use crate::{
+    privacy::Redactor,
     proto::{InteractionKind, InteractionRecord, log_record::Body},
     trainlog::{LogError, TrainingLog},
 };
@@ -14,6 +15,8 @@ use crate::{
 #[derive(Debug)]
 pub struct Shown {
     pub kind: InteractionKind,
+    /// When the server answered; nothing can have been shown before it.
+    pub created_at: Option<std::time::SystemTime>,
     pub candidate_ids: Vec<String>,
     /// (knowledge_id, version) in the order shown.
     pub knowledge: Vec<(String, u64)>,
@@ -36,16 +39,19 @@ pub fn new_interaction_id() -> String {
 
 pub struct InteractionBook {
     log: TrainingLog,
+    redactor: Arc<Redactor>,
     shown: DashMap<String, Arc<Shown>>,
 }
 
 impl InteractionBook {
-    pub fn new(log: TrainingLog) -> Self {
-        InteractionBook { log, shown: DashMap::new() }
+    pub fn new(log: TrainingLog, redactor: Arc<Redactor>) -> Self {
+        InteractionBook { log, redactor, shown: DashMap::new() }
     }
 
-    /// Makes the interaction durable, then known to annotation checks.
-    pub async fn record(&self, record: InteractionRecord) -> Result<u64, LogError> {
+    /// Redacts the interaction's texts, makes it durable, then known to
+    /// annotation checks.
+    pub async fn record(&self, mut record: InteractionRecord) -> Result<u64, LogError> {
+        self.redactor.interaction(&mut record);
         let body = Body::Interaction(record);
         let sequence = self.log.append(&body).await?;
         if let Body::Interaction(record) = &body {
@@ -69,6 +75,7 @@ impl InteractionBook {
     pub(crate) fn index(&self, record: &InteractionRecord) {
         let shown = Shown {
             kind: record.kind(),
+            created_at: record.created_at.and_then(|t| std::time::SystemTime::try_from(t).ok()),
             candidate_ids: record.candidates.iter().map(|c| c.candidate_id.clone()).collect(),
             knowledge: record.shown_knowledge.iter().map(|k| (k.knowledge_id.clone(), k.version)).collect(),
         };

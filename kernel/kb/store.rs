@@ -175,6 +175,7 @@ impl KnowledgeStore {
             .transpose()
             .map_err(storage)?
             .ok_or_else(|| KbError::NotFound(id.into()))?;
+        let tombstone = current.deleted.then_some(current.version);
         let object = if version == 0 || version == current.version {
             current
         } else {
@@ -187,8 +188,12 @@ impl KnowledgeStore {
                 .map_err(storage)?
                 .ok_or(KbError::VersionNotFound { id: id.into(), version, latest: current.version })?
         };
-        if object.deleted && !include_deleted {
-            return Err(KbError::Deleted { id: id.into(), version: object.version });
+        // A deleted object's old versions go with it: the proto promises
+        // NOT_FOUND for any version once the latest is a tombstone.
+        if let Some(version) = tombstone
+            && !include_deleted
+        {
+            return Err(KbError::Deleted { id: id.into(), version });
         }
         Ok(object)
     }
@@ -341,7 +346,11 @@ mod tests {
         assert_eq!(store.get("b", 1, false).unwrap().text, "two");
         assert_eq!(store.delete("a").unwrap(), 2);
         assert!(matches!(store.get("a", 0, false), Err(KbError::Deleted { version: 2, .. })));
-        assert_eq!(store.get("a", 1, false).unwrap().text, "one");
+        assert!(
+            matches!(store.get("a", 1, false), Err(KbError::Deleted { version: 2, .. })),
+            "a deleted object's old versions are deleted too"
+        );
+        assert_eq!(store.get("a", 1, true).unwrap().text, "one");
         assert_eq!(store.count_live().unwrap(), 1);
         drop(store);
         let store = KnowledgeStore::open(&dir.path().join("kb.redb")).unwrap();

@@ -30,7 +30,9 @@
 //!
 //! A frame that is cut short or fails its CRC with no valid frame after it is a
 //! torn tail (a write that never completed); one followed by a valid frame
-//! holding a later sequence is corruption, and the log refuses to open.
+//! holding a later sequence is corruption, and the log refuses to open. So is
+//! a tail, torn or cleanly ended, before the sequence `DURABLE` names: those
+//! records were acknowledged, so their loss is damage, not an unfinished write.
 //! (Requiring the later sequence keeps bytes inside a payload — client text —
 //! from posing as a frame.)
 

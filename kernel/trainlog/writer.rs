@@ -196,7 +196,9 @@ pub(crate) const WATERMARK_FILE: &str = "DURABLE";
 /// The first sequence not yet durable, published after every sync so that
 /// readers in other processes never see a record a failed sync may undo.
 /// Eight little-endian bytes, overwritten in place; it needs no fsync of its
-/// own: after a crash no writer is live and readers read every whole frame.
+/// own: after a crash no writer is live and readers read every whole frame,
+/// and a watermark that lags (lost with the page cache) only weakens the
+/// check recovery makes with it, that no acknowledged record is cut.
 struct DurableWatermark(File);
 
 impl DurableWatermark {
@@ -211,12 +213,58 @@ impl DurableWatermark {
     }
 }
 
+/// The watermark the last writer published: every sequence below it was
+/// acknowledged. None for a log that never had one (nothing to check against).
+fn acknowledged_before(dir: &Path) -> Result<Option<u64>, LogError> {
+    let path = dir.join(WATERMARK_FILE);
+    match fs::read(&path) {
+        Ok(bytes) if bytes.is_empty() => Ok(None),
+        Ok(bytes) => match <[u8; 8]>::try_from(bytes.as_slice()) {
+            Ok(bytes) => Ok(Some(u64::from_le_bytes(bytes))),
+            Err(_) => Err(LogError::Corrupt {
+                path,
+                offset: 0,
+                reason: format!("watermark is {} bytes, expected 8", bytes.len()),
+            }),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(LogError::io(&path, e)),
+    }
+}
+
+/// Refuses a recovery that would drop acknowledged records: what a torn
+/// tail cut (or a shorter log) cannot have held one, since the watermark is
+/// published only after the sync that made its records durable.
+fn check_acknowledged(
+    acknowledged: Option<u64>,
+    next_sequence: u64,
+    path: &Path,
+    offset: u64,
+    found: &str,
+) -> Result<(), LogError> {
+    match acknowledged {
+        Some(watermark) if watermark > next_sequence => Err(LogError::Corrupt {
+            path: path.into(),
+            offset,
+            reason: format!(
+                "{found}, but records {next_sequence}..={} were acknowledged (the DURABLE watermark is {watermark}); \
+                 restore this log from a copy, or, if DURABLE itself is the damaged file, remove it to accept \
+                 the log as it is",
+                watermark - 1
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Verifies all segments and repairs the last one; returns the active
 /// segment, its durable length and the report.
 fn recover(dir: &Path) -> Result<(File, u64, RecoveryReport), LogError> {
     let segments = list_segments(dir)?;
+    let acknowledged = acknowledged_before(dir)?;
     let mut report = RecoveryReport { segments: segments.len(), next_sequence: 1, ..Default::default() };
     let Some(last) = segments.last() else {
+        check_acknowledged(acknowledged, 1, dir, 0, "the log holds no segment")?;
         let (file, len) = create_segment(dir, 1).map_err(|e| LogError::io(dir, e))?;
         report.segments = 1;
         return Ok((file, len, report));
@@ -235,6 +283,13 @@ fn recover(dir: &Path) -> Result<(File, u64, RecoveryReport), LogError> {
         }
         let len = fs::metadata(&segment.path).map_err(|e| LogError::io(&segment.path, e))?.len();
         if is_last && (len as usize) < format::SEGMENT_HEADER_LEN {
+            check_acknowledged(
+                acknowledged,
+                segment.first_sequence,
+                &segment.path,
+                0,
+                &format!("the newest segment is {len} bytes, shorter than its header"),
+            )?;
             // Crashed while creating this segment: start it again.
             let (file, header_len) = create_segment(dir, segment.first_sequence).map_err(|e| LogError::io(dir, e))?;
             report.truncated = Some((segment.path.clone(), 0, len));
@@ -251,6 +306,13 @@ fn recover(dir: &Path) -> Result<(File, u64, RecoveryReport), LogError> {
                     reason: format!("{reason} in a sealed segment"),
                 });
             }
+            check_acknowledged(
+                acknowledged,
+                report.next_sequence,
+                &segment.path,
+                offset as u64,
+                &format!("{reason} at the end of the newest segment"),
+            )?;
             let dropped = scanned.bytes.len() - offset;
             tracing::warn!(
                 file = %segment.path.display(), offset, dropped,
@@ -259,6 +321,8 @@ fn recover(dir: &Path) -> Result<(File, u64, RecoveryReport), LogError> {
             report.truncated = Some((segment.path.clone(), offset as u64, dropped as u64));
         }
     }
+    let end = fs::metadata(&last.path).map_err(|e| LogError::io(&last.path, e))?.len();
+    check_acknowledged(acknowledged, report.next_sequence, &last.path, end, "the log ends")?;
     let file = OpenOptions::new().read(true).write(true).open(&last.path).map_err(|e| LogError::io(&last.path, e))?;
     let durable_len = match &report.truncated {
         Some((_, offset, _)) => {

@@ -59,6 +59,10 @@ pub const IMMEDIATE_AGREEMENT: f64 = 0.765;
 pub const LATE_MISSING_RATE: f64 = 1.0 - LATE_AGREEMENT / IMMEDIATE_AGREEMENT;
 /// Annotations in a fatigue shift, unless `--fatigue-shift` says otherwise.
 pub const DEFAULT_SHIFT: usize = 200;
+/// The latest a `late_missing` agent reports: 6 hours after seeing the
+/// output. The simulator backdates `shown_at` by the delay, so a server it
+/// annotates needs `annotations.max_clock_skew_s` beyond this.
+pub const LATEST_REPORT_S: f64 = 6.0 * 3_600.0;
 /// Share of questions on which a random agent names a shown object as missing.
 const RANDOM_MISSING: f64 = 0.3;
 const BOILERPLATE: &[&str] = &["ok", "fine", "", "good", "better"];
@@ -527,7 +531,7 @@ impl Annotator {
                 .missing
                 .iter()
                 .map(|m| {
-                    let delay = 3_600.0 * (2.0 + 4.0 * self.dice.unit());
+                    let delay = LATEST_REPORT_S * (2.0 + 4.0 * self.dice.unit()) / 6.0;
                     if !m.look_alikes.is_empty() && self.dice.chance(rate) {
                         (m.look_alikes[self.dice.below(m.look_alikes.len())].clone(), delay)
                     } else {

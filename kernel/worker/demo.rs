@@ -136,6 +136,10 @@ pub async fn run(config: &Config, options: &DemoOptions) -> Result<DemoReport> {
     config.listen = "127.0.0.1:0".parse().expect("literal address");
     // Simulated agents only; the demo's figures are about retrieval and ranking.
     config.judge.llm = "off".into();
+    // Late reports are simulated by backdating `shown_at`, which the server
+    // otherwise refuses as earlier than the interaction.
+    let late = crate::worker::annotators::LATEST_REPORT_S as u64 + 600;
+    config.annotations.max_clock_skew_s = config.annotations.max_clock_skew_s.max(late);
     // The data set's guard split (questions no simulated agent annotates)
     // guards the gate unless the config names a guard.
     if config.promotion.guard_dataset.as_os_str().is_empty() {

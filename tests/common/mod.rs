@@ -106,7 +106,8 @@ pub async fn seed_generate(server: &RunningServer, objects: Vec<KnowledgeObject>
 
 /// A valid pairwise preference about a seeded interaction.
 pub fn preference(annotation_id: &str, record: &InteractionRecord, rationale: &str) -> proto::Annotation {
-    let shown_at = shown_at();
+    // Shown when the interaction was answered: the same for every retry.
+    let shown_at = record.created_at.and_then(|t| SystemTime::try_from(t).ok()).unwrap_or_else(shown_at);
     proto::Annotation {
         annotation_id: annotation_id.into(),
         interaction_id: record.interaction_id.clone(),
