@@ -20,6 +20,7 @@ pub mod eval_server;
 pub mod feedback;
 pub mod kb;
 pub mod load;
+pub mod middleware;
 pub mod model;
 pub mod privacy;
 pub mod provision;

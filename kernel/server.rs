@@ -14,6 +14,7 @@ use crate::{
     feedback::{self, AnnotationIntake, InteractionBook},
     kb::KnowledgeStore,
     kb::{QueryComposition, SemanticIndex},
+    middleware::{self, CallLimits, CallLimitsLayer, ConnectionLimits},
     proto::{
         self, flywheel_service_server::FlywheelServiceServer, knowledge_service_server::KnowledgeServiceServer,
         support_service_server::SupportServiceServer,
@@ -30,9 +31,15 @@ use crate::{
 const SUPPORT_SERVICE: &str = "aitl.v1.SupportService";
 const KNOWLEDGE_SERVICE: &str = "aitl.v1.KnowledgeService";
 
+/// What a shed client is told to wait before retrying.
+const RETRY_AFTER: Duration = Duration::from_millis(1_000);
+
 pub struct RunningServer {
     pub addr: SocketAddr,
     pub state: Arc<AppState>,
+    /// The call limits in force; their counters are live.
+    pub calls: CallLimitsLayer,
+    drain: Duration,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
     follower: JoinHandle<()>,
@@ -45,13 +52,24 @@ impl Drop for RunningServer {
 }
 
 impl RunningServer {
-    /// Stops accepting calls, finishes those in flight, and closes the log.
+    /// Stops accepting calls, gives those in flight `limits.drain_timeout_s`
+    /// to finish (then drops them), and closes the log.
     pub async fn shutdown(mut self) -> Result<()> {
         self.follower.abort();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let served = (&mut self.task).await;
+        let served = match tokio::time::timeout(self.drain, &mut self.task).await {
+            Ok(served) => served,
+            Err(_) => {
+                tracing::warn!(
+                    drain_s = self.drain.as_secs(),
+                    "calls still in flight past limits.drain_timeout_s are dropped"
+                );
+                self.task.abort();
+                Ok(Ok(()))
+            }
+        };
         let log = self.state.log.clone();
         tokio::task::spawn_blocking(move || log.close()).await.ok();
         served
@@ -154,6 +172,7 @@ pub async fn start(config: Config) -> Result<RunningServer> {
         default_max_new_tokens: config.models.default_max_new_tokens,
         query_composition: QueryComposition { context_turns: config.retrieve.context_turns },
         default_top_k: config.retrieve.default_top_k,
+        max_message_bytes: config.limits.max_message_mib << 20,
     });
 
     let follower = Follower::new(state.clone(), config.clone(), targets, registry_bytes)
@@ -187,8 +206,23 @@ pub async fn start(config: Config) -> Result<RunningServer> {
         .map_err(|e| Error::Unavailable(format!("cannot listen on {}: {e}", config.listen)))?;
     let addr = listener.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let limits = &config.limits;
+    let calls = CallLimitsLayer::new(CallLimits {
+        max_in_flight: limits.max_in_flight,
+        request_timeout: config.request_timeout(),
+        max_buffered_bytes: limits.max_buffered_request_mib << 20,
+        max_buffered_bytes_per_connection: limits.max_buffered_request_mib_per_connection << 20,
+        retry_after: RETRY_AFTER,
+    });
+    let connections = ConnectionLimits {
+        max_connections: limits.max_connections,
+        idle_timeout: Duration::from_secs(limits.idle_timeout_s),
+        handshake_timeout: Duration::from_secs(limits.handshake_timeout_s),
+    };
+    // Deadlines are the call-limits layer's (tonic's own timeout would end
+    // calls CANCELLED rather than DEADLINE_EXCEEDED).
     let router = tonic::transport::Server::builder()
-        .timeout(config.request_timeout())
+        .layer(calls.clone())
         .concurrency_limit_per_connection(config.limits.concurrency_per_connection)
         .max_concurrent_streams(Some(config.limits.max_concurrent_streams))
         .http2_max_pending_accept_reset_streams(Some(256))
@@ -205,10 +239,12 @@ pub async fn start(config: Config) -> Result<RunningServer> {
     // covers listeners it binds itself, and without it a multi-frame response
     // waits out the peer's delayed ACK (~40 ms).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = middleware::tracked(incoming, connections);
     let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = shutdown_rx.await;
     }));
-    Ok(RunningServer { addr, state, shutdown: Some(shutdown_tx), task, follower })
+    let drain = Duration::from_secs(config.limits.drain_timeout_s);
+    Ok(RunningServer { addr, state, calls, drain, shutdown: Some(shutdown_tx), task, follower })
 }
 
 /// Publishes the log's state as gRPC health: while the log cannot write, the

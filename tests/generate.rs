@@ -172,13 +172,53 @@ async fn generate_grounds_samples_streams_and_logs() {
     let before = cancelled();
     let long = SamplingParams { temperature: 0.8, seed: 7, max_new_tokens: 2000, ..Default::default() };
     let mut stream = support.generate_stream(request("Tell me about refunds.", long)).await.unwrap().into_inner();
-    assert!(matches!(stream.message().await.unwrap().unwrap().event, Some(Event::Started(_))));
-    assert!(matches!(stream.message().await.unwrap().unwrap().event, Some(Event::Delta(_))));
+    let Some(Event::Started(abandoned)) = stream.message().await.unwrap().unwrap().event else {
+        panic!("a stream starts with Started")
+    };
+    let Some(Event::Delta(first)) = stream.message().await.unwrap().unwrap().event else { panic!("then a delta") };
     drop(stream);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while cancelled() == before {
         assert!(std::time::Instant::now() < deadline, "the abandoned request kept decoding");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    // What the abandoned stream had sent is logged, and can be annotated.
+    let record = proto::InteractionRecord {
+        interaction_id: abandoned.interaction_id.clone(),
+        candidates: abandoned
+            .candidate_ids
+            .iter()
+            .map(|id| proto::Candidate { candidate_id: id.clone(), ..Default::default() })
+            .collect(),
+        ..Default::default()
+    };
+    let annotation = preference("pref-abandoned", &record, "The first one had started well.");
+    loop {
+        let request = SubmitAnnotationRequest { annotation: Some(annotation.clone()) };
+        match support.submit_annotation(request).await {
+            Ok(_) => break,
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                assert!(std::time::Instant::now() < deadline, "the abandoned stream was never logged: {status:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    }
     server.shutdown().await.unwrap();
+    let mut logged = None;
+    aitl::trainlog::LogReader::new(dir.path().join("log"))
+        .read_from(1, |r| {
+            if let Some(proto::log_record::Body::Interaction(ix)) = r.body
+                && ix.interaction_id == abandoned.interaction_id
+            {
+                logged = Some(ix);
+            }
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    let logged = logged.expect("the abandoned interaction is in the log");
+    assert_eq!(logged.candidates.len(), 2);
+    let sent = logged.candidates.iter().find(|c| c.candidate_id == first.candidate_id).unwrap();
+    assert!(sent.text.starts_with(&first.text), "{:?} was sent first; logged {:?}", first.text, sent.text);
+    assert!(logged.candidates.iter().all(|c| c.finish_reason == FinishReason::Cancelled as i32));
 }

@@ -9,6 +9,7 @@
 //! test.
 
 use std::{
+    collections::HashMap,
     sync::Arc,
     time::{Instant, SystemTime},
 };
@@ -144,7 +145,6 @@ pub(super) async fn start(state: &AppState, req: GenerateRequest) -> Result<Gene
     let system =
         if req.system_prompt.trim().is_empty() { grounding::DEFAULT_SYSTEM_PROMPT } else { &req.system_prompt };
     let messages = grounding::messages(system, &objects, &req.conversation);
-    let as_refs: Vec<_> = messages.iter().map(|(role, text)| (*role, text.as_str())).collect();
     let sampling_params = req.sampling.clone().unwrap_or_default();
     let max_new_tokens = match sampling_params.max_new_tokens {
         0 => state.default_max_new_tokens as usize,
@@ -175,9 +175,17 @@ pub(super) async fn start(state: &AppState, req: GenerateRequest) -> Result<Gene
         let (theirs, ours): (Vec<usize>, Vec<usize>) = (0..candidates).partition(|c| c % 2 == first);
         engines = vec![(&champion, ours), (challenger, theirs)];
     }
+    // Rendering and tokenizing a long prompt is CPU work: off the async
+    // threads, which must stay free for other calls and health checks.
+    let tokenizers: Vec<_> = engines.iter().map(|(engine, _)| engine.tokenizer().clone()).collect();
+    let encoded = tokio::task::spawn_blocking(move || {
+        let as_refs: Vec<_> = messages.iter().map(|(role, text)| (*role, text.as_str())).collect();
+        tokenizers.iter().map(|t| t.encode(&t.render(&as_refs))).collect::<Result<Vec<_>>>()
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("tokenizing the prompt: {e}")))??;
     let mut prompts = Vec::with_capacity(engines.len());
-    for (engine, _) in &engines {
-        let prompt = engine.tokenizer().encode(&engine.tokenizer().render(&as_refs))?;
+    for ((engine, _), prompt) in engines.iter().zip(encoded) {
         if prompt.len() + 1 >= engine.context() {
             return Err(Error::invalid(
                 "conversation",
@@ -270,6 +278,29 @@ impl Generation {
             EngineEvent::Failed(why) => Err(Error::Internal(format!("generation failed: {why}"))),
             EngineEvent::Admitted => unreachable!("admissions are consumed above"),
         })
+    }
+
+    /// The candidates of a cancelled stream that had not finished, with
+    /// the text the client had been sent (`sent`, by candidate id).
+    pub(super) fn cancelled(&self, done: &[Candidate], mut sent: HashMap<String, String>) -> Vec<Candidate> {
+        let ids: Vec<String> =
+            self.grounding.iter().filter_map(|g| g.knowledge.as_ref().map(|k| k.id.clone())).collect();
+        (0..self.candidate_ids.len())
+            .filter(|&c| done.iter().all(|d| d.candidate_id != self.candidate_ids[c]))
+            .map(|c| {
+                let text = sent.remove(&self.candidate_ids[c]).unwrap_or_default();
+                let (model_version, prompt_tokens) = self.candidate_models[c].clone();
+                Candidate {
+                    candidate_id: self.candidate_ids[c].clone(),
+                    cited_knowledge_ids: grounding::citations(&text, &ids),
+                    text,
+                    finish_reason: FinishReason::Cancelled as i32,
+                    prompt_tokens: prompt_tokens as u32,
+                    completion_tokens: 0,
+                    model_version,
+                }
+            })
+            .collect()
     }
 
     pub(super) fn started_event(&self) -> GenerateEvent {

@@ -43,6 +43,33 @@ pub struct AppState {
     pub default_max_new_tokens: u32,
     pub query_composition: QueryComposition,
     pub default_top_k: u32,
+    /// Largest response message (`limits.max_message_mib`): a response that
+    /// would not fit is refused before it is logged as shown.
+    pub max_message_bytes: usize,
+}
+
+/// Refuses a response that could not be delivered, before it is logged.
+fn check_response_fits(call: &str, encoded_len: usize, max: usize, fewer: &str) -> crate::error::Result<()> {
+    if encoded_len > max {
+        return Err(crate::error::Error::ResourceExhausted(format!(
+            "the {call} response would be {encoded_len} bytes, over limits.max_message_mib ({max} bytes); {fewer}"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses, before any compute, a request whose interaction record could
+/// not be logged (it carries the request).
+fn check_request_loggable(call: &str, encoded_len: usize) -> crate::error::Result<()> {
+    // Room for what the record adds: shown objects, models, timings.
+    let limit = crate::trainlog::format::MAX_RECORD_LEN - (256 << 10);
+    if encoded_len > limit {
+        return Err(crate::error::Error::InvalidArgument(format!(
+            "the {call} request is {encoded_len} bytes; the training log records at most {limit} bytes of a \
+             request: send fewer or shorter passages or turns"
+        )));
+    }
+    Ok(())
 }
 
 /// Knowledge objects by (id, version) — version 0 is the latest live one, any

@@ -4,11 +4,13 @@
 //! Every served call is recorded as an interaction before it is answered.
 
 use std::{
+    collections::HashMap,
     pin::Pin,
     sync::Arc,
     time::{Instant, SystemTime},
 };
 
+use prost::Message;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -93,19 +95,31 @@ impl Support {
             device: semantic.engine().device().label(),
         };
         let interaction_id = new_interaction_id();
+        let response = RetrieveResponse {
+            interaction_id: interaction_id.clone(),
+            results,
+            models: Some(models.clone()),
+            timings: Some(timings.clone()),
+        };
+        super::check_response_fits(
+            "Retrieve",
+            response.encoded_len(),
+            self.state.max_message_bytes,
+            "ask for fewer results (top_k)",
+        )?;
         let record = InteractionRecord {
             interaction_id: interaction_id.clone(),
             kind: InteractionKind::Retrieve as i32,
             created_at: Some(SystemTime::now().into()),
             request_context: req.request_context.clone(),
-            shown_knowledge: shown(&results),
-            models: Some(models.clone()),
-            timings: Some(timings.clone()),
+            shown_knowledge: shown(&response.results),
+            models: Some(models),
+            timings: Some(timings),
             request: Some(interaction_record::Request::Retrieve(req)),
             ..Default::default()
         };
         self.state.interactions.record(record).await?;
-        Ok(RetrieveResponse { interaction_id, results, models: Some(models), timings: Some(timings) })
+        Ok(response)
     }
 
     /// What a Rank request asks to score: knowledge objects (the latest
@@ -140,6 +154,7 @@ impl Support {
     async fn rank_candidates(&self, req: RankRequest) -> Result<RankResponse> {
         let started = Instant::now();
         convert::check_rank(&req)?;
+        super::check_request_loggable("Rank", req.encoded_len())?;
         let candidates = self.rank_candidates_of(&req).await?;
         let ranker = self
             .state
@@ -187,6 +202,13 @@ impl Support {
         };
         let shown_results: Vec<ScoredKnowledge> = items.iter().filter_map(|item| item.knowledge.clone()).collect();
         let interaction_id = new_interaction_id();
+        let response = RankResponse { interaction_id: interaction_id.clone(), items, models: None, timings: None };
+        super::check_response_fits(
+            "Rank",
+            response.encoded_len() + 1_024,
+            self.state.max_message_bytes,
+            "ask for fewer items (top_n)",
+        )?;
         let record = InteractionRecord {
             interaction_id: interaction_id.clone(),
             kind: InteractionKind::Rank as i32,
@@ -199,7 +221,7 @@ impl Support {
             ..Default::default()
         };
         self.state.interactions.record(record).await?;
-        Ok(RankResponse { interaction_id, items, models: Some(models), timings: Some(timings) })
+        Ok(RankResponse { models: Some(models), timings: Some(timings), ..response })
     }
 
     fn check_generate(&self, req: &GenerateRequest) -> Result<()> {
@@ -267,20 +289,39 @@ impl SupportService for Support {
                 return;
             }
             let mut done = Vec::new();
+            // What each unfinished candidate has sent so far, by id.
+            let mut sent: HashMap<String, String> = HashMap::new();
             while done.len() < generation.candidate_ids.len() {
-                let event = match generation.next().await {
+                let (event, finished, delta) = match generation.next().await {
                     Some(Ok((event, finished))) => {
-                        done.extend(finished);
-                        Ok(GenerateEvent { event: Some(event) })
+                        let delta = match &event {
+                            generate_event::Event::Delta(d) => Some((d.candidate_id.clone(), d.text.clone())),
+                            _ => None,
+                        };
+                        (Ok(GenerateEvent { event: Some(event) }), finished, delta)
                     }
-                    Some(Err(e)) => Err(Status::from(e)),
-                    None => Err(Status::unavailable("the decoding worker stopped mid-request")),
+                    Some(Err(e)) => (Err(Status::from(e)), None, None),
+                    None => (Err(Status::unavailable("the decoding worker stopped mid-request")), None, None),
                 };
                 let failed = event.is_err();
-                // A caller that went away drops `generation`, which frees its
-                // candidates' decoding slots at the engine's next step.
-                if tx.send(event).await.is_err() || failed {
+                if tx.send(event).await.is_err() {
+                    // The caller went away. What it was sent stays annotatable;
+                    // dropping `generation` then frees the decoding slots.
+                    let partial = generation.cancelled(&done, sent);
+                    if let Err(e) = generation.record(&state, [done, partial].concat()).await {
+                        tracing::warn!(error = %e, "could not log a cancelled GenerateStream");
+                    }
                     return;
+                }
+                if failed {
+                    return;
+                }
+                if let Some((id, text)) = delta {
+                    sent.entry(id).or_default().push_str(&text);
+                }
+                if let Some(finished) = finished {
+                    sent.remove(&finished.candidate_id);
+                    done.push(finished);
                 }
             }
             let last = match generation.record(&state, done).await {

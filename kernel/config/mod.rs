@@ -213,8 +213,26 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
     /// Requests one connection may have in flight in the server.
     pub concurrency_per_connection: usize,
-    /// A call still running after this is cancelled with DEADLINE_EXCEEDED.
+    /// A call still running after this (or after the client's grpc-timeout,
+    /// if sooner) ends with DEADLINE_EXCEEDED, its response stream included.
     pub request_timeout_s: u64,
+    /// Calls in flight across the server; one more is refused at once with
+    /// RESOURCE_EXHAUSTED and a retry hint (health checks never are).
+    pub max_in_flight: usize,
+    /// Open connections; one more is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// A connection with no call in flight for this long is closed.
+    pub idle_timeout_s: u64,
+    /// A connection that has made no call this long after opening is closed.
+    pub handshake_timeout_s: u64,
+    /// Bytes of partly received request messages the server holds, across
+    /// all connections, MiB; a stream that would exceed it is refused
+    /// RESOURCE_EXHAUSTED.
+    pub max_buffered_request_mib: usize,
+    /// The same, per connection.
+    pub max_buffered_request_mib_per_connection: usize,
+    /// On shutdown, calls in flight get this long to finish.
+    pub drain_timeout_s: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -260,6 +278,13 @@ impl Default for Limits {
             max_concurrent_streams: 1_024,
             concurrency_per_connection: 1_024,
             request_timeout_s: 120,
+            max_in_flight: 4_096,
+            max_connections: 1_024,
+            idle_timeout_s: 300,
+            handshake_timeout_s: 10,
+            max_buffered_request_mib: 256,
+            max_buffered_request_mib_per_connection: 64,
+            drain_timeout_s: 30,
         }
     }
 }
@@ -297,6 +322,22 @@ impl Config {
         }
         if self.limits.request_timeout_s == 0 {
             return bad("limits.request_timeout_s", "must be at least 1");
+        }
+        let l = &self.limits;
+        if l.max_in_flight == 0 || l.max_connections == 0 || l.idle_timeout_s == 0 || l.handshake_timeout_s == 0 {
+            return bad(
+                "limits",
+                "max_in_flight, max_connections, idle_timeout_s and handshake_timeout_s must be at least 1",
+            );
+        }
+        if l.max_buffered_request_mib_per_connection < l.max_message_mib
+            || l.max_buffered_request_mib < l.max_buffered_request_mib_per_connection
+        {
+            return bad(
+                "limits",
+                "max_buffered_request_mib_per_connection must be at least max_message_mib (or no message of that \
+                 size could arrive), and max_buffered_request_mib at least max_buffered_request_mib_per_connection",
+            );
         }
         if self.models.embed_token_budget < 512 || self.models.embed_queue_capacity == 0 {
             return bad("models", "embed_token_budget must be at least 512 and embed_queue_capacity at least 1");

@@ -243,7 +243,7 @@ impl GeneratorEngine {
         &self.shared.counters
     }
 
-    pub fn tokenizer(&self) -> &ChatTokenizer {
+    pub fn tokenizer(&self) -> &Arc<ChatTokenizer> {
         &self.shared.tokenizer
     }
 
