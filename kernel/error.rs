@@ -15,6 +15,12 @@ pub enum Error {
     Unavailable(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The call presented no valid API key.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller's key may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The system is not in the state the operation needs (nothing to roll back to).
     #[error("{0}")]
     FailedPrecondition(String),
@@ -46,6 +52,8 @@ impl Error {
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => Error::Unavailable(message),
             Code::ResourceExhausted => Error::ResourceExhausted(message),
             Code::FailedPrecondition => Error::FailedPrecondition(message),
+            Code::Unauthenticated => Error::Unauthenticated(message),
+            Code::PermissionDenied => Error::PermissionDenied(message),
             code => Error::Internal(format!("{call}: {code:?}: {}", status.message())),
         }
     }
@@ -67,6 +75,8 @@ mod tests {
             Error::Unavailable("no ranker".into()),
             Error::ResourceExhausted("queue full".into()),
             Error::FailedPrecondition("nothing to roll back".into()),
+            Error::Unauthenticated("no key".into()),
+            Error::PermissionDenied("role reader".into()),
             Error::Internal("boom".into()),
         ];
         for error in errors {

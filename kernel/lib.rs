@@ -19,6 +19,7 @@ pub mod eval;
 pub mod eval_server;
 pub mod feedback;
 pub mod kb;
+pub mod keys;
 pub mod load;
 pub mod middleware;
 pub mod model;

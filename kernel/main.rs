@@ -87,6 +87,12 @@ enum Command {
         #[command(subcommand)]
         command: LogCommand,
     },
+    /// API keys ({data_dir}/keys.json): with any live key, every call but health and reflection
+    /// needs one (`authorization: Bearer KEY`); a running server picks changes up within a second.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// The flywheel worker: judge new annotations, build training sets.
     Worker {
         #[command(subcommand)]
@@ -500,6 +506,28 @@ enum ModelsCommand {
 }
 
 #[derive(Subcommand)]
+enum KeysCommand {
+    /// Make a key and print it (the only time it is shown; the server keeps its SHA-256).
+    Create {
+        #[arg(long)]
+        tenant: String,
+        /// agent (copilot calls, annotations, reads), knowledge-editor, operator (all), reader.
+        #[arg(long, value_enum)]
+        role: aitl::keys::Role,
+        /// Annotations made with this key must name this agent_id.
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Keys with their id, tenant, role, agent and state; never the secret.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key by its id; calls with it are refused UNAUTHENTICATED from then on.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
 enum LogCommand {
     /// Segments, record counts and consumer cursors.
     Stats {
@@ -641,6 +669,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Keys { command } => keys(&config, command),
         Command::Log { command: LogCommand::Stats { json } } => log_stats(&config, json),
         Command::Log { command: LogCommand::Dump { from, limit } } => log_dump(&config, from, limit),
         Command::Worker { command: WorkerCommand::Run { follow, no_judge, server } } => {
@@ -1212,6 +1241,42 @@ fn serve(config: Config) -> Result<()> {
             }
         }
     })
+}
+
+fn keys(config: &Config, command: KeysCommand) -> Result<()> {
+    use aitl::keys::KeyStore;
+    let mut store = KeyStore::load(&config.data_dir)?;
+    match command {
+        KeysCommand::Create { tenant, role, agent } => {
+            let (key, record) = store.create(&tenant, role, agent.as_deref())?;
+            store.save(&config.data_dir)?;
+            eprintln!(
+                "key {} for tenant {} with role {}{} (shown once; keep it secret):",
+                record.id,
+                record.tenant,
+                role.name(),
+                record.agent.as_deref().map(|a| format!(", agent {a}")).unwrap_or_default()
+            );
+            println!("{key}");
+        }
+        KeysCommand::List { json } => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&store.keys).expect("json"));
+            } else {
+                for k in &store.keys {
+                    let state = k.revoked_at.map_or("live".to_string(), |at| format!("revoked at {at}"));
+                    let agent = k.agent.as_deref().unwrap_or("-");
+                    println!("{}  tenant {}  role {}  agent {agent}  {state}", k.id, k.tenant, k.role.name());
+                }
+            }
+        }
+        KeysCommand::Revoke { id } => {
+            let record = store.revoke(&id)?.clone();
+            store.save(&config.data_dir)?;
+            println!("key {} revoked", record.id);
+        }
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

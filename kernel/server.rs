@@ -14,7 +14,8 @@ use crate::{
     feedback::{self, AnnotationIntake, InteractionBook},
     kb::KnowledgeStore,
     kb::{QueryComposition, SemanticIndex},
-    middleware::{self, CallLimits, CallLimitsLayer, ConnectionLimits},
+    keys::KeyStore,
+    middleware::{self, AuthLayer, CallLimits, CallLimitsLayer, ConnectionLimits, Keys},
     proto::{
         self, flywheel_service_server::FlywheelServiceServer, knowledge_service_server::KnowledgeServiceServer,
         support_service_server::SupportServiceServer,
@@ -43,11 +44,34 @@ pub struct RunningServer {
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
     follower: JoinHandle<()>,
+    keys_follower: JoinHandle<()>,
 }
 
 impl Drop for RunningServer {
     fn drop(&mut self) {
         self.follower.abort();
+        self.keys_follower.abort();
+    }
+}
+
+/// Says at start whether calls need a key, and warns when a server that
+/// trusts everyone listens beyond loopback.
+fn announce_authentication(keys: &KeyStore, config: &Config) {
+    let path = KeyStore::path(&config.data_dir);
+    if keys.enforced() {
+        let live = keys.keys.iter().filter(|k| k.revoked_at.is_none()).count();
+        tracing::info!(keys = live, file = %path.display(), "API keys required (health and reflection stay open)");
+    } else if config.listen.ip().is_loopback() {
+        tracing::info!(
+            file = %path.display(),
+            "no API keys: every client on loopback is trusted; `aitl keys create` turns authentication on"
+        );
+    } else {
+        tracing::warn!(
+            listen = %config.listen,
+            "no API keys and listening beyond loopback: anyone who reaches this address can call every method; \
+             `aitl keys create` turns authentication on"
+        );
     }
 }
 
@@ -56,6 +80,7 @@ impl RunningServer {
     /// to finish (then drops them), and closes the log.
     pub async fn shutdown(mut self) -> Result<()> {
         self.follower.abort();
+        self.keys_follower.abort();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -221,7 +246,11 @@ pub async fn start(config: Config) -> Result<RunningServer> {
     };
     // Deadlines are the call-limits layer's (tonic's own timeout would end
     // calls CANCELLED rather than DEADLINE_EXCEEDED).
+    let keys = Keys::new(KeyStore::load(&config.data_dir)?);
+    announce_authentication(&keys.current(), &config);
+    let keys_follower = keys.follow(config.data_dir.clone(), Duration::from_millis(500));
     let router = tonic::transport::Server::builder()
+        .layer(AuthLayer::new(keys))
         .layer(calls.clone())
         .concurrency_limit_per_connection(config.limits.concurrency_per_connection)
         .max_concurrent_streams(Some(config.limits.max_concurrent_streams))
@@ -244,7 +273,7 @@ pub async fn start(config: Config) -> Result<RunningServer> {
         let _ = shutdown_rx.await;
     }));
     let drain = Duration::from_secs(config.limits.drain_timeout_s);
-    Ok(RunningServer { addr, state, calls, drain, shutdown: Some(shutdown_tx), task, follower })
+    Ok(RunningServer { addr, state, calls, drain, shutdown: Some(shutdown_tx), task, follower, keys_follower })
 }
 
 /// Publishes the log's state as gRPC health: while the log cannot write, the

@@ -13,6 +13,8 @@ impl From<Error> for Status {
             Error::Unavailable(_) => Code::Unavailable,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Internal(_) => Code::Internal,
             Error::Cuda(cuda) => match cuda {
                 CudaError::Unavailable(_) => Code::Unavailable,

@@ -337,7 +337,17 @@ impl SupportService for Support {
         &self,
         request: Request<SubmitAnnotationRequest>,
     ) -> Result<Response<SubmitAnnotationResponse>, Status> {
+        let caller = request.extensions().get::<crate::keys::Caller>().cloned();
         let annotation = request.into_inner().annotation.ok_or_else(|| Error::invalid("annotation", "is required"))?;
+        if let Some(agent) = caller.as_ref().and_then(|c| c.agent.as_ref())
+            && &annotation.agent_id != agent
+        {
+            return Err(Error::PermissionDenied(format!(
+                "annotation.agent_id {:?}: this API key belongs to agent {agent:?}, and annotates only as that agent",
+                annotation.agent_id
+            ))
+            .into());
+        }
         let annotation_id = annotation.annotation_id.clone();
         let accepted = self.state.annotations.submit(annotation).await?;
         Ok(Response::new(SubmitAnnotationResponse {

@@ -1,10 +1,13 @@
 //! What stands between the network and the services: the connection
-//! limits on accepted sockets and the per-call limits in one tower layer
-//! (shedding, deadlines, buffered request bytes). Both are sized by
+//! limits on accepted sockets, then two tower layers: authentication and
+//! roles, and the per-call limits (shedding, deadlines, buffered request
+//! bytes). Both are sized by
 //! `[limits]` and keep memory bounded whatever clients send.
 
+pub mod auth;
 pub mod connections;
 pub mod limits;
 
+pub use auth::{AuthLayer, Keys};
 pub use connections::{ConnectionInfo, ConnectionLimits, tracked};
 pub use limits::{CallLimits, CallLimitsLayer};
