@@ -15,7 +15,6 @@ use std::{
 use aitl::proto::{
     ListKnowledgeRequest, Passages, RankRequest, UpsertKnowledgeRequest,
     knowledge_service_client::KnowledgeServiceClient, rank_request::Candidates,
-    support_service_client::SupportServiceClient,
 };
 use bytes::Bytes;
 use common::*;
@@ -267,7 +266,6 @@ async fn calls_past_the_limit_are_shed_and_deadlines_say_deadline_exceeded() {
     let started = Instant::now();
     server.shutdown().await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(3), "drained in {:?}", started.elapsed());
-    let _ = SupportServiceClient::new(channel);
 }
 
 /// What could not be logged is refused before any compute, and what could
