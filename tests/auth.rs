@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::{collections::BTreeMap, path::Path, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use aitl::proto::{
     self, DeleteKnowledgeRequest, GenerateRequest, GetKnowledgeRequest, GetServingModelsRequest,
@@ -18,17 +18,6 @@ use aitl::proto::{
 use common::*;
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-
-fn aitl(data_dir: &Path, args: &[&str]) -> String {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_aitl"))
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "aitl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8(output.stdout).unwrap()
-}
 
 fn with_key<T>(message: T, key: Option<&str>) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
@@ -85,13 +74,13 @@ async fn keys_and_roles_guard_every_rpc() {
         if let Some(agent) = agent {
             args.extend(["--agent", agent]);
         }
-        aitl(dir.path(), &args).trim().to_string()
+        aitl_ok(dir.path(), &args).trim().to_string()
     };
     let agent = key("agent", Some("agent-7"));
     let editor = key("knowledge-editor", None);
     let reader = key("reader", None);
     let operator = key("operator", None);
-    let listed = aitl(dir.path(), &["keys", "list"]);
+    let listed = aitl_ok(dir.path(), &["keys", "list"]);
     assert_eq!(listed.lines().count(), 4, "{listed}");
     assert!(!listed.contains(agent.rsplit('_').next().unwrap()), "list never shows a secret");
 
@@ -161,7 +150,7 @@ async fn keys_and_roles_guard_every_rpc() {
 
     // Revoked while the server runs: refused within the reload interval.
     let agent_id = agent.split('_').nth(1).unwrap().to_string();
-    aitl(dir.path(), &["keys", "revoke", &agent_id]);
+    aitl_ok(dir.path(), &["keys", "revoke", &agent_id]);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         let listed = KnowledgeServiceClient::new(channel.clone())

@@ -12,20 +12,6 @@ use aitl::{
     trainlog::{LogOptions, TrainingLog},
 };
 
-fn aitl(data_dir: &Path, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_aitl"))
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(args)
-        .env("AITL_LOG", "warn")
-        .env("AITL_EMBEDDER", "none")
-        .env("AITL_GENERATOR", "none")
-        .output()
-        .unwrap();
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (output.status.success(), text(&output.stdout), text(&output.stderr))
-}
-
 #[test]
 fn ingest_jsonl_reports_counts_and_points_at_bad_lines() {
     let dir = tempfile::tempdir().unwrap();
@@ -41,17 +27,17 @@ fn ingest_jsonl_reports_counts_and_points_at_bad_lines() {
     )
     .unwrap();
     let data = dir.path().join("data");
-    let (ok, stdout, stderr) = aitl(&data, &["ingest", file.to_str().unwrap()]);
+    let (ok, stdout, stderr) = common::run_aitl(&data, &["ingest", file.to_str().unwrap()]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("2 inserted, 0 updated, 0 unchanged"), "{stdout}");
-    let (ok, stdout, _) = aitl(&data, &["ingest", file.to_str().unwrap()]);
+    let (ok, stdout, _) = common::run_aitl(&data, &["ingest", file.to_str().unwrap()]);
     assert!(ok && stdout.contains("0 inserted, 0 updated, 2 unchanged"), "{stdout}");
     let store = KnowledgeStore::open(&data.join("knowledge.redb")).unwrap();
     assert_eq!(store.get("p1", 0, false).unwrap().metadata["team"], "billing");
     drop(store);
 
     std::fs::write(&file, "{\"id\": \"x\", \"kind\": \"memo\", \"text\": \"t\"}\n").unwrap();
-    let (ok, _, stderr) = aitl(&data, &["ingest", file.to_str().unwrap()]);
+    let (ok, _, stderr) = common::run_aitl(&data, &["ingest", file.to_str().unwrap()]);
     assert!(!ok);
     assert!(stderr.contains("kb.jsonl:1") && stderr.contains("\"memo\""), "{stderr}");
 }
@@ -61,7 +47,7 @@ fn ingest_dstc11_uses_the_shared_id_scheme() {
     let dstc11 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/dstc11-track5");
     assert!(dstc11.join("knowledge.json").exists(), "this test reads ../shared/data/dstc11-track5, which is absent");
     let dir = tempfile::tempdir().unwrap();
-    let (ok, stdout, stderr) = aitl(dir.path(), &["ingest", "--dstc11", dstc11.to_str().unwrap()]);
+    let (ok, stdout, stderr) = common::run_aitl(dir.path(), &["ingest", "--dstc11", dstc11.to_str().unwrap()]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("ingested 10882 objects: 10882 inserted"), "{stdout}");
     let store = KnowledgeStore::open(&dir.path().join("knowledge.redb")).unwrap();
@@ -94,7 +80,7 @@ fn log_stats_and_dump_show_what_was_written() {
     cursor.commit(2).unwrap();
     log.close();
 
-    let (ok, stdout, stderr) = aitl(dir.path(), &["log", "stats", "--json"]);
+    let (ok, stdout, stderr) = common::run_aitl(dir.path(), &["log", "stats", "--json"]);
     assert!(ok, "{stderr}");
     let stats: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(stats["stats"]["records"], 3);
@@ -102,7 +88,7 @@ fn log_stats_and_dump_show_what_was_written() {
     assert_eq!(stats["cursors"][0]["name"], "worker");
     assert_eq!(stats["cursors"][0]["lag"], 2);
 
-    let (ok, stdout, stderr) = aitl(dir.path(), &["log", "dump", "--from", "2"]);
+    let (ok, stdout, stderr) = common::run_aitl(dir.path(), &["log", "dump", "--from", "2"]);
     assert!(ok, "{stderr}");
     let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
@@ -114,29 +100,29 @@ fn log_stats_and_dump_show_what_was_written() {
 #[test]
 fn models_list_challenger_and_rollback_edit_the_registry() {
     let dir = tempfile::tempdir().unwrap();
-    let (ok, out, _) = aitl(dir.path(), &["models", "list"]);
+    let (ok, out, _) = common::run_aitl(dir.path(), &["models", "list"]);
     assert!(ok);
     assert!(out.contains("retriever: serving the configured model (none)"), "{out}");
 
-    let (ok, _, err) = aitl(dir.path(), &["models", "rollback", "retriever"]);
+    let (ok, _, err) = common::run_aitl(dir.path(), &["models", "rollback", "retriever"]);
     assert!(!ok);
     assert!(err.contains("has no earlier version to roll back to"), "{err}");
-    let (ok, _, err) = aitl(dir.path(), &["models", "promote", "retriever-nope"]);
+    let (ok, _, err) = common::run_aitl(dir.path(), &["models", "promote", "retriever-nope"]);
     assert!(!ok);
     assert!(err.contains("retriever-nope: no trained model there"), "{err}");
 
     let challenger = dir.path().join("other.gguf");
     std::fs::write(&challenger, b"GGUF").unwrap();
     let path = challenger.to_str().unwrap();
-    let (ok, out, err) = aitl(dir.path(), &["models", "challenger", "generator", path, "--share", "0.3"]);
+    let (ok, out, err) = common::run_aitl(dir.path(), &["models", "challenger", "generator", path, "--share", "0.3"]);
     assert!(ok, "{err}");
     assert!(out.contains("share 0.3"), "{out}");
-    let (ok, out, _) = aitl(dir.path(), &["models", "list", "--json"]);
+    let (ok, out, _) = common::run_aitl(dir.path(), &["models", "list", "--json"]);
     assert!(ok);
     let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(listed["registry"]["generator"]["challenger"], path);
     assert_eq!(listed["registry"]["challenger_share"], 0.3);
-    let (ok, _, err) = aitl(dir.path(), &["models", "challenger", "generator", "--share", "1.5"]);
+    let (ok, _, err) = common::run_aitl(dir.path(), &["models", "challenger", "generator", "--share", "1.5"]);
     assert!(!ok && err.contains("outside 0 to 1"), "{err}");
 }
 
@@ -146,7 +132,7 @@ fn dataset_import_and_stats_write_and_read_the_beir_layout() {
     assert!(dstc11.join("knowledge.json").exists(), "this test reads ../shared/data/dstc11-track5, which is absent");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("beir");
-    let (ok, stdout, stderr) = aitl(
+    let (ok, stdout, stderr) = common::run_aitl(
         dir.path(),
         &["dataset", "import-dstc11", "--from", dstc11.to_str().unwrap(), "--out", out.to_str().unwrap()],
     );
@@ -155,11 +141,11 @@ fn dataset_import_and_stats_write_and_read_the_beir_layout() {
     for file in ["corpus.jsonl", "queries.jsonl", "qrels/test.tsv", "qrels/guard.tsv"] {
         assert!(out.join(file).exists(), "{file}");
     }
-    let (ok, stdout, stderr) = aitl(dir.path(), &["dataset", "stats", "--dataset", out.to_str().unwrap()]);
+    let (ok, stdout, stderr) = common::run_aitl(dir.path(), &["dataset", "stats", "--dataset", out.to_str().unwrap()]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("history: 1725 queries") && stdout.contains("eval: 213 queries"), "{stdout}");
     std::fs::write(out.join("qrels/test.tsv"), "d11v-0001 hotel:0:faq:0 1\n").unwrap();
-    let (ok, _, stderr) = aitl(dir.path(), &["dataset", "stats", "--dataset", out.to_str().unwrap()]);
+    let (ok, _, stderr) = common::run_aitl(dir.path(), &["dataset", "stats", "--dataset", out.to_str().unwrap()]);
     assert!(!ok && stderr.contains("test.tsv:1") && stderr.contains("tabs"), "{stderr}");
 }
 

@@ -6,9 +6,7 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
     path::Path,
-    process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -40,22 +38,6 @@ async fn seed(data_dir: &Path) -> Vec<InteractionRecord> {
     records
 }
 
-fn spawn_server(data_dir: &Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_aitl"))
-        .args(["--data-dir", data_dir.to_str().unwrap(), "serve", "--listen", "127.0.0.1:0"])
-        .env("AITL_LOG", "warn")
-        .env("AITL_EMBEDDER", "none")
-        .env("AITL_GENERATOR", "none")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.split_whitespace().nth(3).unwrap_or_else(|| panic!("server did not start: {line:?}")).to_string();
-    (child, addr)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loses_no_acknowledged_annotation() {
     let dir = tempfile::tempdir().unwrap();
@@ -64,7 +46,7 @@ async fn kill_9_loses_no_acknowledged_annotation() {
     let started = Instant::now();
     let rounds = std::env::var("AITL_KILL9_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(ROUNDS);
     for round in 0..rounds {
-        let (mut child, addr) = spawn_server(dir.path());
+        let (mut child, addr) = serve_process(dir.path(), None);
         let channel =
             tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
         let clients: Vec<_> = (0..CLIENTS)
@@ -96,7 +78,7 @@ async fn kill_9_loses_no_acknowledged_annotation() {
     }
 
     // One more start proves recovery; then read the log directly.
-    let (mut child, _) = spawn_server(dir.path());
+    let (mut child, _) = serve_process(dir.path(), None);
     child.kill().unwrap();
     child.wait().unwrap();
     let counts = annotation_counts(&dir.path().join("log"));

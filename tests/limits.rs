@@ -6,11 +6,7 @@
 
 mod common;
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use aitl::proto::{
     ListKnowledgeRequest, Passages, RankRequest, UpsertKnowledgeRequest,
@@ -53,6 +49,17 @@ async fn raw_connection(addr: &str) -> h2::client::SendRequest<Bytes> {
     client.ready().await.unwrap()
 }
 
+/// The headers of a gRPC call to `path`, for a raw HTTP/2 stream.
+fn grpc_request(addr: &str, path: &str) -> http::Request<()> {
+    http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
 /// A SubmitAnnotation stream that announces a message of `announced` bytes
 /// and sends only `sent` of them.
 struct HalfSent {
@@ -62,13 +69,7 @@ struct HalfSent {
 
 impl HalfSent {
     async fn open(client: &mut h2::client::SendRequest<Bytes>, addr: &str, announced: u32, sent: usize) -> Self {
-        let request = http::Request::builder()
-            .method("POST")
-            .uri(format!("http://{addr}/aitl.v1.SupportService/SubmitAnnotation"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
+        let request = grpc_request(addr, "/aitl.v1.SupportService/SubmitAnnotation");
         *client = client.clone().ready().await.unwrap();
         let (response, mut body) = client.send_request(request, false).unwrap();
         let mut prefix = vec![0u8];
@@ -94,22 +95,8 @@ async fn half_sent_messages_cannot_exhaust_the_servers_memory() {
         "[limits]\nmax_message_mib = 16\nmax_buffered_request_mib = 32\nmax_buffered_request_mib_per_connection = 16\n",
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_aitl"))
-        .arg("--config")
-        .arg(&config)
-        .args(["--data-dir", dir.path().join("data").to_str().unwrap(), "serve", "--listen", "127.0.0.1:0"])
-        .env("AITL_LOG", "warn")
-        .env("AITL_EMBEDDER", "none")
-        .env("AITL_GENERATOR", "none")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let (child, addr) = serve_process(&dir.path().join("data"), Some(&config));
     let child = KillOnDrop(child);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let addr = line.split_whitespace().nth(3).unwrap_or_else(|| panic!("server did not start: {line:?}")).to_string();
     let pid = child.0.id();
     let before = rss_mib(pid);
 
@@ -192,13 +179,7 @@ async fn connections_are_capped_and_closed_when_idle() {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (client, connection) = h2::client::handshake(tcp).await.unwrap();
     let connection = tokio::spawn(connection);
-    let request = http::Request::builder()
-        .method("POST")
-        .uri(format!("http://{addr}/grpc.health.v1.Health/Check"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
+    let request = grpc_request(&addr.to_string(), "/grpc.health.v1.Health/Check");
     let (response, mut body) = client.ready().await.unwrap().send_request(request, false).unwrap();
     body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true).unwrap();
     assert_eq!(response.await.unwrap().status(), 200);

@@ -64,17 +64,6 @@ fn holds(bytes: &[u8], needle: &str) -> bool {
     bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
 
-fn aitl(data_dir: &Path, args: &[&str]) -> String {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_aitl"))
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "aitl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8(output.stdout).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn personal_data_is_redacted_in_everything_persisted() {
     let dir = tempfile::tempdir().unwrap();
@@ -194,7 +183,7 @@ async fn personal_data_is_redacted_in_everything_persisted() {
     assert!(ranked.items.len() == 2);
 
     // The log holds placeholders and counts.
-    let dump = aitl(&data, &["log", "dump"]);
+    let dump = aitl_ok(&data, &["log", "dump"]);
     let first_server: Vec<serde_json::Value> = dump.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(first_server.len(), 3 + annotations.len());
     let first_dump = first_server.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n");
@@ -222,8 +211,8 @@ async fn personal_data_is_redacted_in_everything_persisted() {
     assert_eq!(adoption["redactions"], serde_json::json!({"CARD": 1, "PHONE": 1}));
 
     // The worker's journal and the training sets it exports hold none of it.
-    aitl(&data, &["worker", "run"]);
-    let exported = aitl(&data, &["worker", "export"]);
+    aitl_ok(&data, &["worker", "run"]);
+    let exported = aitl_ok(&data, &["worker", "export"]);
     let mut files = Vec::new();
     files_under(&data.join("worker"), &mut files);
     files_under(&data.join("datasets"), &mut files);

@@ -202,10 +202,15 @@ impl Support {
         };
         let shown_results: Vec<ScoredKnowledge> = items.iter().filter_map(|item| item.knowledge.clone()).collect();
         let interaction_id = new_interaction_id();
-        let response = RankResponse { interaction_id: interaction_id.clone(), items, models: None, timings: None };
+        let response = RankResponse {
+            interaction_id: interaction_id.clone(),
+            items,
+            models: Some(models.clone()),
+            timings: Some(timings.clone()),
+        };
         super::check_response_fits(
             "Rank",
-            response.encoded_len() + 1_024,
+            response.encoded_len(),
             self.state.max_message_bytes,
             "ask for fewer items (top_n)",
         )?;
@@ -215,13 +220,13 @@ impl Support {
             created_at: Some(SystemTime::now().into()),
             request_context: req.request_context.clone(),
             shown_knowledge: shown(&shown_results),
-            models: Some(models.clone()),
-            timings: Some(timings.clone()),
+            models: Some(models),
+            timings: Some(timings),
             request: Some(interaction_record::Request::Rank(req)),
             ..Default::default()
         };
         self.state.interactions.record(record).await?;
-        Ok(RankResponse { models: Some(models), timings: Some(timings), ..response })
+        Ok(response)
     }
 
     fn check_generate(&self, req: &GenerateRequest) -> Result<()> {

@@ -4,12 +4,16 @@
 use std::sync::Arc;
 
 use dashmap::DashMap;
+use prost::Message;
 
 use crate::{
     privacy::Redactor,
     proto::{InteractionKind, InteractionRecord, log_record::Body},
     trainlog::{LogError, TrainingLog},
 };
+
+/// Records larger than this are redacted on a blocking thread.
+const REDACT_INLINE_BYTES: usize = 64 << 10;
 
 /// What one interaction put in front of the agent.
 #[derive(Debug)]
@@ -51,7 +55,19 @@ impl InteractionBook {
     /// Redacts the interaction's texts, makes it durable, then known to
     /// annotation checks.
     pub async fn record(&self, mut record: InteractionRecord) -> Result<u64, LogError> {
-        self.redactor.interaction(&mut record);
+        // Redaction costs up to ~50 µs per KB: a Rank with many raw passages
+        // would hold an async thread for a noticeable time.
+        if record.encoded_len() > REDACT_INLINE_BYTES {
+            let redactor = self.redactor.clone();
+            record = tokio::task::spawn_blocking(move || {
+                redactor.interaction(&mut record);
+                record
+            })
+            .await
+            .map_err(|e| LogError::WriteFailed(format!("redacting the interaction: {e}")))?;
+        } else {
+            self.redactor.interaction(&mut record);
+        }
         let body = Body::Interaction(record);
         let sequence = self.log.append(&body).await?;
         if let Body::Interaction(record) = &body {

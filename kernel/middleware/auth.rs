@@ -157,9 +157,7 @@ where
                 if let Some(caller) = caller {
                     request.extensions_mut().insert(caller);
                 }
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
-                Box::pin(inner.call(request))
+                Box::pin(super::take_ready(&mut self.inner).call(request))
             }
         }
     }

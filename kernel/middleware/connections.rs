@@ -156,8 +156,11 @@ impl AsyncWrite for Tracked {
 }
 
 /// The listener's connections, each tracked; those over the cap closed.
+/// Refusals are logged at most once a second, with their count: a flood of
+/// connections must not become a flood of log lines.
 pub fn tracked(incoming: TcpIncoming, limits: ConnectionLimits) -> impl Stream<Item = io::Result<Tracked>> {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let (mut refused, mut last_warned) = (0u64, None::<Instant>);
     incoming.filter_map(move |accepted| {
         let tracked = match accepted {
             Err(e) => Some(Err(e)),
@@ -168,11 +171,16 @@ pub fn tracked(incoming: TcpIncoming, limits: ConnectionLimits) -> impl Stream<I
                     Some(Ok(Tracked { io, state, limits, timer, _slot: slot }))
                 }
                 Err(_) => {
-                    tracing::warn!(
-                        peer = ?io.peer_addr().ok(),
-                        max = limits.max_connections,
-                        "connection refused: the server holds limits.max_connections connections"
-                    );
+                    refused += 1;
+                    if last_warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                        tracing::warn!(
+                            peer = ?io.peer_addr().ok(),
+                            refused,
+                            max = limits.max_connections,
+                            "connections refused: the server holds limits.max_connections connections"
+                        );
+                        (refused, last_warned) = (0, Some(Instant::now()));
+                    }
                     None
                 }
             },

@@ -148,10 +148,7 @@ where
         let request = request.map(|body| {
             Body::new(Metered { inner: body, shared: self.shared.clone(), connection, framing: Framing::default() })
         });
-        // The clone is ready; the original stays for the next poll_ready (tower's pattern).
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let future = inner.call(request);
+        let future = super::take_ready(&mut self.inner).call(request);
         Box::pin(async move {
             match tokio::time::timeout_at(deadline, future).await {
                 Err(_) => Ok(deadline_exceeded(timeout).into_http()),

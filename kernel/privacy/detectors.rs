@@ -307,7 +307,7 @@ fn nino(candidate: &str) -> bool {
 fn ipv6(text: &str, span: Range<usize>) -> Option<Range<usize>> {
     let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
     let bytes = text.as_bytes();
-    if span.start > 0 && word(bytes[span.start - 1]) || bytes.get(span.end).is_some_and(|&b| word(b)) {
+    if (span.start > 0 && word(bytes[span.start - 1])) || bytes.get(span.end).is_some_and(|&b| word(b)) {
         return None;
     }
     let candidate = &text[span.clone()];

@@ -15,6 +15,52 @@ use aitl::{
 };
 use tonic::transport::Channel;
 
+/// `aitl --data-dir DIR ARGS…` with no models configured: whether it
+/// succeeded, its stdout and its stderr.
+pub fn run_aitl(data_dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_aitl"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env("AITL_LOG", "warn")
+        .env("AITL_EMBEDDER", "none")
+        .env("AITL_GENERATOR", "none")
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (output.status.success(), text(&output.stdout), text(&output.stderr))
+}
+
+/// [`run_aitl`]'s stdout; panics with its stderr when it fails.
+pub fn aitl_ok(data_dir: &Path, args: &[&str]) -> String {
+    let (ok, stdout, stderr) = run_aitl(data_dir, args);
+    assert!(ok, "aitl {args:?}: {stderr}");
+    stdout
+}
+
+/// `aitl serve` as a child process on 127.0.0.1:0, with no models and
+/// optionally a config file; the child and the address it bound.
+pub fn serve_process(data_dir: &Path, config: Option<&Path>) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_aitl"));
+    if let Some(config) = config {
+        command.arg("--config").arg(config);
+    }
+    let mut child = command
+        .args(["--data-dir", data_dir.to_str().unwrap(), "serve", "--listen", "127.0.0.1:0"])
+        .env("AITL_LOG", "warn")
+        .env("AITL_EMBEDDER", "none")
+        .env("AITL_GENERATOR", "none")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.split_whitespace().nth(3).unwrap_or_else(|| panic!("server did not start: {line:?}")).to_string();
+    (child, addr)
+}
+
 /// A server without models: the spine alone.
 pub fn config(data_dir: &Path) -> Config {
     let mut config =
