@@ -173,11 +173,11 @@ impl Checkpoint {
             prefill,
             device: device.label(),
         };
-        let shared = {
-            let mut bases = BASES.lock().unwrap_or_else(|p| p.into_inner());
-            bases.retain(|(_, base)| base.upgrade().is_some());
-            bases.iter().find(|(k, _)| *k == key).and_then(|(_, base)| base.upgrade())
-        };
+        // Held through the load: two versions loading one base at once
+        // must not each keep a copy.
+        let mut bases = BASES.lock().unwrap_or_else(|p| p.into_inner());
+        bases.retain(|(_, base)| base.upgrade().is_some());
+        let shared = bases.iter().find(|(k, _)| *k == key).and_then(|(_, base)| base.upgrade());
         let loaded = shared.is_none();
         let (model, tokenizer) = if path.is_dir() {
             let model = match shared {
@@ -194,7 +194,7 @@ impl Checkpoint {
             (model, ChatTokenizer::from_gguf(&file)?)
         };
         if loaded {
-            BASES.lock().unwrap_or_else(|p| p.into_inner()).push((key, model.share()));
+            bases.push((key, model.share()));
         }
         Ok(Checkpoint { model, tokenizer, version })
     }
