@@ -58,7 +58,7 @@ fn retrieve(c: &mut Criterion) {
                     ..Default::default()
                 })
                 .collect();
-            store.upsert_batch(objects).unwrap();
+            store.upsert_batch(aitl::tenancy::DEFAULT_TENANT, objects).unwrap();
             let vectors: Vec<(String, u64, Vec<f32>)> = (start..start + 1000)
                 .map(|i| {
                     let v: Vec<f32> = (0..384).map(|_| next()).collect();
@@ -66,7 +66,7 @@ fn retrieve(c: &mut Criterion) {
                     (format!("doc-{i:06}"), 1, v.into_iter().map(|x| x / norm).collect())
                 })
                 .collect();
-            store.put_vectors(&version, &vectors).unwrap();
+            store.put_vectors(&version, aitl::tenancy::DEFAULT_TENANT, &vectors).unwrap();
         }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();

@@ -24,6 +24,7 @@ use crate::{
     },
     kb::{self, KnowledgeStore},
     proto::KnowledgeFilter,
+    tenancy::DEFAULT_TENANT,
 };
 
 /// Scratch dirs kept per evaluation set: one per embedding model recently
@@ -132,12 +133,12 @@ fn prepare_knowledge(config: &Config, knowledge: &EvalKnowledge) -> Result<()> {
         .map_err(|e| Error::Internal(format!("{}: {e}", config.data_dir.display())))?;
     let store = KnowledgeStore::open(&config.knowledge_path())?;
     for chunk in objects.chunks(crate::api::convert::MAX_ITEMS) {
-        store.upsert_batch(chunk.to_vec())?;
+        store.upsert_batch(DEFAULT_TENANT, chunk.to_vec())?;
     }
     let wanted: HashSet<&str> = objects.iter().map(|o| o.id.as_str()).collect();
     for id in all_ids(&store)? {
         if !wanted.contains(id.as_str()) {
-            store.delete(&id)?;
+            store.delete(DEFAULT_TENANT, &id)?;
         }
     }
     if let Some(dir) = config.embedder_dir()? {
@@ -161,12 +162,12 @@ fn prepare_knowledge(config: &Config, knowledge: &EvalKnowledge) -> Result<()> {
     Ok(())
 }
 
-/// Ids of every live object of `store`.
+/// Ids of every live object of `store` (evaluation data is the default tenant's).
 fn all_ids(store: &KnowledgeStore) -> Result<Vec<String>> {
     let mut ids = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let page = store.list(after.as_deref(), 1_000, &KnowledgeFilter::default(), false)?;
+        let page = store.list(DEFAULT_TENANT, after.as_deref(), 1_000, &KnowledgeFilter::default(), false)?;
         ids.extend(page.objects.into_iter().map(|o| o.id));
         match page.next_after {
             Some(next) => after = Some(next),

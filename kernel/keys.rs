@@ -145,9 +145,7 @@ impl KeyStore {
     pub fn create(&mut self, tenant: &str, role: Role, agent: Option<&str>) -> Result<(String, KeyRecord)> {
         let bad =
             |what: &str| Error::InvalidArgument(format!("{what}: use 1 to 128 characters, no control characters"));
-        if tenant.trim().is_empty() || tenant.len() > 128 || tenant.chars().any(char::is_control) {
-            return Err(bad("--tenant"));
-        }
+        crate::tenancy::check_name("--tenant", tenant)?;
         if agent.is_some_and(|a| a.trim().is_empty() || a.len() > 128 || a.chars().any(char::is_control)) {
             return Err(bad("--agent"));
         }

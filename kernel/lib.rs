@@ -28,4 +28,5 @@ pub mod provision;
 pub mod registry;
 pub mod server;
 pub mod serving;
+pub mod tenancy;
 pub mod worker;

@@ -63,6 +63,9 @@ enum Command {
         /// Objects per transaction.
         #[arg(long, default_value_t = 500)]
         batch: usize,
+        /// The tenant whose knowledge base receives the objects.
+        #[arg(long, default_value = aitl::tenancy::DEFAULT_TENANT)]
+        tenant: String,
         /// Where embedding runs: auto, cpu, cuda or cuda:N; overrides the config.
         #[arg(long, env = "AITL_DEVICE")]
         device: Option<aitl::backend::DeviceChoice>,
@@ -590,9 +593,10 @@ fn run(cli: Cli) -> Result<()> {
             config.device = device.unwrap_or(config.device);
             serve(config)
         }
-        Command::Ingest { file, dataset, batch, device } => {
+        Command::Ingest { file, dataset, batch, tenant, device } => {
             config.device = device.unwrap_or(config.device);
-            ingest(&config, file, dataset, batch)
+            aitl::tenancy::check_name("--tenant", &tenant)?;
+            ingest(&config, &tenant, file, dataset, batch)
         }
         Command::Dataset { command: DatasetCommand::ImportDstc11 { from, out } } => {
             let set = aitl::eval::dstc11::import(&from)?;
@@ -1208,10 +1212,11 @@ fn gaps(config: &Config, limit: usize, json: bool) -> Result<()> {
     );
     for gap in gaps.iter().take(limit) {
         println!(
-            "{:>5} reports ({} immediate) by {} agents  {}{}",
+            "{:>5} reports ({} immediate) by {} agents  {}{}{}",
             gap.reports,
             gap.immediate_reports,
             gap.agents.len(),
+            if gap.tenant == aitl::tenancy::DEFAULT_TENANT { String::new() } else { format!("[{}] ", gap.tenant) },
             gap.key,
             if gap.title.is_empty() || gap.title == gap.key { String::new() } else { format!(" ({})", gap.title) }
         );
@@ -1288,7 +1293,7 @@ async fn shutdown_signal() {
     }
 }
 
-fn ingest(config: &Config, file: Option<PathBuf>, dataset: Option<PathBuf>, batch: usize) -> Result<()> {
+fn ingest(config: &Config, tenant: &str, file: Option<PathBuf>, dataset: Option<PathBuf>, batch: usize) -> Result<()> {
     let objects: Vec<KnowledgeObject> = match (file, dataset) {
         (Some(file), None) => kb::read_jsonl(&file)?,
         (None, Some(dir)) => aitl::eval::dataset::read_corpus_of(&dir)?,
@@ -1308,7 +1313,7 @@ fn ingest(config: &Config, file: Option<PathBuf>, dataset: Option<PathBuf>, batc
     );
     let mut totals = kb::UpsertOutcome::default();
     for chunk in objects.chunks(batch) {
-        let (outcome, _) = store.upsert_batch(chunk.to_vec())?;
+        let (outcome, _) = store.upsert_batch(tenant, chunk.to_vec())?;
         totals.inserted += outcome.inserted;
         totals.updated += outcome.updated;
         totals.unchanged += outcome.unchanged;
@@ -1316,7 +1321,7 @@ fn ingest(config: &Config, file: Option<PathBuf>, dataset: Option<PathBuf>, batc
     }
     progress.finish_and_clear();
     println!(
-        "ingested {} objects: {} inserted, {} updated, {} unchanged ({} live in {})",
+        "ingested {} objects for tenant {tenant}: {} inserted, {} updated, {} unchanged ({} live in {}, all tenants)",
         objects.len(),
         totals.inserted,
         totals.updated,

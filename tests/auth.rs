@@ -133,7 +133,7 @@ async fn keys_and_roles_guard_every_rpc() {
     assert!(denied.message().contains("role knowledge-editor"), "{}", denied.message());
 
     // An agent's key annotates only as that agent.
-    let record = generate_interaction(&["k1"]);
+    let record = aitl::proto::InteractionRecord { tenant: "acme".into(), ..generate_interaction(&["k1"]) };
     server.state.interactions.record(record.clone()).await.unwrap();
     let mut support = SupportServiceClient::new(channel.clone());
     let as_other = proto::Annotation { agent_id: "agent-8".into(), ..preference("a-1", &record, "") };

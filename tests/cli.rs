@@ -33,7 +33,7 @@ fn ingest_jsonl_reports_counts_and_points_at_bad_lines() {
     let (ok, stdout, _) = common::run_aitl(&data, &["ingest", file.to_str().unwrap()]);
     assert!(ok && stdout.contains("0 inserted, 0 updated, 2 unchanged"), "{stdout}");
     let store = KnowledgeStore::open(&data.join("knowledge.redb")).unwrap();
-    assert_eq!(store.get("p1", 0, false).unwrap().metadata["team"], "billing");
+    assert_eq!(store.get(aitl::tenancy::DEFAULT_TENANT, "p1", 0, false).unwrap().metadata["team"], "billing");
     drop(store);
 
     std::fs::write(&file, "{\"id\": \"x\", \"kind\": \"memo\", \"text\": \"t\"}\n").unwrap();
@@ -49,15 +49,15 @@ fn ingest_dstc11_uses_the_shared_id_scheme() {
     let dir = tempfile::tempdir().unwrap();
     let (ok, stdout, stderr) = common::run_aitl(dir.path(), &["ingest", "--dstc11", dstc11.to_str().unwrap()]);
     assert!(ok, "{stderr}");
-    assert!(stdout.contains("ingested 10882 objects: 10882 inserted"), "{stdout}");
+    assert!(stdout.contains("ingested 10882 objects for tenant default: 10882 inserted"), "{stdout}");
     let store = KnowledgeStore::open(&dir.path().join("knowledge.redb")).unwrap();
-    let faq = store.get("hotel:0:faq:0", 0, false).unwrap();
+    let faq = store.get(aitl::tenancy::DEFAULT_TENANT, "hotel:0:faq:0", 0, false).unwrap();
     assert_eq!(
         faq.text,
         "A AND B GUEST HOUSE. Q: Are children welcomed at this location? A: Yes, you can stay with children at A and B Guest House."
     );
     assert_eq!(faq.metadata["entity_name"], "A AND B GUEST HOUSE");
-    let review = store.get("hotel:0:review:0:1", 0, false).unwrap();
+    let review = store.get(aitl::tenancy::DEFAULT_TENANT, "hotel:0:review:0:1", 0, false).unwrap();
     assert!(
         review.text.starts_with("A AND B GUEST HOUSE (review by Solo travelers): I stayed on my own"),
         "{}",

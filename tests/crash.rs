@@ -25,7 +25,8 @@ const CLIENTS: usize = 16;
 /// Knowledge and interactions, written with the library as the engines will.
 async fn seed(data_dir: &Path) -> Vec<InteractionRecord> {
     let kb = KnowledgeStore::open(&data_dir.join("knowledge.redb")).unwrap();
-    kb.upsert_batch(vec![knowledge("k1", "Refunds."), knowledge("k2", "Returns.")]).unwrap();
+    kb.upsert_batch(aitl::tenancy::DEFAULT_TENANT, vec![knowledge("k1", "Refunds."), knowledge("k2", "Returns.")])
+        .unwrap();
     let (log, _) = TrainingLog::open(&data_dir.join("log"), LogOptions::default()).unwrap();
     let book = InteractionBook::new(log.clone(), Default::default());
     let mut records = Vec::new();

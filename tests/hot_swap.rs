@@ -72,7 +72,7 @@ async fn retriever_and_ranker_swap_under_traffic_and_roll_back() {
     common::mini_dstc11(&dataset, 30);
     let data = dir.path().join("data");
     let store = aitl::kb::KnowledgeStore::open(&data.join("knowledge.redb")).unwrap();
-    store.upsert_batch(aitl::kb::read_dstc11(&dataset).unwrap()).unwrap();
+    store.upsert_batch(aitl::tenancy::DEFAULT_TENANT, aitl::kb::read_dstc11(&dataset).unwrap()).unwrap();
     drop(store);
     let tiny = dir.path().join("tiny");
     std::fs::create_dir_all(&tiny).unwrap();

@@ -101,7 +101,7 @@ async fn the_gate_promotes_a_better_retriever_and_refuses_a_worse_one() {
     common::mini_dstc11(&dataset, 30);
     let data = dir.path().join("data");
     let store = KnowledgeStore::open(&data.join("knowledge.redb")).unwrap();
-    store.upsert_batch(aitl::kb::read_dstc11(&dataset).unwrap()).unwrap();
+    store.upsert_batch(aitl::tenancy::DEFAULT_TENANT, aitl::kb::read_dstc11(&dataset).unwrap()).unwrap();
     let knowledge = store.live_objects().unwrap();
     assert_eq!(knowledge.len(), 120, "more objects than the 75 Recall@75 looks at");
     drop(store);

@@ -160,7 +160,11 @@ const K4: &str = "The shop is open from 9 to 5.";
 
 fn knowledge_base(dir: &Path) -> KnowledgeStore {
     let kb = KnowledgeStore::open(&dir.join("knowledge.redb")).unwrap();
-    kb.upsert_batch(vec![knowledge("k1", K1), knowledge("k2", K2), knowledge("k3", K3), knowledge("k4", K4)]).unwrap();
+    kb.upsert_batch(
+        aitl::tenancy::DEFAULT_TENANT,
+        vec![knowledge("k1", K1), knowledge("k2", K2), knowledge("k3", K3), knowledge("k4", K4)],
+    )
+    .unwrap();
     kb
 }
 
@@ -336,6 +340,7 @@ fn row(id: &str, interaction: &str, agent: &str, delay: f64, feedback: Feedback)
         shown_ms: 0,
         annotated_ms: (delay * 1000.0) as i64,
         feedback,
+        tenant: aitl::tenancy::DEFAULT_TENANT.into(),
     }
 }
 
@@ -594,7 +599,7 @@ async fn simulated_agents_feed_the_worker_and_the_judge_separates_the_careless()
     common::mini_dstc11(&dataset, 12);
     let data = dir.path().join("data");
     let store = KnowledgeStore::open(&data.join("knowledge.redb")).unwrap();
-    store.upsert_batch(aitl::kb::read_dstc11(&dataset).unwrap()).unwrap();
+    store.upsert_batch(aitl::tenancy::DEFAULT_TENANT, aitl::kb::read_dstc11(&dataset).unwrap()).unwrap();
     drop(store);
     let server = aitl::server::start(common::config_with_embedder(&data)).await.unwrap();
 

@@ -60,6 +60,7 @@ impl FlywheelService for Flywheel {
         &self,
         request: Request<ListKnowledgeGapsRequest>,
     ) -> Result<Response<ListKnowledgeGapsResponse>, Status> {
+        let tenant = crate::tenancy::of(&request);
         let limit = match request.into_inner().limit {
             0 => DEFAULT_GAPS,
             n if n <= MAX_GAPS => n,
@@ -69,10 +70,10 @@ impl FlywheelService for Flywheel {
         let snapshot = tokio::task::spawn_blocking(move || read_snapshot(&dir))
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
+        let gaps: Vec<_> = snapshot.gaps.into_iter().filter(|g| g.tenant == tenant).collect();
         Ok(Response::new(ListKnowledgeGapsResponse {
-            total: snapshot.gaps.len() as u32,
-            gaps: snapshot
-                .gaps
+            total: gaps.len() as u32,
+            gaps: gaps
                 .into_iter()
                 .take(limit as usize)
                 .map(|g| KnowledgeGap {
@@ -82,7 +83,7 @@ impl FlywheelService for Flywheel {
                     uri: g.uri,
                     reports: g.reports as u32,
                     immediate_reports: g.immediate_reports as u32,
-                    agent_ids: g.agents.into_iter().collect(),
+                    agent_ids: g.agents.iter().map(|a| crate::tenancy::unscoped(a).to_string()).collect(),
                     example_queries: g.example_queries,
                     first_reported_at: timestamp(g.first_ms),
                     last_reported_at: timestamp(g.last_ms),

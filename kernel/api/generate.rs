@@ -57,6 +57,8 @@ pub(super) struct Generation {
     /// Engines still to report their admission.
     waiting: usize,
     pub request: GenerateRequest,
+    /// The tenant the call acts for.
+    tenant: String,
     events: mpsc::UnboundedReceiver<EngineEvent>,
 }
 
@@ -109,7 +111,7 @@ fn submit(
 
 /// The grounding objects in prompt order (exactly the versions a Rank or
 /// Retrieve interaction showed, or the latest of each id).
-async fn grounding_of(state: &AppState, req: &GenerateRequest) -> Result<Vec<ScoredKnowledge>> {
+async fn grounding_of(state: &AppState, tenant: &str, req: &GenerateRequest) -> Result<Vec<ScoredKnowledge>> {
     let limit = if req.max_grounding == 0 { DEFAULT_GROUNDING } else { req.max_grounding as usize };
     let (field, wanted): (&'static str, Vec<(String, u64)>) = match &req.grounding {
         None => return Ok(Vec::new()),
@@ -119,7 +121,7 @@ async fn grounding_of(state: &AppState, req: &GenerateRequest) -> Result<Vec<Sco
         Some(Grounding::GroundingInteractionId(id)) => {
             let shown = state
                 .interactions
-                .get(id)
+                .get(tenant, id)
                 .ok_or_else(|| Error::NotFound(format!("grounding_interaction_id: interaction {id:?} is unknown")))?;
             if !matches!(shown.kind, InteractionKind::Retrieve | InteractionKind::Rank) {
                 return Err(Error::invalid("grounding_interaction_id", "must name a Retrieve or Rank interaction"));
@@ -127,7 +129,7 @@ async fn grounding_of(state: &AppState, req: &GenerateRequest) -> Result<Vec<Sco
             ("grounding_interaction_id", shown.knowledge.iter().take(limit).cloned().collect())
         }
     };
-    let objects = super::fetch_knowledge(&state.kb, field, wanted).await?;
+    let objects = super::fetch_knowledge(&state.kb, tenant, field, wanted).await?;
     Ok(objects
         .into_iter()
         .enumerate()
@@ -135,12 +137,12 @@ async fn grounding_of(state: &AppState, req: &GenerateRequest) -> Result<Vec<Sco
         .collect())
 }
 
-pub(super) async fn start(state: &AppState, req: GenerateRequest) -> Result<Generation> {
+pub(super) async fn start(state: &AppState, tenant: String, req: GenerateRequest) -> Result<Generation> {
     let started = Instant::now();
     let missing = || super::support::missing_model("Generate", "generator (decoder LLM)");
     let generators = state.generators.get().ok_or_else(missing)?;
     let champion = generators.champion.clone().ok_or_else(missing)?;
-    let grounding = grounding_of(state, &req).await?;
+    let grounding = grounding_of(state, &tenant, &req).await?;
     let objects: Vec<KnowledgeObject> = grounding.iter().filter_map(|g| g.knowledge.clone()).collect();
     let system =
         if req.system_prompt.trim().is_empty() { grounding::DEFAULT_SYSTEM_PROMPT } else { &req.system_prompt };
@@ -228,6 +230,7 @@ pub(super) async fn start(state: &AppState, req: GenerateRequest) -> Result<Gene
         admitted: None,
         waiting: engines.len(),
         request: req,
+        tenant,
         events,
     })
 }
@@ -354,6 +357,7 @@ impl Generation {
             models: Some(self.models.clone()),
             timings: Some(timings.clone()),
             request: Some(interaction_record::Request::Generate(self.request.clone())),
+            tenant: self.tenant.clone(),
             ..Default::default()
         };
         state.interactions.record(record).await?;
@@ -362,8 +366,8 @@ impl Generation {
 }
 
 /// Generate: waits for every candidate, records, answers.
-pub(super) async fn unary(state: Arc<AppState>, req: GenerateRequest) -> Result<GenerateResponse> {
-    let mut generation = start(&state, req).await?;
+pub(super) async fn unary(state: Arc<AppState>, tenant: String, req: GenerateRequest) -> Result<GenerateResponse> {
+    let mut generation = start(&state, tenant, req).await?;
     let mut done = Vec::new();
     while done.len() < generation.candidate_ids.len() {
         match generation.next().await {

@@ -12,6 +12,7 @@ use crate::{
         ListKnowledgeResponse, UpsertKnowledgeRequest, UpsertKnowledgeResponse,
         knowledge_service_server::KnowledgeService,
     },
+    tenancy,
 };
 
 pub struct Knowledge {
@@ -30,6 +31,7 @@ impl KnowledgeService for Knowledge {
         &self,
         request: Request<Streaming<UpsertKnowledgeRequest>>,
     ) -> Result<Response<UpsertKnowledgeResponse>, Status> {
+        let tenant = tenancy::of(&request);
         let mut stream = request.into_inner();
         let mut totals = UpsertKnowledgeResponse::default();
         while let Some(batch) = stream.message().await? {
@@ -44,10 +46,12 @@ impl KnowledgeService for Knowledge {
             convert::check_upsert_batch(&batch.objects).map_err(committed)?;
             let _writes = self.state.knowledge_writes.read().await;
             let kb = self.state.kb.clone();
-            let (outcome, written) = blocking(move || Ok(kb.upsert_batch(batch.objects)?)).await.map_err(committed)?;
+            let owner = tenant.clone();
+            let (outcome, written) =
+                blocking(move || Ok(kb.upsert_batch(&owner, batch.objects)?)).await.map_err(committed)?;
             if let Some(semantic) = self.state.semantic.get() {
                 // Searchable before the call returns: a Retrieve right after sees it.
-                semantic.index_objects(&written).await.map_err(|e| {
+                semantic.index_objects(&tenant, &written).await.map_err(|e| {
                     let status = Status::from(e);
                     Status::new(
                         status.code(),
@@ -72,23 +76,25 @@ impl KnowledgeService for Knowledge {
         &self,
         request: Request<DeleteKnowledgeRequest>,
     ) -> Result<Response<DeleteKnowledgeResponse>, Status> {
+        let tenant = tenancy::of(&request);
         let id = request.into_inner().id;
         convert::check_id("id", &id, convert::MAX_ID_BYTES)?;
         let kb = self.state.kb.clone();
-        let removed = id.clone();
+        let (removed, owner) = (id.clone(), tenant.clone());
         let _writes = self.state.knowledge_writes.read().await;
-        let version = blocking(move || Ok(kb.delete(&id)?)).await?;
+        let version = blocking(move || Ok(kb.delete(&owner, &id)?)).await?;
         if let Some(semantic) = self.state.semantic.get() {
-            semantic.remove(&removed);
+            semantic.remove(&tenant, &removed);
         }
         Ok(Response::new(DeleteKnowledgeResponse { version }))
     }
 
     async fn get_knowledge(&self, request: Request<GetKnowledgeRequest>) -> Result<Response<KnowledgeObject>, Status> {
+        let tenant = tenancy::of(&request);
         let req = request.into_inner();
         convert::check_id("id", &req.id, convert::MAX_ID_BYTES)?;
         let kb = self.state.kb.clone();
-        let object = blocking(move || Ok(kb.get(&req.id, req.version, req.include_deleted)?)).await?;
+        let object = blocking(move || Ok(kb.get(&tenant, &req.id, req.version, req.include_deleted)?)).await?;
         Ok(Response::new(object))
     }
 
@@ -96,6 +102,7 @@ impl KnowledgeService for Knowledge {
         &self,
         request: Request<ListKnowledgeRequest>,
     ) -> Result<Response<ListKnowledgeResponse>, Status> {
+        let tenant = tenancy::of(&request);
         let req = request.into_inner();
         let page_size = match req.page_size {
             0 => convert::DEFAULT_PAGE_SIZE,
@@ -113,7 +120,8 @@ impl KnowledgeService for Knowledge {
         convert::check_filter("filter", req.filter.as_ref())?;
         let kb = self.state.kb.clone();
         let page = blocking(move || {
-            Ok(kb.list(after.as_deref(), page_size as usize, &req.filter.unwrap_or_default(), req.include_deleted)?)
+            let filter = req.filter.unwrap_or_default();
+            Ok(kb.list(&tenant, after.as_deref(), page_size as usize, &filter, req.include_deleted)?)
         })
         .await?;
         Ok(Response::new(ListKnowledgeResponse {

@@ -72,21 +72,22 @@ fn check_request_loggable(call: &str, encoded_len: usize) -> crate::error::Resul
     Ok(())
 }
 
-/// Knowledge objects by (id, version) — version 0 is the latest live one, any
+/// A tenant's knowledge objects by (id, version) — version 0 is the latest live one, any
 /// other may have been deleted since (what an interaction showed) — in order;
 /// a missing one is NOT_FOUND naming `field[i]`.
 async fn fetch_knowledge(
     kb: &Arc<KnowledgeStore>,
+    tenant: &str,
     field: &'static str,
     wanted: Vec<(String, u64)>,
 ) -> crate::error::Result<Vec<crate::proto::KnowledgeObject>> {
-    let kb = kb.clone();
+    let (kb, tenant) = (kb.clone(), tenant.to_string());
     blocking(move || {
         wanted
             .iter()
             .enumerate()
             .map(|(i, (id, version))| {
-                kb.get(id, *version, *version != 0).map_err(|e| match e {
+                kb.get(&tenant, id, *version, *version != 0).map_err(|e| match e {
                     crate::kb::KbError::NotFound(_) | crate::kb::KbError::Deleted { .. } => {
                         crate::error::Error::NotFound(format!("{field}[{i}]: {e}"))
                     }

@@ -27,6 +27,7 @@ use crate::{
         generate_request::Grounding, interaction_record, rank_request::Candidates,
         support_service_server::SupportService,
     },
+    tenancy,
 };
 
 pub struct Support {
@@ -38,9 +39,9 @@ impl Support {
         Support { state }
     }
 
-    fn check_knowledge_exist(&self, field: &str, ids: &[String]) -> Result<()> {
+    fn check_knowledge_exist(&self, tenant: &str, field: &str, ids: &[String]) -> Result<()> {
         for (i, id) in ids.iter().enumerate() {
-            self.state.kb.get(id, 0, false).map_err(|e| match e {
+            self.state.kb.get(tenant, id, 0, false).map_err(|e| match e {
                 KbError::NotFound(_) | KbError::Deleted { .. } => Error::NotFound(format!("{field}[{i}]: {e}")),
                 other => other.into(),
             })?;
@@ -48,11 +49,11 @@ impl Support {
         Ok(())
     }
 
-    fn check_interaction(&self, field: &str, id: &str, kinds: &[InteractionKind]) -> Result<()> {
+    fn check_interaction(&self, tenant: &str, field: &str, id: &str, kinds: &[InteractionKind]) -> Result<()> {
         let shown = self
             .state
             .interactions
-            .get(id)
+            .get(tenant, id)
             .ok_or_else(|| Error::NotFound(format!("{field}: interaction {id:?} is unknown to this server")))?;
         if !kinds.contains(&shown.kind) {
             return Err(Error::invalid(
@@ -65,18 +66,18 @@ impl Support {
 
     /// Embeds the question with its recent context, searches the index, and
     /// records the interaction (durably) before answering.
-    async fn retrieve_knowledge(&self, req: RetrieveRequest) -> Result<RetrieveResponse> {
+    async fn retrieve_knowledge(&self, tenant: String, req: RetrieveRequest) -> Result<RetrieveResponse> {
         let started = Instant::now();
         convert::check_retrieve(&req)?;
         let semantic = self.state.semantic.get().ok_or_else(|| missing_model("Retrieve", "embedding model"))?;
         let k = if req.top_k == 0 { self.state.default_top_k } else { req.top_k } as usize;
         let text = self.state.query_composition.compose(&req.query, &req.context);
-        let (hits, embed) = semantic.search(&text, k, &req.filter.clone().unwrap_or_default()).await?;
-        let kb = self.state.kb.clone();
+        let (hits, embed) = semantic.search(&tenant, &text, k, &req.filter.clone().unwrap_or_default()).await?;
+        let (kb, owner) = (self.state.kb.clone(), tenant.clone());
         let wanted: Vec<(String, u64)> = hits.iter().map(|h| (h.id.clone(), h.version)).collect();
         // The exact version the index scored, even if it changed since.
         let objects: Vec<KnowledgeObject> =
-            blocking(move || wanted.iter().map(|(id, v)| Ok(kb.get(id, *v, true)?)).collect()).await?;
+            blocking(move || wanted.iter().map(|(id, v)| Ok(kb.get(&owner, id, *v, true)?)).collect()).await?;
         let results: Vec<ScoredKnowledge> = objects
             .into_iter()
             .zip(&hits)
@@ -116,6 +117,7 @@ impl Support {
             models: Some(models),
             timings: Some(timings),
             request: Some(interaction_record::Request::Retrieve(req)),
+            tenant,
             ..Default::default()
         };
         self.state.interactions.record(record).await?;
@@ -125,21 +127,28 @@ impl Support {
     /// What a Rank request asks to score: knowledge objects (the latest
     /// version of each id, or exactly what a Retrieve interaction showed,
     /// even if changed or deleted since), or raw passages (no object).
-    async fn rank_candidates_of(&self, req: &RankRequest) -> Result<Vec<(Option<KnowledgeObject>, String)>> {
+    async fn rank_candidates_of(
+        &self,
+        tenant: &str,
+        req: &RankRequest,
+    ) -> Result<Vec<(Option<KnowledgeObject>, String)>> {
         let (field, wanted): (&'static str, Vec<(String, u64)>) = match &req.candidates {
             Some(Candidates::Passages(p)) => return Ok(p.texts.iter().map(|t| (None, t.clone())).collect()),
             Some(Candidates::KnowledgeIds(ids)) => {
                 ("knowledge_ids.ids", ids.ids.iter().map(|id| (id.clone(), 0)).collect())
             }
             Some(Candidates::RetrieveInteractionId(id)) => {
-                self.check_interaction("retrieve_interaction_id", id, &[InteractionKind::Retrieve])?;
-                let shown =
-                    self.state.interactions.get(id).ok_or_else(|| Error::NotFound(format!("interaction {id}")))?;
+                self.check_interaction(tenant, "retrieve_interaction_id", id, &[InteractionKind::Retrieve])?;
+                let shown = self
+                    .state
+                    .interactions
+                    .get(tenant, id)
+                    .ok_or_else(|| Error::NotFound(format!("interaction {id}")))?;
                 ("retrieve_interaction_id", shown.knowledge.clone())
             }
             None => return Err(Error::invalid("candidates", "is required")),
         };
-        let objects = super::fetch_knowledge(&self.state.kb, field, wanted).await?;
+        let objects = super::fetch_knowledge(&self.state.kb, tenant, field, wanted).await?;
         Ok(objects
             .into_iter()
             .map(|o| {
@@ -151,11 +160,11 @@ impl Support {
 
     /// Scores the candidates against the question (with its recent context),
     /// orders them, and records the interaction before answering.
-    async fn rank_candidates(&self, req: RankRequest) -> Result<RankResponse> {
+    async fn rank_candidates(&self, tenant: String, req: RankRequest) -> Result<RankResponse> {
         let started = Instant::now();
         convert::check_rank(&req)?;
         super::check_request_loggable("Rank", req.encoded_len())?;
-        let candidates = self.rank_candidates_of(&req).await?;
+        let candidates = self.rank_candidates_of(&tenant, &req).await?;
         let ranker = self
             .state
             .ranker
@@ -166,7 +175,7 @@ impl Support {
             .iter()
             .map(|(object, text)| Passage { text, knowledge: object.as_ref().map(|o| (o.id.as_str(), o.version)) })
             .collect();
-        let (scores, encode) = ranker.score(&query, &passages).await?;
+        let (scores, encode) = ranker.score(&tenant, &query, &passages).await?;
         let mut order: Vec<usize> = (0..candidates.len()).collect();
         // Stable: equal scores keep the order they were given in.
         order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
@@ -223,17 +232,19 @@ impl Support {
             models: Some(models),
             timings: Some(timings),
             request: Some(interaction_record::Request::Rank(req)),
+            tenant,
             ..Default::default()
         };
         self.state.interactions.record(record).await?;
         Ok(response)
     }
 
-    fn check_generate(&self, req: &GenerateRequest) -> Result<()> {
+    fn check_generate(&self, tenant: &str, req: &GenerateRequest) -> Result<()> {
         convert::check_generate(req)?;
         match &req.grounding {
-            Some(Grounding::KnowledgeIds(ids)) => self.check_knowledge_exist("knowledge_ids.ids", &ids.ids)?,
+            Some(Grounding::KnowledgeIds(ids)) => self.check_knowledge_exist(tenant, "knowledge_ids.ids", &ids.ids)?,
             Some(Grounding::GroundingInteractionId(id)) => self.check_interaction(
+                tenant,
                 "grounding_interaction_id",
                 id,
                 &[InteractionKind::Retrieve, InteractionKind::Rank],
@@ -259,6 +270,14 @@ fn shown(results: &[ScoredKnowledge]) -> Vec<ShownKnowledge> {
         .collect()
 }
 
+/// The tenant a call acts for, once its `request_context.tenant` agrees.
+fn declared_tenant<T>(request: &Request<T>, context: Option<&crate::proto::RequestContext>) -> Result<String> {
+    if let Some(context) = context {
+        tenancy::check_declared(request, "request_context.tenant", &context.tenant)?;
+    }
+    Ok(tenancy::of(request))
+}
+
 pub(super) fn missing_model(call: &str, model: &str) -> Error {
     Error::Unavailable(format!(
         "{call} needs a {model} and none is loaded in this server; configure one and restart, then retry"
@@ -270,23 +289,27 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<GenerateEvent, Status>> + Se
 #[tonic::async_trait]
 impl SupportService for Support {
     async fn retrieve(&self, request: Request<RetrieveRequest>) -> Result<Response<RetrieveResponse>, Status> {
-        Ok(Response::new(self.retrieve_knowledge(request.into_inner()).await?))
+        let tenant = declared_tenant(&request, request.get_ref().request_context.as_ref())?;
+        Ok(Response::new(self.retrieve_knowledge(tenant, request.into_inner()).await?))
     }
 
     async fn rank(&self, request: Request<RankRequest>) -> Result<Response<RankResponse>, Status> {
-        Ok(Response::new(self.rank_candidates(request.into_inner()).await?))
+        let tenant = declared_tenant(&request, request.get_ref().request_context.as_ref())?;
+        Ok(Response::new(self.rank_candidates(tenant, request.into_inner()).await?))
     }
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
-        self.check_generate(request.get_ref())?;
-        Ok(Response::new(super::generate::unary(self.state.clone(), request.into_inner()).await?))
+        let tenant = declared_tenant(&request, request.get_ref().request_context.as_ref())?;
+        self.check_generate(&tenant, request.get_ref())?;
+        Ok(Response::new(super::generate::unary(self.state.clone(), tenant, request.into_inner()).await?))
     }
 
     type GenerateStreamStream = EventStream;
 
     async fn generate_stream(&self, request: Request<GenerateRequest>) -> Result<Response<EventStream>, Status> {
-        self.check_generate(request.get_ref())?;
-        let mut generation = super::generate::start(&self.state, request.into_inner()).await?;
+        let tenant = declared_tenant(&request, request.get_ref().request_context.as_ref())?;
+        self.check_generate(&tenant, request.get_ref())?;
+        let mut generation = super::generate::start(&self.state, tenant, request.into_inner()).await?;
         let state = self.state.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<GenerateEvent, Status>>(64);
         tokio::spawn(async move {
@@ -343,6 +366,10 @@ impl SupportService for Support {
         request: Request<SubmitAnnotationRequest>,
     ) -> Result<Response<SubmitAnnotationResponse>, Status> {
         let caller = request.extensions().get::<crate::keys::Caller>().cloned();
+        let tenant = tenancy::of(&request);
+        if let Some(annotation) = &request.get_ref().annotation {
+            tenancy::check_declared(&request, "annotation.tenant", &annotation.tenant)?;
+        }
         let annotation = request.into_inner().annotation.ok_or_else(|| Error::invalid("annotation", "is required"))?;
         if let Some(agent) = caller.as_ref().and_then(|c| c.agent.as_ref())
             && &annotation.agent_id != agent
@@ -354,7 +381,7 @@ impl SupportService for Support {
             .into());
         }
         let annotation_id = annotation.annotation_id.clone();
-        let accepted = self.state.annotations.submit(annotation).await?;
+        let accepted = self.state.annotations.submit(&tenant, annotation).await?;
         Ok(Response::new(SubmitAnnotationResponse {
             annotation_id,
             duplicate: accepted.duplicate,

@@ -90,8 +90,14 @@ impl Ranker {
         }
     }
 
-    /// One score per passage, in input order; higher is better.
-    pub async fn score(&self, query: &str, passages: &[Passage<'_>]) -> Result<(Vec<f32>, EncodeTimings)> {
+    /// One score per passage, in input order; higher is better. Passages
+    /// that are knowledge objects are the `tenant`'s.
+    pub async fn score(
+        &self,
+        tenant: &str,
+        query: &str,
+        passages: &[Passage<'_>],
+    ) -> Result<(Vec<f32>, EncodeTimings)> {
         match self {
             Ranker::CrossEncoder(engine) => {
                 let texts: Vec<&str> = passages.iter().map(|p| p.text).collect();
@@ -99,7 +105,7 @@ impl Ranker {
                 let (rows, timings) = engine.run(pairs).await?;
                 Ok((rows.iter().map(|r| engine.model().ranking_score(r)).collect(), timings))
             }
-            Ranker::Similarity { semantic, .. } => similarity(semantic, query, passages).await,
+            Ranker::Similarity { semantic, .. } => similarity(semantic, tenant, query, passages).await,
         }
     }
 }
@@ -108,11 +114,14 @@ impl Ranker {
 /// is in the index are not embedded again.
 async fn similarity(
     semantic: &SemanticIndex,
+    tenant: &str,
     query: &str,
     passages: &[Passage<'_>],
 ) -> Result<(Vec<f32>, EncodeTimings)> {
-    let mut vectors: Vec<Option<Vec<f32>>> =
-        passages.iter().map(|p| p.knowledge.and_then(|(id, version)| semantic.stored_vector(id, version))).collect();
+    let mut vectors: Vec<Option<Vec<f32>>> = passages
+        .iter()
+        .map(|p| p.knowledge.and_then(|(id, version)| semantic.stored_vector(tenant, id, version)))
+        .collect();
     let mut texts = vec![query];
     texts.extend(passages.iter().zip(&vectors).filter(|(_, v)| v.is_none()).map(|(p, _)| p.text));
     let (embedded, timings) = semantic.engine().embed(&texts).await?;

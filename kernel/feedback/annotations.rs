@@ -50,6 +50,7 @@ pub struct AnnotationIntake {
     interactions: Arc<InteractionBook>,
     kb: Arc<KnowledgeStore>,
     log: crate::trainlog::TrainingLog,
+    /// By [`slot_key`]: annotation ids are scoped per tenant.
     slots: Arc<DashMap<String, Slot>>,
     max_clock_skew: Duration,
     redactor: Arc<Redactor>,
@@ -72,10 +73,13 @@ impl AnnotationIntake {
             return;
         };
         // The first record of an id wins, as it did when it was acknowledged.
-        self.slots.entry(annotation.annotation_id.clone()).or_insert(Slot::Durable { sha256, sequence });
+        let key = slot_key(crate::tenancy::of_record(&record.tenant), &annotation.annotation_id);
+        self.slots.entry(key).or_insert(Slot::Durable { sha256, sequence });
     }
 
-    pub async fn submit(&self, submitted: Annotation) -> Result<Accepted> {
+    /// Accepts the tenant's annotation once it is durable; an id already
+    /// acknowledged answers as a duplicate (same content) or ALREADY_EXISTS.
+    pub async fn submit(&self, tenant: &str, submitted: Annotation) -> Result<Accepted> {
         // What is written and hashed is the redacted annotation (redaction is
         // deterministic, so a retry hashes the same); limits apply to what
         // the client sent.
@@ -84,14 +88,15 @@ impl AnnotationIntake {
         let sha256: [u8; 32] = Sha256::digest(annotation.encode_to_vec()).into();
         // A retry of an acknowledged annotation is answered before validation,
         // so it stays OK even if what it refers to changed since.
-        let delay = match self.durable_sequence(&annotation.annotation_id, &sha256) {
+        let key = slot_key(tenant, &annotation.annotation_id);
+        let delay = match self.durable_sequence(&key, &sha256) {
             Some(sequence) => {
                 return Ok(Accepted { sequence, duplicate: true, delay: delay_of(&annotation)? });
             }
-            None => self.validate(&submitted)?,
+            None => self.validate(tenant, &submitted)?,
         };
         loop {
-            let done_tx = match self.slots.entry(annotation.annotation_id.clone()) {
+            let done_tx = match self.slots.entry(key.clone()) {
                 Entry::Occupied(slot) => match slot.get() {
                     Slot::Durable { sha256: seen, sequence } if *seen == sha256 => {
                         return Ok(Accepted { sequence: *sequence, duplicate: true, delay });
@@ -124,10 +129,11 @@ impl AnnotationIntake {
                 delay: prost_types::Duration::try_from(delay).ok(),
                 content_sha256: sha256.to_vec(),
                 redactions: redactions.clone(),
+                tenant: tenant.to_string(),
             };
             // Spawned so that a client that gives up mid-write cannot leave
             // the slot pending: the append and its bookkeeping always finish.
-            let (log, slots, id) = (self.log.clone(), self.slots.clone(), annotation.annotation_id.clone());
+            let (log, slots, id) = (self.log.clone(), self.slots.clone(), key.clone());
             let write = tokio::spawn(async move {
                 let result = log.append(&Body::Annotation(record)).await;
                 match &result {
@@ -142,15 +148,15 @@ impl AnnotationIntake {
         }
     }
 
-    fn durable_sequence(&self, annotation_id: &str, sha256: &[u8; 32]) -> Option<u64> {
-        match self.slots.get(annotation_id).as_deref() {
+    fn durable_sequence(&self, key: &str, sha256: &[u8; 32]) -> Option<u64> {
+        match self.slots.get(key).as_deref() {
             Some(Slot::Durable { sha256: seen, sequence }) if seen == sha256 => Some(*sequence),
             _ => None,
         }
     }
 
     /// Checks everything a client can get wrong; returns the annotation delay.
-    fn validate(&self, a: &Annotation) -> Result<Duration> {
+    fn validate(&self, tenant: &str, a: &Annotation) -> Result<Duration> {
         convert::check_id("annotation.annotation_id", &a.annotation_id, MAX_SHORT_ID_BYTES)?;
         convert::check_id("annotation.interaction_id", &a.interaction_id, MAX_SHORT_ID_BYTES)?;
         convert::check_id("annotation.agent_id", &a.agent_id, MAX_SHORT_ID_BYTES)?;
@@ -175,7 +181,7 @@ impl AnnotationIntake {
             Error::invalid("annotation.kind", "set one of preference, adoption, relevance, missing_knowledge")
         })?;
         check_kind_fields(kind)?;
-        let shown = self.interactions.get(&a.interaction_id).ok_or_else(|| {
+        let shown = self.interactions.get(tenant, &a.interaction_id).ok_or_else(|| {
             Error::NotFound(format!(
                 "annotation.interaction_id: interaction {:?} is unknown to this server; use the interaction_id of a Retrieve, Rank or Generate response",
                 a.interaction_id
@@ -194,11 +200,11 @@ impl AnnotationIntake {
                 ),
             ));
         }
-        self.check_against_interaction(kind, &a.interaction_id, &shown)?;
+        self.check_against_interaction(tenant, kind, &a.interaction_id, &shown)?;
         Ok(delay)
     }
 
-    fn check_against_interaction(&self, kind: &Kind, interaction_id: &str, shown: &Shown) -> Result<()> {
+    fn check_against_interaction(&self, tenant: &str, kind: &Kind, interaction_id: &str, shown: &Shown) -> Result<()> {
         let candidate = |field: &str, id: &str| -> Result<()> {
             if shown.shows_candidate(id) {
                 return Ok(());
@@ -233,7 +239,7 @@ impl AnnotationIntake {
                 Ok(())
             }
             Kind::MissingKnowledge(m) => match &m.source {
-                Some(Source::KnowledgeId(id)) => match self.kb.get(id, 0, false) {
+                Some(Source::KnowledgeId(id)) => match self.kb.get(tenant, id, 0, false) {
                     Ok(_) => Ok(()),
                     Err(KbError::NotFound(_) | KbError::Deleted { .. }) => Err(Error::NotFound(format!(
                         "annotation.missing_knowledge.knowledge_id: {id:?} is not in the knowledge base; \
@@ -245,6 +251,12 @@ impl AnnotationIntake {
             },
         }
     }
+}
+
+/// Where an annotation id lives: ids are the tenant's own, so two tenants
+/// may use the same one.
+fn slot_key(tenant: &str, annotation_id: &str) -> String {
+    format!("{tenant}\u{0}{annotation_id}")
 }
 
 /// annotated_at - shown_at; both required, in that order.

@@ -18,6 +18,8 @@ const REDACT_INLINE_BYTES: usize = 64 << 10;
 /// What one interaction put in front of the agent.
 #[derive(Debug)]
 pub struct Shown {
+    /// The tenant it was shown to; only that tenant can refer to it.
+    pub tenant: String,
     pub kind: InteractionKind,
     /// When the server answered; nothing can have been shown before it.
     pub created_at: Option<std::time::SystemTime>,
@@ -76,8 +78,10 @@ impl InteractionBook {
         Ok(sequence)
     }
 
-    pub fn get(&self, interaction_id: &str) -> Option<Arc<Shown>> {
-        self.shown.get(interaction_id).map(|entry| entry.clone())
+    /// The interaction, if the tenant was shown it: another tenant's is as
+    /// unknown as one that never happened.
+    pub fn get(&self, tenant: &str, interaction_id: &str) -> Option<Arc<Shown>> {
+        self.shown.get(interaction_id).map(|entry| entry.clone()).filter(|shown| shown.tenant == tenant)
     }
 
     pub fn len(&self) -> usize {
@@ -90,6 +94,7 @@ impl InteractionBook {
 
     pub(crate) fn index(&self, record: &InteractionRecord) {
         let shown = Shown {
+            tenant: crate::tenancy::of_record(&record.tenant).to_string(),
             kind: record.kind(),
             created_at: record.created_at.and_then(|t| std::time::SystemTime::try_from(t).ok()),
             candidate_ids: record.candidates.iter().map(|c| c.candidate_id.clone()).collect(),

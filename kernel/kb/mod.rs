@@ -14,4 +14,4 @@ mod store;
 pub use dstc11::read_dstc11;
 pub use jsonl::read_jsonl;
 pub use semantic::{QueryComposition, SemanticIndex};
-pub use store::{KbError, KnowledgeStore, ListPage, UpsertOutcome};
+pub use store::{KbError, KnowledgeStore, ListPage, StoredObject, UpsertOutcome};

@@ -1,6 +1,7 @@
 //! Authentication and roles, in one tower layer in front of the others: a
 //! call presents `authorization: Bearer aitl_…` (or `x-api-key`); the key's
-//! [`Caller`] goes into the request's extensions for the services. Health
+//! [`Caller`] and its [`crate::tenancy::Tenant`] go into the request's
+//! extensions for the services. Health
 //! and reflection stay open. With no live key configured the layer lets
 //! everything through (the quick start on loopback; the server says so).
 
@@ -151,9 +152,14 @@ where
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         let store = self.keys.current();
-        match check(&store, request.uri().path(), request.headers()) {
+        let checked = check(&store, request.uri().path(), request.headers()).and_then(|caller| {
+            let tenant = crate::tenancy::resolve(caller.as_ref(), request.headers()).map_err(Status::from)?;
+            Ok((caller, tenant))
+        });
+        match checked {
             Err(status) => Box::pin(async move { Ok(status.into_http()) }),
-            Ok(caller) => {
+            Ok((caller, tenant)) => {
+                request.extensions_mut().insert(tenant);
                 if let Some(caller) = caller {
                     request.extensions_mut().insert(caller);
                 }

@@ -45,18 +45,20 @@ use crate::{
 
 /// Knowledge objects at the exact versions interactions showed.
 pub trait KnowledgeSource {
-    fn object(&self, id: &str, version: Option<u64>) -> Result<KnowledgeObject>;
-    /// Every live object at its latest version (what models are evaluated over).
+    /// A tenant's object (the tenant an interaction was shown to).
+    fn object(&self, tenant: &str, id: &str, version: Option<u64>) -> Result<KnowledgeObject>;
+    /// Every live object at its latest version (what models are evaluated
+    /// over): the models serve every tenant, so every tenant's objects.
     fn live_objects(&self) -> Result<Vec<KnowledgeObject>>;
 }
 
 impl KnowledgeSource for KnowledgeStore {
-    fn object(&self, id: &str, version: Option<u64>) -> Result<KnowledgeObject> {
-        self.get(id, version.unwrap_or(0), true).map_err(Error::from)
+    fn object(&self, tenant: &str, id: &str, version: Option<u64>) -> Result<KnowledgeObject> {
+        self.get(tenant, id, version.unwrap_or(0), true).map_err(Error::from)
     }
 
     fn live_objects(&self) -> Result<Vec<KnowledgeObject>> {
-        Ok(self.objects_with_vectors("")?.into_iter().map(|(object, _)| object).collect())
+        Ok(self.objects_with_vectors("")?.into_iter().map(|stored| stored.object).collect())
     }
 }
 
@@ -197,7 +199,8 @@ fn message(role: &str, content: &str) -> Message {
 struct Builder<'a> {
     knowledge: &'a dyn KnowledgeSource,
     composition: QueryComposition,
-    texts: HashMap<(String, Option<u64>), String>,
+    /// (tenant, id, version) → text.
+    texts: HashMap<(String, String, Option<u64>), String>,
     /// Annotation id → weight; absent: 1.
     weights: HashMap<String, f32>,
 }
@@ -207,12 +210,12 @@ impl Builder<'_> {
         self.weights.get(&a.annotation_id).copied().unwrap_or(1.0)
     }
 
-    fn text(&mut self, id: &str, version: Option<u64>) -> Result<String> {
-        let key = (id.to_string(), version);
+    fn text(&mut self, tenant: &str, id: &str, version: Option<u64>) -> Result<String> {
+        let key = (tenant.to_string(), id.to_string(), version);
         if let Some(text) = self.texts.get(&key) {
             return Ok(text.clone());
         }
-        let text = self.knowledge.object(id, version)?.text;
+        let text = self.knowledge.object(tenant, id, version)?.text;
         self.texts.insert(key, text.clone());
         Ok(text)
     }
@@ -235,7 +238,7 @@ impl Builder<'_> {
         let knowledge = interaction
             .shown
             .iter()
-            .map(|s| self.knowledge.object(&s.knowledge_id, Some(s.version)))
+            .map(|s| self.knowledge.object(&interaction.tenant, &s.knowledge_id, Some(s.version)))
             .collect::<Result<Vec<_>>>()?;
         let mut conversation = Self::turns(&interaction.context);
         conversation.push(ConversationTurn { speaker: Speaker::Customer as i32, text: interaction.query.clone() });
@@ -275,7 +278,7 @@ impl Builder<'_> {
                             Label::Irrelevant => irrelevant.push(id.clone()),
                             Label::PartiallyRelevant => {}
                         }
-                        let passage = self.text(id, interaction.shown_version(id))?;
+                        let passage = self.text(&interaction.tenant, id, interaction.shown_version(id))?;
                         sets.ranker.push(RankerRow {
                             query: anchor.clone(),
                             passage: passage.clone(),
@@ -292,7 +295,7 @@ impl Builder<'_> {
                 Feedback::Missing { knowledge_id: Some(id), .. } => {
                     labelled = true;
                     relevant.push(id.clone());
-                    let passage = self.text(id, None)?;
+                    let passage = self.text(&interaction.tenant, id, None)?;
                     if seen_positive.insert(id.clone()) {
                         sets.ranker.push(RankerRow {
                             query: anchor.clone(),
@@ -568,6 +571,7 @@ mod generator_tests {
             model_version: "m@1".into(),
         };
         InteractionRow {
+            tenant: crate::tenancy::DEFAULT_TENANT.into(),
             sequence: 1,
             interaction_id: "g1".into(),
             kind: Kind::Generate,
@@ -585,6 +589,7 @@ mod generator_tests {
 
     fn annotation(feedback: Feedback) -> AnnotationRow {
         AnnotationRow {
+            tenant: crate::tenancy::DEFAULT_TENANT.into(),
             sequence: 2,
             annotation_id: "n1".into(),
             interaction_id: "g1".into(),
@@ -659,7 +664,7 @@ mod weight_tests {
     struct Echo;
 
     impl KnowledgeSource for Echo {
-        fn object(&self, id: &str, _: Option<u64>) -> Result<KnowledgeObject> {
+        fn object(&self, _: &str, id: &str, _: Option<u64>) -> Result<KnowledgeObject> {
             Ok(KnowledgeObject { id: id.into(), text: format!("text of {id}"), ..Default::default() })
         }
 
@@ -673,6 +678,7 @@ mod weight_tests {
         for (n, (interaction, agent)) in [("r1", "a"), ("r2", "b")].into_iter().enumerate() {
             journal
                 .stage(Row::Interaction(InteractionRow {
+                    tenant: crate::tenancy::DEFAULT_TENANT.into(),
                     sequence: n as u64,
                     interaction_id: interaction.into(),
                     kind: Kind::Rank,
@@ -693,6 +699,7 @@ mod weight_tests {
                 .unwrap();
             journal
                 .stage(Row::Annotation(AnnotationRow {
+                    tenant: crate::tenancy::DEFAULT_TENANT.into(),
                     sequence: 10 + n as u64,
                     annotation_id: format!("n{n}"),
                     interaction_id: interaction.into(),

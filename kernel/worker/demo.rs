@@ -158,7 +158,7 @@ pub async fn run(config: &Config, options: &DemoOptions) -> Result<DemoReport> {
                     .map_err(|e| Error::Internal(format!("{}: {e}", data_dir.display())))?;
                 let store = KnowledgeStore::open(&kb_path)?;
                 for chunk in dataset::read_corpus_of(&dataset)?.chunks(crate::api::convert::MAX_ITEMS) {
-                    store.upsert_batch(chunk.to_vec())?;
+                    store.upsert_batch(crate::tenancy::DEFAULT_TENANT, chunk.to_vec())?;
                 }
                 Ok(())
             }),

@@ -574,6 +574,7 @@ mod tests {
 
     fn interaction(id: &str, kind: Kind, created_ms: i64, case: &str) -> InteractionRow {
         InteractionRow {
+            tenant: crate::tenancy::DEFAULT_TENANT.into(),
             sequence: 0,
             interaction_id: id.into(),
             kind,
@@ -595,6 +596,7 @@ mod tests {
 
     fn annotation(id: &str, on: &str, agent: &str, delay_s: f64, feedback: Feedback) -> Row {
         Row::Annotation(AnnotationRow {
+            tenant: crate::tenancy::DEFAULT_TENANT.into(),
             sequence: 0,
             annotation_id: id.into(),
             interaction_id: on.into(),

@@ -19,6 +19,9 @@ const EXAMPLES: usize = 3;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KnowledgeGap {
+    /// Whose knowledge base lacks it; each tenant has its own gaps.
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
     /// The knowledge id, else the external URI, else its title.
     pub key: String,
     pub knowledge_id: Option<String>,
@@ -27,19 +30,25 @@ pub struct KnowledgeGap {
     pub reports: usize,
     pub immediate_reports: usize,
     pub agents: BTreeSet<String>,
+    /// Agents as the journal scopes them (`crate::tenancy::scoped`).
     /// Questions it was missing for, first reported first.
     pub example_queries: Vec<String>,
     pub first_ms: Millis,
     pub last_ms: Millis,
 }
 
-/// All gaps, most reported first (ties by key).
+fn default_tenant() -> String {
+    crate::tenancy::DEFAULT_TENANT.to_string()
+}
+
+/// All tenants' gaps, most reported first (ties by tenant and key).
 pub fn knowledge_gaps(journal: &Journal) -> Vec<KnowledgeGap> {
-    let mut gaps: BTreeMap<String, KnowledgeGap> = BTreeMap::new();
+    let mut gaps: BTreeMap<(String, String), KnowledgeGap> = BTreeMap::new();
     for a in &journal.annotations {
         let Feedback::Missing { knowledge_id, title, uri, .. } = &a.feedback else { continue };
         let key = knowledge_id.clone().unwrap_or_else(|| if uri.is_empty() { title.clone() } else { uri.clone() });
-        let gap = gaps.entry(key.clone()).or_insert_with(|| KnowledgeGap {
+        let gap = gaps.entry((a.tenant.clone(), key.clone())).or_insert_with(|| KnowledgeGap {
+            tenant: a.tenant.clone(),
             key,
             knowledge_id: knowledge_id.clone(),
             title: title.clone(),
@@ -64,7 +73,7 @@ pub fn knowledge_gaps(journal: &Journal) -> Vec<KnowledgeGap> {
         }
     }
     let mut out: Vec<KnowledgeGap> = gaps.into_values().collect();
-    out.sort_by(|a, b| b.reports.cmp(&a.reports).then_with(|| a.key.cmp(&b.key)));
+    out.sort_by(|a, b| b.reports.cmp(&a.reports).then_with(|| (&a.tenant, &a.key).cmp(&(&b.tenant, &b.key))));
     out
 }
 

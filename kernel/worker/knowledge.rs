@@ -35,15 +35,22 @@ impl ServerKnowledge {
 }
 
 impl KnowledgeSource for ServerKnowledge {
-    fn object(&self, id: &str, version: Option<u64>) -> Result<KnowledgeObject> {
+    fn object(&self, tenant: &str, id: &str, version: Option<u64>) -> Result<KnowledgeObject> {
         let mut client = self.client.clone();
-        let request = GetKnowledgeRequest { id: id.into(), version: version.unwrap_or(0), include_deleted: true };
+        let mut request = tonic::Request::new(GetKnowledgeRequest {
+            id: id.into(),
+            version: version.unwrap_or(0),
+            include_deleted: true,
+        });
+        let tenant = tenant.parse().map_err(|_| Error::InvalidArgument(format!("tenant {tenant:?} in the log")))?;
+        request.metadata_mut().insert(crate::tenancy::TENANT_HEADER, tenant);
         self.runtime
             .block_on(client.get_knowledge(request))
             .map(tonic::Response::into_inner)
             .map_err(|s| Error::Unavailable(format!("GetKnowledge {id} v{version:?}: {}", s.message())))
     }
 
+    /// The default tenant's objects: over gRPC each call sees one tenant.
     fn live_objects(&self) -> Result<Vec<KnowledgeObject>> {
         let mut client = self.client.clone();
         let mut objects = Vec::new();

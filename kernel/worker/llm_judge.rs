@@ -148,7 +148,7 @@ impl LlmJudge {
                     texts.push(format!(
                         "[{}] {}",
                         n + 1,
-                        clip(&knowledge.object(&s.knowledge_id, Some(s.version))?.text)
+                        clip(&knowledge.object(&interaction.tenant, &s.knowledge_id, Some(s.version))?.text)
                     ));
                 }
                 let grounded = |reply: &str| {
@@ -164,7 +164,7 @@ impl LlmJudge {
             Feedback::Relevance { judgements } => {
                 let (mut checked, mut disagreements) = (0, 0);
                 for (id, label) in judgements.iter().take(RELEVANCE_PER_ANNOTATION) {
-                    let text = knowledge.object(id, interaction.shown_version(id))?.text;
+                    let text = knowledge.object(&interaction.tenant, id, interaction.shown_version(id))?.text;
                     let p_yes = self
                         .p_yes(&RELEVANCE_PROMPT.replace("{question}", question).replace("{knowledge}", clip(&text)))?;
                     checked += 1;

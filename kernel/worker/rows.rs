@@ -76,6 +76,13 @@ pub struct InteractionRow {
     pub system_prompt: String,
     /// Model role → version that served the call.
     pub models: BTreeMap<String, String>,
+    /// The tenant it was shown to (rows from before tenants: the default).
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+}
+
+fn default_tenant() -> String {
+    crate::tenancy::DEFAULT_TENANT.to_string()
 }
 
 impl InteractionRow {
@@ -116,8 +123,8 @@ impl InteractionRow {
             interaction_id: record.interaction_id.clone(),
             kind,
             created_ms: millis(record.created_at.as_ref()),
-            agent_id: context_of.agent_id,
-            case_id: context_of.case_id,
+            agent_id: crate::tenancy::scoped(&record.tenant, &context_of.agent_id),
+            case_id: crate::tenancy::scoped(&record.tenant, &context_of.case_id),
             query,
             context,
             shown: record
@@ -137,6 +144,7 @@ impl InteractionRow {
                 .collect(),
             system_prompt: system_prompt.to_string(),
             models,
+            tenant: crate::tenancy::of_record(&record.tenant).to_string(),
         }
     }
 
@@ -177,6 +185,8 @@ pub enum Feedback {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AnnotationRow {
     pub sequence: u64,
+    /// This and the agent and case ids are [`crate::tenancy::scoped`]: the
+    /// journal pools every tenant's rows.
     pub annotation_id: String,
     pub interaction_id: String,
     pub agent_id: String,
@@ -184,6 +194,8 @@ pub struct AnnotationRow {
     pub shown_ms: Millis,
     pub annotated_ms: Millis,
     pub feedback: Feedback,
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
 }
 
 impl AnnotationRow {
@@ -239,13 +251,14 @@ impl AnnotationRow {
         };
         Some(AnnotationRow {
             sequence,
-            annotation_id: a.annotation_id.clone(),
+            annotation_id: crate::tenancy::scoped(&record.tenant, &a.annotation_id),
             interaction_id: a.interaction_id.clone(),
-            agent_id: a.agent_id.clone(),
-            case_id: a.case_id.clone(),
+            agent_id: crate::tenancy::scoped(&record.tenant, &a.agent_id),
+            case_id: crate::tenancy::scoped(&record.tenant, &a.case_id),
             shown_ms: millis(a.shown_at.as_ref()),
             annotated_ms: millis(a.annotated_at.as_ref()),
             feedback,
+            tenant: crate::tenancy::of_record(&record.tenant).to_string(),
         })
     }
 

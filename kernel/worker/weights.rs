@@ -51,6 +51,7 @@ mod tests {
 
     fn annotation(id: &str, agent: &str, delay_s: f64) -> Row {
         Row::Annotation(AnnotationRow {
+            tenant: crate::tenancy::DEFAULT_TENANT.into(),
             sequence: 0,
             annotation_id: id.into(),
             interaction_id: "i".into(),

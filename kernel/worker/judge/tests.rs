@@ -51,6 +51,7 @@ impl Fixture {
     /// A Rank interaction showing `shown` in order (rank 1 first).
     fn rank(&mut self, id: &str, case: &str, query: &str, shown: &[String]) {
         let row = InteractionRow {
+            tenant: crate::tenancy::DEFAULT_TENANT.into(),
             sequence: 0,
             interaction_id: id.into(),
             kind: Kind::Rank,
@@ -80,6 +81,7 @@ impl Fixture {
             model_version: "m@1".into(),
         };
         let row = InteractionRow {
+            tenant: crate::tenancy::DEFAULT_TENANT.into(),
             sequence: 0,
             interaction_id: id.into(),
             kind: Kind::Generate,
@@ -103,6 +105,7 @@ impl Fixture {
     fn annotate(&mut self, id: &str, interaction: &str, agent: &str, delay_s: f64, feedback: Feedback) -> Vec<Verdict> {
         self.clock += 60_000;
         let a = AnnotationRow {
+            tenant: crate::tenancy::DEFAULT_TENANT.into(),
             sequence: 0,
             annotation_id: id.into(),
             interaction_id: interaction.into(),
@@ -471,6 +474,7 @@ fn switched_off_gives_no_verdicts_and_replay_restores_the_state() {
     rebuilt.replay(&f.journal);
     f.rank("next", "case-next", "one more question", &objects(999, 8));
     let a = AnnotationRow {
+        tenant: crate::tenancy::DEFAULT_TENANT.into(),
         sequence: 0,
         annotation_id: "next-a".into(),
         interaction_id: "next".into(),

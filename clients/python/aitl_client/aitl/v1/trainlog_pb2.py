@@ -28,7 +28,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61itl/v1/trainlog.proto\x12\x07\x61itl.v1\x1a\x14\x61itl/v1/common.proto\x1a\x15\x61itl/v1/support.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd1\x01\n\tLogRecord\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12.\n\nwritten_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x0binteraction\x18\n \x01(\x0b\x32\x1a.aitl.v1.InteractionRecordH\x00\x12/\n\nannotation\x18\x0b \x01(\x0b\x32\x19.aitl.v1.AnnotationRecordH\x00\x42\x06\n\x04\x62ody\"T\n\x0eShownKnowledge\x12\x14\n\x0cknowledge_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\r\"\xda\x04\n\x11InteractionRecord\x12\x16\n\x0einteraction_id\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.aitl.v1.InteractionKind\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0frequest_context\x18\x04 \x01(\x0b\x32\x17.aitl.v1.RequestContext\x12,\n\x08retrieve\x18\n \x01(\x0b\x32\x18.aitl.v1.RetrieveRequestH\x00\x12$\n\x04rank\x18\x0b \x01(\x0b\x32\x14.aitl.v1.RankRequestH\x00\x12,\n\x08generate\x18\x0c \x01(\x0b\x32\x18.aitl.v1.GenerateRequestH\x00\x12\x30\n\x0fshown_knowledge\x18\x14 \x03(\x0b\x32\x17.aitl.v1.ShownKnowledge\x12&\n\ncandidates\x18\x15 \x03(\x0b\x32\x12.aitl.v1.Candidate\x12&\n\x06models\x18\x16 \x01(\x0b\x32\x16.aitl.v1.ModelVersions\x12!\n\x07timings\x18\x17 \x01(\x0b\x32\x10.aitl.v1.Timings\x12>\n\nredactions\x18\x18 \x03(\x0b\x32*.aitl.v1.InteractionRecord.RedactionsEntry\x1a\x31\n\x0fRedactionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x42\t\n\x07request\"\xa0\x02\n\x10\x41nnotationRecord\x12\'\n\nannotation\x18\x01 \x01(\x0b\x32\x13.aitl.v1.Annotation\x12/\n\x0breceived_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05\x64\x65lay\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0e\x63ontent_sha256\x18\x04 \x01(\x0c\x12=\n\nredactions\x18\x05 \x03(\x0b\x32).aitl.v1.AnnotationRecord.RedactionsEntry\x1a\x31\n\x0fRedactionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01*\x8c\x01\n\x0fInteractionKind\x12 \n\x1cINTERACTION_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19INTERACTION_KIND_RETRIEVE\x10\x01\x12\x19\n\x15INTERACTION_KIND_RANK\x10\x02\x12\x1d\n\x19INTERACTION_KIND_GENERATE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61itl/v1/trainlog.proto\x12\x07\x61itl.v1\x1a\x14\x61itl/v1/common.proto\x1a\x15\x61itl/v1/support.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd1\x01\n\tLogRecord\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12.\n\nwritten_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x0binteraction\x18\n \x01(\x0b\x32\x1a.aitl.v1.InteractionRecordH\x00\x12/\n\nannotation\x18\x0b \x01(\x0b\x32\x19.aitl.v1.AnnotationRecordH\x00\x42\x06\n\x04\x62ody\"T\n\x0eShownKnowledge\x12\x14\n\x0cknowledge_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\r\"\xea\x04\n\x11InteractionRecord\x12\x16\n\x0einteraction_id\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.aitl.v1.InteractionKind\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0frequest_context\x18\x04 \x01(\x0b\x32\x17.aitl.v1.RequestContext\x12,\n\x08retrieve\x18\n \x01(\x0b\x32\x18.aitl.v1.RetrieveRequestH\x00\x12$\n\x04rank\x18\x0b \x01(\x0b\x32\x14.aitl.v1.RankRequestH\x00\x12,\n\x08generate\x18\x0c \x01(\x0b\x32\x18.aitl.v1.GenerateRequestH\x00\x12\x30\n\x0fshown_knowledge\x18\x14 \x03(\x0b\x32\x17.aitl.v1.ShownKnowledge\x12&\n\ncandidates\x18\x15 \x03(\x0b\x32\x12.aitl.v1.Candidate\x12&\n\x06models\x18\x16 \x01(\x0b\x32\x16.aitl.v1.ModelVersions\x12!\n\x07timings\x18\x17 \x01(\x0b\x32\x10.aitl.v1.Timings\x12>\n\nredactions\x18\x18 \x03(\x0b\x32*.aitl.v1.InteractionRecord.RedactionsEntry\x12\x0e\n\x06tenant\x18\x19 \x01(\t\x1a\x31\n\x0fRedactionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x42\t\n\x07request\"\xb0\x02\n\x10\x41nnotationRecord\x12\'\n\nannotation\x18\x01 \x01(\x0b\x32\x13.aitl.v1.Annotation\x12/\n\x0breceived_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05\x64\x65lay\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0e\x63ontent_sha256\x18\x04 \x01(\x0c\x12=\n\nredactions\x18\x05 \x03(\x0b\x32).aitl.v1.AnnotationRecord.RedactionsEntry\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x1a\x31\n\x0fRedactionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01*\x8c\x01\n\x0fInteractionKind\x12 \n\x1cINTERACTION_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19INTERACTION_KIND_RETRIEVE\x10\x01\x12\x19\n\x15INTERACTION_KIND_RANK\x10\x02\x12\x1d\n\x19INTERACTION_KIND_GENERATE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,18 +39,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INTERACTIONRECORD_REDACTIONSENTRY']._serialized_options = b'8\001'
   _globals['_ANNOTATIONRECORD_REDACTIONSENTRY']._loaded_options = None
   _globals['_ANNOTATIONRECORD_REDACTIONSENTRY']._serialized_options = b'8\001'
-  _globals['_INTERACTIONKIND']._serialized_start=1340
-  _globals['_INTERACTIONKIND']._serialized_end=1480
+  _globals['_INTERACTIONKIND']._serialized_start=1372
+  _globals['_INTERACTIONKIND']._serialized_end=1512
   _globals['_LOGRECORD']._serialized_start=146
   _globals['_LOGRECORD']._serialized_end=355
   _globals['_SHOWNKNOWLEDGE']._serialized_start=357
   _globals['_SHOWNKNOWLEDGE']._serialized_end=441
   _globals['_INTERACTIONRECORD']._serialized_start=444
-  _globals['_INTERACTIONRECORD']._serialized_end=1046
-  _globals['_INTERACTIONRECORD_REDACTIONSENTRY']._serialized_start=986
-  _globals['_INTERACTIONRECORD_REDACTIONSENTRY']._serialized_end=1035
-  _globals['_ANNOTATIONRECORD']._serialized_start=1049
-  _globals['_ANNOTATIONRECORD']._serialized_end=1337
-  _globals['_ANNOTATIONRECORD_REDACTIONSENTRY']._serialized_start=986
-  _globals['_ANNOTATIONRECORD_REDACTIONSENTRY']._serialized_end=1035
+  _globals['_INTERACTIONRECORD']._serialized_end=1062
+  _globals['_INTERACTIONRECORD_REDACTIONSENTRY']._serialized_start=1002
+  _globals['_INTERACTIONRECORD_REDACTIONSENTRY']._serialized_end=1051
+  _globals['_ANNOTATIONRECORD']._serialized_start=1065
+  _globals['_ANNOTATIONRECORD']._serialized_end=1369
+  _globals['_ANNOTATIONRECORD_REDACTIONSENTRY']._serialized_start=1002
+  _globals['_ANNOTATIONRECORD_REDACTIONSENTRY']._serialized_end=1051
 # @@protoc_insertion_point(module_scope)

@@ -51,7 +51,7 @@ class ShownKnowledge(_message.Message):
     def __init__(self, knowledge_id: _Optional[str] = ..., version: _Optional[int] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class InteractionRecord(_message.Message):
-    __slots__ = ("interaction_id", "kind", "created_at", "request_context", "retrieve", "rank", "generate", "shown_knowledge", "candidates", "models", "timings", "redactions")
+    __slots__ = ("interaction_id", "kind", "created_at", "request_context", "retrieve", "rank", "generate", "shown_knowledge", "candidates", "models", "timings", "redactions", "tenant")
     class RedactionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class InteractionRecord(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     REDACTIONS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     interaction_id: str
     kind: InteractionKind
     created_at: _timestamp_pb2.Timestamp
@@ -83,10 +84,11 @@ class InteractionRecord(_message.Message):
     models: _common_pb2.ModelVersions
     timings: _common_pb2.Timings
     redactions: _containers.ScalarMap[str, int]
-    def __init__(self, interaction_id: _Optional[str] = ..., kind: _Optional[_Union[InteractionKind, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_context: _Optional[_Union[_common_pb2.RequestContext, _Mapping]] = ..., retrieve: _Optional[_Union[_support_pb2.RetrieveRequest, _Mapping]] = ..., rank: _Optional[_Union[_support_pb2.RankRequest, _Mapping]] = ..., generate: _Optional[_Union[_support_pb2.GenerateRequest, _Mapping]] = ..., shown_knowledge: _Optional[_Iterable[_Union[ShownKnowledge, _Mapping]]] = ..., candidates: _Optional[_Iterable[_Union[_support_pb2.Candidate, _Mapping]]] = ..., models: _Optional[_Union[_common_pb2.ModelVersions, _Mapping]] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ..., redactions: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    tenant: str
+    def __init__(self, interaction_id: _Optional[str] = ..., kind: _Optional[_Union[InteractionKind, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_context: _Optional[_Union[_common_pb2.RequestContext, _Mapping]] = ..., retrieve: _Optional[_Union[_support_pb2.RetrieveRequest, _Mapping]] = ..., rank: _Optional[_Union[_support_pb2.RankRequest, _Mapping]] = ..., generate: _Optional[_Union[_support_pb2.GenerateRequest, _Mapping]] = ..., shown_knowledge: _Optional[_Iterable[_Union[ShownKnowledge, _Mapping]]] = ..., candidates: _Optional[_Iterable[_Union[_support_pb2.Candidate, _Mapping]]] = ..., models: _Optional[_Union[_common_pb2.ModelVersions, _Mapping]] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ..., redactions: _Optional[_Mapping[str, int]] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class AnnotationRecord(_message.Message):
-    __slots__ = ("annotation", "received_at", "delay", "content_sha256", "redactions")
+    __slots__ = ("annotation", "received_at", "delay", "content_sha256", "redactions", "tenant")
     class RedactionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -99,9 +101,11 @@ class AnnotationRecord(_message.Message):
     DELAY_FIELD_NUMBER: _ClassVar[int]
     CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
     REDACTIONS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     annotation: _support_pb2.Annotation
     received_at: _timestamp_pb2.Timestamp
     delay: _duration_pb2.Duration
     content_sha256: bytes
     redactions: _containers.ScalarMap[str, int]
-    def __init__(self, annotation: _Optional[_Union[_support_pb2.Annotation, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., delay: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., content_sha256: _Optional[bytes] = ..., redactions: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    tenant: str
+    def __init__(self, annotation: _Optional[_Union[_support_pb2.Annotation, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., delay: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., content_sha256: _Optional[bytes] = ..., redactions: _Optional[_Mapping[str, int]] = ..., tenant: _Optional[str] = ...) -> None: ...
