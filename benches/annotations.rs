@@ -74,7 +74,9 @@ fn submit_annotation(c: &mut Criterion) {
             key
         });
         let server = runtime.block_on(aitl::server::start(config)).unwrap();
-        let ix = interaction();
+        // Shown to the key's tenant, which alone may annotate it.
+        let tenant = if keyed { "bench" } else { aitl::tenancy::DEFAULT_TENANT };
+        let ix = InteractionRecord { tenant: tenant.into(), ..interaction() };
         runtime.block_on(server.state.interactions.record(ix.clone())).unwrap();
         let ix = Arc::new(ix);
         let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
