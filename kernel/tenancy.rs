@@ -16,6 +16,11 @@ const MAX_NAME_BYTES: usize = 128;
 /// The tenant of calls that name none, and of data from before tenants.
 pub const DEFAULT_TENANT: &str = "default";
 
+/// [`DEFAULT_TENANT`], owned: what rows written before tenants read as.
+pub fn default_tenant() -> String {
+    DEFAULT_TENANT.to_string()
+}
+
 /// Metadata that names the tenant on a server without API keys.
 pub const TENANT_HEADER: &str = "x-aitl-tenant";
 

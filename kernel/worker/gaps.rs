@@ -20,7 +20,7 @@ const EXAMPLES: usize = 3;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KnowledgeGap {
     /// Whose knowledge base lacks it; each tenant has its own gaps.
-    #[serde(default = "default_tenant")]
+    #[serde(default = "crate::tenancy::default_tenant")]
     pub tenant: String,
     /// The knowledge id, else the external URI, else its title.
     pub key: String,
@@ -29,16 +29,12 @@ pub struct KnowledgeGap {
     pub uri: String,
     pub reports: usize,
     pub immediate_reports: usize,
-    pub agents: BTreeSet<String>,
     /// Agents as the journal scopes them (`crate::tenancy::scoped`).
+    pub agents: BTreeSet<String>,
     /// Questions it was missing for, first reported first.
     pub example_queries: Vec<String>,
     pub first_ms: Millis,
     pub last_ms: Millis,
-}
-
-fn default_tenant() -> String {
-    crate::tenancy::DEFAULT_TENANT.to_string()
 }
 
 /// All tenants' gaps, most reported first (ties by tenant and key).

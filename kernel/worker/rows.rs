@@ -77,12 +77,8 @@ pub struct InteractionRow {
     /// Model role → version that served the call.
     pub models: BTreeMap<String, String>,
     /// The tenant it was shown to (rows from before tenants: the default).
-    #[serde(default = "default_tenant")]
+    #[serde(default = "crate::tenancy::default_tenant")]
     pub tenant: String,
-}
-
-fn default_tenant() -> String {
-    crate::tenancy::DEFAULT_TENANT.to_string()
 }
 
 impl InteractionRow {
@@ -194,7 +190,7 @@ pub struct AnnotationRow {
     pub shown_ms: Millis,
     pub annotated_ms: Millis,
     pub feedback: Feedback,
-    #[serde(default = "default_tenant")]
+    #[serde(default = "crate::tenancy::default_tenant")]
     pub tenant: String,
 }
 
@@ -288,4 +284,57 @@ pub enum Row {
     Interaction(InteractionRow),
     Annotation(AnnotationRow),
     Verdict(Verdict),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Annotation, KnowledgeRelevance, RequestContext};
+
+    fn annotation_record(tenant: &str) -> AnnotationRecord {
+        AnnotationRecord {
+            annotation: Some(Annotation {
+                annotation_id: "a1".into(),
+                interaction_id: "ix-1".into(),
+                agent_id: "alice".into(),
+                kind: Some(annotation::Kind::Relevance(KnowledgeRelevance::default())),
+                ..Default::default()
+            }),
+            tenant: tenant.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn rows_keep_tenants_apart_and_rows_from_before_tenants_read_as_the_default() {
+        let acme = AnnotationRow::from_record(1, &annotation_record("acme")).unwrap();
+        let old = AnnotationRow::from_record(2, &annotation_record("")).unwrap();
+        assert_eq!(
+            (acme.annotation_id.as_str(), acme.agent_id.as_str(), acme.tenant.as_str()),
+            ("acme/a1", "acme/alice", "acme")
+        );
+        assert_eq!(
+            (old.annotation_id.as_str(), old.agent_id.as_str(), old.tenant.as_str()),
+            ("a1", "alice", "default")
+        );
+        let record = InteractionRecord {
+            tenant: "acme".into(),
+            request_context: Some(RequestContext { agent_id: "alice".into(), ..Default::default() }),
+            ..Default::default()
+        };
+        let interaction = InteractionRow::from_record(3, &record);
+        assert_eq!((interaction.agent_id.as_str(), interaction.case_id.as_str()), ("acme/alice", ""));
+
+        // A journal line written before tenants has no tenant field.
+        for row in [Row::Annotation(acme), Row::Interaction(interaction)] {
+            let mut json = serde_json::to_value(&row).unwrap();
+            let fields = json.as_object_mut().unwrap().values_mut().next().unwrap().as_object_mut().unwrap();
+            assert_eq!(fields.remove("tenant").unwrap(), "acme");
+            match serde_json::from_value::<Row>(json).unwrap() {
+                Row::Annotation(a) => assert_eq!(a.tenant, "default"),
+                Row::Interaction(i) => assert_eq!(i.tenant, "default"),
+                Row::Verdict(_) => unreachable!(),
+            }
+        }
+    }
 }
