@@ -11,6 +11,8 @@ typedef unsigned int u32;
 typedef int i32;
 typedef unsigned short u16;
 typedef unsigned char u8;
+typedef signed char i8;
+typedef short i16;
 typedef unsigned long long u64;
 typedef long long i64;
 

@@ -16,6 +16,12 @@
 //   out = x · (1 / sqrt(mean(x²) + eps)) · gamma, as `Device::rms_norm`
 //   (which sums the squares in f64; f32 partial sums over 256 threads stay
 //   within the stated tolerance).
+//
+// add_rms_norm_f32(h, delta, gamma, out, rows, width, eps)
+//   grid, block and shared as rms_norm_f32
+//   h += delta (delta nullable: then h is only read), then out = the RMSNorm
+//   of h: a decoder layer's residual add and the next norm in one pass.
+//   out must not be h.
 
 #define NORM_THREADS 256
 // Rows up to 2048 wide stay in registers between passes.
@@ -33,39 +39,66 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     }
 }
 
+// One row's RMSNorm: `load(i)` gives element i of the row (once, in index
+// order per thread), and `loaded` is where it then lies, for the second
+// pass of rows too wide for registers.
+template <class Load>
+AITL_DEV void rms_norm_row(Load load, const float* loaded, u32 width, const float* gamma, float eps, float* dst,
+                           float* scratch) {
+    const u32 tid = threadIdx.x;
+    if (width <= NORM_THREADS * NORM_PER_THREAD) {
+        float v[NORM_PER_THREAD];
+        float squares = 0.0f;
+#pragma unroll
+        for (int j = 0; j < NORM_PER_THREAD; j++) {
+            const u32 i = tid + (u32)(j * NORM_THREADS);
+            v[j] = i < width ? load(i) : 0.0f;
+            squares = fmaf(v[j], v[j], squares);
+        }
+        const float scale = 1.0f / sqrtf(aitl_block_sum<NORM_THREADS>(squares, scratch) / (float)width + eps);
+#pragma unroll
+        for (int j = 0; j < NORM_PER_THREAD; j++) {
+            const u32 i = tid + (u32)(j * NORM_THREADS);
+            if (i < width) {
+                dst[i] = v[j] * scale * gamma[i];
+            }
+        }
+    } else {
+        float squares = 0.0f;
+        for (u32 i = tid; i < width; i += NORM_THREADS) {
+            const float v = load(i);
+            squares = fmaf(v, v, squares);
+        }
+        const float scale = 1.0f / sqrtf(aitl_block_sum<NORM_THREADS>(squares, scratch) / (float)width + eps);
+        for (u32 i = tid; i < width; i += NORM_THREADS) {
+            dst[i] = loaded[i] * scale * gamma[i];
+        }
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     rms_norm_f32(const float* x, const float* gamma, float* out, u32 rows, u32 width, float eps) {
     __shared__ float scratch[NORM_THREADS / AITL_WARP];
-    const u32 tid = threadIdx.x;
     for (u32 r = blockIdx.x; r < rows; r += gridDim.x) {
         const float* row = x + (u64)r * width;
-        float* dst = out + (u64)r * width;
-        if (width <= NORM_THREADS * NORM_PER_THREAD) {
-            float v[NORM_PER_THREAD];
-            float squares = 0.0f;
-#pragma unroll
-            for (int j = 0; j < NORM_PER_THREAD; j++) {
-                const u32 i = tid + (u32)(j * NORM_THREADS);
-                v[j] = i < width ? row[i] : 0.0f;
-                squares = fmaf(v[j], v[j], squares);
+        rms_norm_row([&](u32 i) { return row[i]; }, row, width, gamma, eps, out + (u64)r * width, scratch);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+    add_rms_norm_f32(float* h, const float* delta, const float* gamma, float* out, u32 rows, u32 width, float eps) {
+    __shared__ float scratch[NORM_THREADS / AITL_WARP];
+    for (u32 r = blockIdx.x; r < rows; r += gridDim.x) {
+        float* row = h + (u64)r * width;
+        const float* add = delta != nullptr ? delta + (u64)r * width : nullptr;
+        auto load = [&](u32 i) {
+            if (add == nullptr) {
+                return row[i];
             }
-            const float scale = 1.0f / sqrtf(aitl_block_sum<NORM_THREADS>(squares, scratch) / (float)width + eps);
-#pragma unroll
-            for (int j = 0; j < NORM_PER_THREAD; j++) {
-                const u32 i = tid + (u32)(j * NORM_THREADS);
-                if (i < width) {
-                    dst[i] = v[j] * scale * gamma[i];
-                }
-            }
-        } else {
-            float squares = 0.0f;
-            for (u32 i = tid; i < width; i += NORM_THREADS) {
-                squares = fmaf(row[i], row[i], squares);
-            }
-            const float scale = 1.0f / sqrtf(aitl_block_sum<NORM_THREADS>(squares, scratch) / (float)width + eps);
-            for (u32 i = tid; i < width; i += NORM_THREADS) {
-                dst[i] = row[i] * scale * gamma[i];
-            }
-        }
+            const float v = row[i] + add[i];
+            row[i] = v;
+            return v;
+        };
+        rms_norm_row(load, row, width, gamma, eps, out + (u64)r * width, scratch);
     }
 }

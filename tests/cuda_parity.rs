@@ -15,7 +15,7 @@ use std::path::Path;
 
 use aitl::{
     backend::cuda::search::VectorPrecision,
-    backend::{Activation, AttentionShape, Device, Precision, SeqLayout, Tensor, half::f32_to_bf16},
+    backend::{Activation, AttentionShape, Device, Precision, SeqLayout, half::f32_to_bf16},
     kb::{
         device_index::DeviceIndex,
         index::{ExactIndex, Hit, IndexEntry, Query, VectorIndex},
@@ -23,35 +23,8 @@ use aitl::{
     model::{cross_encoder::CrossEncoder, sentence::SentenceEmbedder},
     proto::KnowledgeFilter,
 };
+use common::parity::{close, gpu, on, random};
 use rand::{Rng, SeedableRng, rngs::StdRng};
-
-fn gpu(test: &str) -> Option<Device> {
-    // SAFETY: set before any device opens in this process; read once when it does.
-    unsafe { std::env::set_var("AITL_CUDA_POISON", "1") };
-    common::cuda_device(test)
-}
-
-fn random(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
-}
-
-fn on(device: &Device, shape: &[usize], data: &[f32]) -> Tensor {
-    device.tensor(shape, data.to_vec()).unwrap()
-}
-
-/// ‖got − want‖∞ ≤ tolerance · max(1, |want|), and nothing unwritten.
-fn close(what: &str, got: &Tensor, want: &Tensor, tolerance: f32) {
-    let (got, want) = (got.to_host().unwrap(), want.to_host().unwrap());
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    let mut worst = 0f32;
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert!(!g.is_nan(), "{what}: element {i} is NaN (unwritten?)");
-        let error = (g - w).abs() / w.abs().max(1.0);
-        assert!(error <= tolerance, "{what}: element {i}: {g} against {w}");
-        worst = worst.max(error);
-    }
-    println!("{what}: worst relative error {worst:.2e}");
-}
 
 #[test]
 fn linear_in_f32_and_bf16_matches_the_cpu() {

@@ -51,6 +51,8 @@ pub(super) struct Generation {
     pub models: ModelVersions,
     /// Per candidate: the generator writing it and its prompt's length.
     candidate_models: Vec<(String, usize)>,
+    /// Where the champion decodes (the timings' device).
+    device: String,
     pub started: Instant,
     /// When the last engine took the request from its queue.
     admitted: Option<Instant>,
@@ -226,6 +228,7 @@ pub(super) async fn start(state: &AppState, tenant: String, req: GenerateRequest
         grounding,
         models,
         candidate_models,
+        device: champion.device().to_string(),
         started,
         admitted: None,
         waiting: engines.len(),
@@ -332,7 +335,7 @@ impl Generation {
             queue_ns: queue.as_nanos() as u64,
             compute_ns: (total - queue).as_nanos() as u64,
             total_ns: total.as_nanos() as u64,
-            device: crate::serving::load::GENERATOR_DEVICE.label(),
+            device: self.device.clone(),
         };
         let record = InteractionRecord {
             interaction_id: self.interaction_id.clone(),

@@ -48,21 +48,50 @@ impl StackedExperts {
     }
 }
 
-/// Each token's chosen experts and their weights, `used` per token.
-#[derive(Debug, Clone)]
+/// Each token's chosen experts and their weights, `used` per token, where
+/// the logits were (host memory, or the GPU's).
+#[derive(Debug)]
 pub struct Routing {
     used: usize,
-    experts: Vec<u32>,
-    weights: Vec<f32>,
+    storage: RoutingStorage,
+}
+
+#[derive(Debug)]
+enum RoutingStorage {
+    Host { experts: Vec<u32>, weights: Vec<f32> },
+    Cuda { experts: cudarc::driver::CudaSlice<u32>, weights: cudarc::driver::CudaSlice<f32>, pairs: usize },
 }
 
 impl Routing {
-    /// How many tokens each of `count` experts received (a host read; for
-    /// tests and telemetry, never inside a forward pass).
-    pub fn tokens_per_expert(&self, count: usize) -> Vec<usize> {
+    /// Each token's chosen experts, `used` per token, most probable first
+    /// (a host read; for tests and telemetry, never inside a forward pass).
+    pub fn experts(&self) -> Result<Vec<u32>> {
+        match &self.storage {
+            RoutingStorage::Host { experts, .. } => Ok(experts.clone()),
+            RoutingStorage::Cuda { experts, .. } => Ok(super::cuda::download(experts)?),
+        }
+    }
+
+    /// Their routing weights, in the same order (a host read, as `experts`).
+    pub fn weights(&self) -> Result<Vec<f32>> {
+        match &self.storage {
+            RoutingStorage::Host { weights, .. } => Ok(weights.clone()),
+            RoutingStorage::Cuda { weights, .. } => Ok(super::cuda::download(weights)?),
+        }
+    }
+
+    fn pairs(&self) -> usize {
+        match &self.storage {
+            RoutingStorage::Host { experts, .. } => experts.len(),
+            RoutingStorage::Cuda { pairs, .. } => *pairs,
+        }
+    }
+
+    /// How many tokens each of `count` experts received (a host read, as `experts`).
+    pub fn tokens_per_expert(&self, count: usize) -> Result<Vec<usize>> {
         let mut tokens = vec![0; count];
-        self.experts.iter().for_each(|&e| tokens[e as usize] += 1);
-        tokens
+        self.experts()?.iter().for_each(|&e| tokens[e as usize] += 1);
+        Ok(tokens)
     }
 }
 
@@ -92,6 +121,11 @@ impl Device {
         if used == 0 || used > count {
             return Err(Error::Internal(format!("route_top_k: {used} of {count} experts")));
         }
+        if let Device::Cuda(gpu) = self {
+            let (experts, weights) = gpu.moe_route(logits.gpu()?, (tokens, count, used), normalize)?;
+            let storage = RoutingStorage::Cuda { experts, weights, pairs: tokens * used };
+            return Ok(Routing { used, storage });
+        }
         let mut experts = vec![0u32; tokens * used];
         let mut weights = vec![0f32; tokens * used];
         match self {
@@ -105,9 +139,9 @@ impl Device {
                     route_token(row, used, normalize, e, w);
                 }
             }
-            Device::Cuda(_) => return Err(super::not_on_cuda("route_top_k")),
+            Device::Cuda(_) => unreachable!("routed on the GPU above"),
         }
-        Ok(Routing { used, experts, weights })
+        Ok(Routing { used, storage: RoutingStorage::Host { experts, weights } })
     }
 
     /// `Σ weight · down_e(silu(gate_e · x) ⊙ up_e · x)` over each token's
@@ -116,31 +150,54 @@ impl Device {
     /// expert no token chose costs nothing.
     pub fn experts_swiglu(&self, x: &Tensor, routing: &Routing, experts: &StackedExperts) -> Result<Tensor> {
         let (tokens, hidden) = (x.rows(), x.cols());
-        if hidden != experts.hidden || routing.experts.len() != tokens * routing.used {
+        if hidden != experts.hidden || routing.pairs() != tokens * routing.used {
             return Err(Error::Internal(format!(
                 "experts_swiglu: x {:?} does not fit {} routed tokens of width {}",
                 x.shape(),
-                routing.experts.len() / routing.used.max(1),
+                routing.pairs() / routing.used.max(1),
                 experts.hidden
             )));
         }
-        if routing.experts.iter().any(|&e| e as usize >= experts.count) {
-            return Err(Error::Internal("experts_swiglu: routing names an expert that is not stacked here".into()));
+        match (self, &routing.storage) {
+            (Device::Cpu, RoutingStorage::Host { experts: chosen, weights }) => {
+                // On the GPU the router kernel only ever names experts below the count.
+                if chosen.iter().any(|&e| e as usize >= experts.count) {
+                    return Err(Error::Internal(
+                        "experts_swiglu: routing names an expert that is not stacked here".into(),
+                    ));
+                }
+                let mut out = vec![0f32; tokens * hidden];
+                experts_swiglu_cpu(x.cpu(), (chosen, weights, routing.used), experts, &mut out);
+                self.tensor(&[tokens, hidden], out)
+            }
+            (Device::Cuda(gpu), RoutingStorage::Cuda { experts: chosen, weights, .. }) => {
+                let stack = super::cuda::ExpertWeights {
+                    dtype: experts.dtype(),
+                    count: experts.count,
+                    hidden,
+                    ffn: experts.ffn,
+                    gate: experts.gate.bytes.gpu()?,
+                    up: experts.up.bytes.gpu()?,
+                    down: experts.down.bytes.gpu()?,
+                };
+                let out = gpu.experts_swiglu(x.gpu()?, tokens, (chosen, weights, routing.used), &stack)?;
+                Ok(self.wrap(&[tokens, hidden], out))
+            }
+            _ => Err(Error::Internal("experts_swiglu: the routing is on another device than the tokens".into())),
         }
-        let mut out = vec![0f32; tokens * hidden];
-        match self {
-            Device::Cpu => experts_swiglu_cpu(x.cpu(), routing, experts, &mut out),
-            Device::Cuda(_) => return Err(super::not_on_cuda("experts_swiglu")),
-        }
-        self.tensor(&[tokens, hidden], out)
     }
 }
 
-fn experts_swiglu_cpu(x: &[f32], routing: &Routing, experts: &StackedExperts, out: &mut [f32]) {
+fn experts_swiglu_cpu(
+    x: &[f32],
+    (chosen, weights, used): (&[u32], &[f32], usize),
+    experts: &StackedExperts,
+    out: &mut [f32],
+) {
     let (hidden, ffn) = (experts.hidden, experts.ffn);
     let mut chosen_by: Vec<Vec<(usize, f32)>> = vec![Vec::new(); experts.count];
-    for (slot, (&e, &w)) in routing.experts.iter().zip(&routing.weights).enumerate() {
-        chosen_by[e as usize].push((slot / routing.used, w));
+    for (slot, (&e, &w)) in chosen.iter().zip(weights).enumerate() {
+        chosen_by[e as usize].push((slot / used, w));
     }
     for (e, chosen) in chosen_by.iter().enumerate().filter(|(_, c)| !c.is_empty()) {
         let m = chosen.len();
@@ -172,15 +229,16 @@ mod tests {
         let logits = device.tensor(&[2, 4], vec![0.0, 2.0, 1.0, 2.0, 5.0, -1.0, -1.0, 0.0]).unwrap();
         let routing = device.route_top_k(&logits, 2, true).unwrap();
         // A tie between experts 1 and 3 goes to both; order by probability, then index.
-        assert_eq!(routing.experts, [1, 3, 0, 3]);
-        assert!((routing.weights[0] - 0.5).abs() < 1e-6 && (routing.weights[1] - 0.5).abs() < 1e-6);
+        let weights = routing.weights().unwrap();
+        assert_eq!(routing.experts().unwrap(), [1, 3, 0, 3]);
+        assert!((weights[0] - 0.5).abs() < 1e-6 && (weights[1] - 0.5).abs() < 1e-6);
         let expected = 1.0 / (1.0 + (-5f32).exp());
-        assert!((routing.weights[2] - expected).abs() < 1e-6, "{:?}", routing.weights);
-        assert_eq!(routing.tokens_per_expert(4), [1, 1, 0, 2]);
+        assert!((weights[2] - expected).abs() < 1e-6, "{weights:?}");
+        assert_eq!(routing.tokens_per_expert(4).unwrap(), [1, 1, 0, 2]);
 
         let raw = device.route_top_k(&logits, 1, false).unwrap();
         let total: f32 = [0.0f32, 2.0, 1.0, 2.0].iter().map(|v| v.exp()).sum();
-        assert!((raw.weights[0] - 2f32.exp() / total).abs() < 1e-6);
+        assert!((raw.weights().unwrap()[0] - 2f32.exp() / total).abs() < 1e-6);
         assert!(device.route_top_k(&logits, 5, true).is_err());
     }
 
@@ -205,7 +263,8 @@ mod tests {
         // Expert 1 gets no token.
         let logits = vec![3.0, -9.0, 1.0, 0.0, -9.0, 4.0, 2.0, -9.0, 2.0];
         let routing = device.route_top_k(&device.tensor(&[tokens, count], logits).unwrap(), 2, true).unwrap();
-        assert_eq!(routing.tokens_per_expert(count), [3, 0, 3]);
+        assert_eq!(routing.tokens_per_expert(count).unwrap(), [3, 0, 3]);
+        let (chosen, weights) = (routing.experts().unwrap(), routing.weights().unwrap());
         let got = device.experts_swiglu(&device.tensor(&[tokens, hidden], x.clone()).unwrap(), &routing, &experts);
         let got = got.unwrap().to_host().unwrap();
 
@@ -213,7 +272,7 @@ mod tests {
             let row = &x[t * hidden..(t + 1) * hidden];
             let mut expected = vec![0f32; hidden];
             for slot in 0..2 {
-                let (e, w) = (routing.experts[t * 2 + slot] as usize, routing.weights[t * 2 + slot]);
+                let (e, w) = (chosen[t * 2 + slot] as usize, weights[t * 2 + slot]);
                 let dot =
                     |m: &[f32], r: usize, k: usize, v: &[f32]| -> f32 { (0..k).map(|i| m[r * k + i] * v[i]).sum() };
                 let act: Vec<f32> = (0..ffn)

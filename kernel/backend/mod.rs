@@ -13,6 +13,7 @@ mod cpu_decode;
 pub mod cuda;
 mod experts;
 pub mod half;
+pub mod kv_pages;
 mod packed;
 pub mod quant;
 mod quant_x86;
@@ -33,7 +34,7 @@ pub struct QuantMatrix {
     dtype: GgmlType,
     k: usize,
     n: usize,
-    bytes: Vec<u8>,
+    bytes: QuantBytes,
     /// How products over many rows (a prompt) run: F32 is llama.cpp's block
     /// arithmetic; Bf16 expands a block-quantized weight to bf16 tiles.
     prefill: Precision,
@@ -65,7 +66,13 @@ impl QuantMatrix {
         }
         let n = parts.iter().map(|p| p.n).sum();
         let prefill = first.prefill;
-        let bytes = parts.into_iter().flat_map(|p| p.bytes).collect();
+        let bytes = if parts.iter().all(|p| matches!(p.bytes, QuantBytes::Host(_))) {
+            QuantBytes::Host(parts.iter().flat_map(|p| p.bytes.host().iter().copied()).collect())
+        } else {
+            let gpu: Vec<&cudarc::driver::CudaSlice<u8>> =
+                parts.iter().map(|p| p.bytes.gpu()).collect::<Result<_>>()?;
+            QuantBytes::Cuda(std::sync::Arc::new(cuda::concat_bytes(&gpu)?))
+        };
         Ok(QuantMatrix { dtype, k, n, bytes, prefill })
     }
 
@@ -76,7 +83,7 @@ impl QuantMatrix {
             dtype: self.dtype,
             k: self.k,
             n: range.len(),
-            bytes: &self.bytes[range.start * row..range.end * row],
+            bytes: &self.bytes.host()[range.start * row..range.end * row],
             prefill: self.prefill,
         }
     }
@@ -89,8 +96,41 @@ impl QuantMatrix {
     pub fn dequantize_row(&self, j: usize) -> Vec<f32> {
         let row = self.dtype.row_bytes(self.k);
         let mut out = vec![0f32; self.k];
-        quant::dequantize_row(self.dtype, &self.bytes[j * row..(j + 1) * row], &mut out);
+        quant::dequantize_row(self.dtype, &self.bytes.host()[j * row..(j + 1) * row], &mut out);
         out
+    }
+}
+
+/// Where a [`QuantMatrix`]'s blocks live: host memory, or one buffer on a
+/// GPU (shared by clones: weights are never written).
+#[derive(Clone)]
+enum QuantBytes {
+    Host(Vec<u8>),
+    Cuda(std::sync::Arc<cudarc::driver::CudaSlice<u8>>),
+}
+
+impl std::fmt::Debug for QuantBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QuantBytes::Host(b) => write!(f, "Host({} bytes)", b.len()),
+            QuantBytes::Cuda(b) => write!(f, "Cuda({} bytes)", b.len()),
+        }
+    }
+}
+
+impl QuantBytes {
+    fn host(&self) -> &[u8] {
+        match self {
+            QuantBytes::Host(bytes) => bytes,
+            QuantBytes::Cuda(_) => panic!("a CUDA matrix reached a CPU op"),
+        }
+    }
+
+    fn gpu(&self) -> Result<&cudarc::driver::CudaSlice<u8>> {
+        match self {
+            QuantBytes::Cuda(bytes) => Ok(bytes),
+            QuantBytes::Host(_) => Err(Error::Internal("a host matrix reached a CUDA op".into())),
+        }
     }
 }
 
@@ -205,28 +245,43 @@ pub struct CachedRows<'a> {
     pub rows: usize,
 }
 
-/// One layer's keys and values for one sequence, `[positions, width]` each,
-/// grown as tokens are appended. Owned by whoever schedules the sequence.
-#[derive(Debug, Clone, Default)]
+/// One layer's keys and values for one sequence, grown as tokens are
+/// appended. Owned by whoever schedules the sequence; a clone is a fork
+/// (on a GPU it shares the pages instead of copying them).
+#[derive(Debug, Clone)]
 pub struct KvLayer {
-    k: Vec<f32>,
-    v: Vec<f32>,
     width: usize,
-    len: usize,
+    storage: KvStorage,
+}
+
+#[derive(Debug, Clone)]
+enum KvStorage {
+    /// `[positions, width]` each, f32.
+    Host { k: Vec<f32>, v: Vec<f32>, len: usize },
+    /// Pages of a pool on the GPU, f16.
+    Paged { pool: std::sync::Arc<cuda::paged_kv::KvPool>, table: kv_pages::PageTable },
 }
 
 impl KvLayer {
     pub fn new(width: usize) -> Self {
-        KvLayer { k: Vec::new(), v: Vec::new(), width, len: 0 }
+        KvLayer { width, storage: KvStorage::Host { k: Vec::new(), v: Vec::new(), len: 0 } }
+    }
+
+    /// An empty sequence in a GPU layer's page pool.
+    pub fn paged(pool: &std::sync::Arc<cuda::paged_kv::KvPool>) -> Self {
+        KvLayer { width: pool.width(), storage: KvStorage::Paged { pool: pool.clone(), table: pool.table() } }
     }
 
     /// Positions stored.
     pub fn len(&self) -> usize {
-        self.len
+        match &self.storage {
+            KvStorage::Host { len, .. } => *len,
+            KvStorage::Paged { table, .. } => table.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     /// Appends the rows of `k` and `v` (`[new, width]`).
@@ -234,17 +289,28 @@ impl KvLayer {
         if k.cols() != self.width || v.shape != k.shape {
             return Err(Error::Internal("kv cache: rows do not fit".into()));
         }
-        self.k.extend_from_slice(k.cpu());
-        self.v.extend_from_slice(v.cpu());
-        self.len += k.rows();
-        Ok(())
+        match &mut self.storage {
+            KvStorage::Host { k: keys, v: values, len } => {
+                keys.extend_from_slice(k.cpu());
+                values.extend_from_slice(v.cpu());
+                *len += k.rows();
+                Ok(())
+            }
+            KvStorage::Paged { pool, table } => pool.append(table, k.gpu()?, v.gpu()?, k.rows()),
+        }
     }
 
     /// Drops positions from `len` on (a candidate forking from a shared prefix).
     pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-        self.k.truncate(self.len * self.width);
-        self.v.truncate(self.len * self.width);
+        let width = self.width;
+        match &mut self.storage {
+            KvStorage::Host { k, v, len: held } => {
+                *held = (*held).min(len);
+                k.truncate(*held * width);
+                v.truncate(*held * width);
+            }
+            KvStorage::Paged { table, .. } => table.truncate(len),
+        }
     }
 }
 
@@ -367,12 +433,6 @@ pub enum Device {
     Cuda(std::sync::Arc<cuda::CudaDevice>),
 }
 
-/// An op the CUDA backend does not have yet (the decoder's: CUDA part 2).
-fn not_on_cuda(op: &'static str) -> Error {
-    cuda::CudaError::Unsupported { op, detail: "the decoder's ops run on the CPU until their kernels land".into() }
-        .into()
-}
-
 impl Device {
     pub fn name(&self) -> &'static str {
         match self {
@@ -475,6 +535,10 @@ impl Device {
                 bytes.len()
             )));
         }
+        let bytes = match self {
+            Device::Cpu => QuantBytes::Host(bytes),
+            Device::Cuda(gpu) => QuantBytes::Cuda(std::sync::Arc::new(gpu.upload(&bytes)?)),
+        };
         Ok(QuantMatrix { dtype, k, n, bytes, prefill: Precision::F32 })
     }
 
@@ -492,7 +556,10 @@ impl Device {
         }
         let out = match self {
             Device::Cpu => cpu::linear_quantized(x.cpu(), w.all(), m),
-            Device::Cuda(_) => return Err(not_on_cuda("linear_quantized")),
+            Device::Cuda(gpu) => {
+                let out = gpu.linear_quantized(x.gpu()?, m, w.bytes.gpu()?, (w.dtype, w.prefill), (k, w.n))?;
+                return Ok(self.wrap(&[m, w.n], out));
+            }
         };
         self.tensor(&[m, w.n], out)
     }
@@ -508,7 +575,10 @@ impl Device {
                 let rows = ids.iter().flat_map(|&id| table.dequantize_row(id as usize)).collect();
                 self.tensor(&[ids.len(), table.k], rows)
             }
-            Device::Cuda(_) => Err(not_on_cuda("embed_quantized")),
+            Device::Cuda(gpu) => {
+                Ok(self
+                    .wrap(&[ids.len(), table.k], gpu.embed_quantized(table.bytes.gpu()?, table.dtype, table.k, ids)?))
+            }
         }
     }
 
@@ -747,6 +817,25 @@ impl Device {
         }
     }
 
+    /// `h += delta`, then [`Device::rms_norm`] of `h`: a decoder layer's
+    /// residual add and the next norm, one pass over the rows on a GPU.
+    pub fn add_rms_norm(&self, h: &mut Tensor, delta: &Tensor, gamma: &Tensor, eps: f32) -> Result<Tensor> {
+        if h.shape != delta.shape || gamma.cols() != h.cols() {
+            return Err(Error::Internal("add_rms_norm: shapes do not fit".into()));
+        }
+        match self {
+            Device::Cpu => {
+                self.add(h, delta)?;
+                self.rms_norm(h, gamma, eps)
+            }
+            Device::Cuda(gpu) => {
+                let (rows, width) = (h.rows(), h.cols());
+                let out = gpu.add_rms_norm(h.gpu_mut()?, delta.gpu()?, gamma.gpu()?, (rows, width), eps)?;
+                Ok(self.wrap(&[rows, width], out))
+            }
+        }
+    }
+
     /// Rotary position embeddings in place; row `t` of `x` (`heads` heads of
     /// `head_dim`) is at `positions[t]`.
     pub fn rope(&self, x: &mut Tensor, positions: &[u32], head_dim: usize, base: f32, style: RopeStyle) -> Result<()> {
@@ -756,7 +845,7 @@ impl Device {
         let heads = x.cols() / head_dim;
         match self {
             Device::Cpu => cpu_decode::rope(x.cpu_mut(), positions, heads, head_dim, base, style),
-            Device::Cuda(_) => return Err(not_on_cuda("rope")),
+            Device::Cuda(gpu) => gpu.rope(x.gpu_mut()?, positions, (heads, head_dim), base, style)?,
         }
         Ok(())
     }
@@ -768,7 +857,10 @@ impl Device {
         }
         match self {
             Device::Cpu => cpu_decode::silu_mul(gate.cpu_mut(), up.cpu()),
-            Device::Cuda(_) => return Err(not_on_cuda("silu_mul")),
+            Device::Cuda(gpu) => {
+                let n = gate.shape.iter().product();
+                gpu.silu_mul(gate.gpu_mut()?, up.gpu()?, n)?
+            }
         }
         Ok(())
     }
@@ -824,7 +916,10 @@ impl Device {
                     },
                 )
             }
-            Device::Cuda(_) => return Err(not_on_cuda("add_gated")),
+            Device::Cuda(gpu) => {
+                let rows = x.rows();
+                gpu.add_gated(x.gpu_mut()?, y.gpu()?, gate.gpu()?, rows, width)?
+            }
         }
         Ok(())
     }
@@ -843,7 +938,7 @@ impl Device {
         kv_heads: usize,
         ggml_order: bool,
     ) -> Result<Tensor> {
-        let fits = |s: &CachedRows| s.cache.width == kv_heads * shape.head_dim && s.cache.len >= s.past + s.rows;
+        let fits = |s: &CachedRows| s.cache.width == kv_heads * shape.head_dim && s.cache.len() >= s.past + s.rows;
         if q.cols() != shape.heads * shape.head_dim
             || kv_heads == 0
             || !shape.heads.is_multiple_of(kv_heads)
@@ -852,18 +947,41 @@ impl Device {
         {
             return Err(Error::Internal(format!("cached_attention: q {:?} does not fit the caches", q.shape)));
         }
-        let mut out = vec![0f32; q.cpu().len()];
         match self {
-            Device::Cuda(_) => return Err(not_on_cuda("cached_attention")),
+            Device::Cuda(_) => {
+                let mut pool = None;
+                let mut paged = Vec::with_capacity(sequences.len());
+                for s in sequences {
+                    let KvStorage::Paged { pool: p, table } = &s.cache.storage else {
+                        return Err(Error::Internal("cached_attention: a host KV cache reached a CUDA op".into()));
+                    };
+                    if let Some(first) = pool
+                        && !std::sync::Arc::ptr_eq(first, p)
+                    {
+                        return Err(Error::Internal(
+                            "cached_attention: the sequences' caches are in different pools".into(),
+                        ));
+                    }
+                    pool = Some(p);
+                    paged.push(cuda::paged_kv::PagedRows { table, past: s.past, rows: s.rows });
+                }
+                let Some(pool) = pool else { return self.tensor(q.shape(), Vec::new()) };
+                let attended = pool.attention(q.gpu()?, &paged, (shape.heads, kv_heads, shape.head_dim))?;
+                return Ok(self.wrap(q.shape(), attended));
+            }
             Device::Cpu => {
-                let sequences: Vec<_> = sequences
-                    .iter()
-                    .map(|s| cpu_decode::Sequence { k: &s.cache.k, v: &s.cache.v, past: s.past, rows: s.rows })
-                    .collect();
-                cpu_decode::cached_attention(q.cpu(), &sequences, shape, kv_heads, ggml_order, &mut out)
+                let mut host = Vec::with_capacity(sequences.len());
+                for s in sequences {
+                    let KvStorage::Host { k, v, .. } = &s.cache.storage else {
+                        return Err(Error::Internal("cached_attention: a GPU KV cache reached a CPU op".into()));
+                    };
+                    host.push(cpu_decode::Sequence { k, v, past: s.past, rows: s.rows });
+                }
+                let mut out = vec![0f32; q.cpu().len()];
+                cpu_decode::cached_attention(q.cpu(), &host, shape, kv_heads, ggml_order, &mut out);
+                self.tensor(q.shape(), out)
             }
         }
-        self.tensor(q.shape(), out)
     }
 
     /// Scales each row to unit L2 norm, in place.

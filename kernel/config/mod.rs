@@ -24,7 +24,7 @@ pub struct Config {
     /// Where the embedding model, the cross-encoder and vector search run:
     /// "auto" (a CUDA GPU when one answers and every kernel compiles for it,
     /// else the CPU), "cpu", "cuda" or "cuda:N" (fails without that GPU).
-    /// The generator runs on the CPU until the decoder's CUDA kernels land.
+    /// The generator has its own setting, `models.generator_device`.
     pub device: crate::backend::DeviceChoice,
     /// Where compiled CUDA kernels are cached; empty means `{data_dir}/kernels`.
     pub kernel_cache_dir: PathBuf,
@@ -127,6 +127,10 @@ pub struct ModelsConfig {
     /// block arithmetic, 8-bit activations). Decoding steps always use the
     /// block arithmetic; float checkpoints always f32.
     pub generator_precision: crate::backend::Precision,
+    /// Where the generator decodes: "cpu" (the default, until the decoder's
+    /// CUDA kernels have been checked on a GPU: `scripts/gpu-check`), or
+    /// "auto", "cuda", "cuda:N" as `device`.
+    pub generator_device: crate::backend::DeviceChoice,
     /// Most candidates decoded together in one step.
     pub max_decoding_sequences: usize,
     /// Prompt tokens prefilled between two decode steps: smaller keeps other
@@ -165,6 +169,7 @@ impl Default for ModelsConfig {
             generator: "default".into(),
             generate_queue_capacity: 64,
             generator_precision: crate::model::llama::DEFAULT_PREFILL,
+            generator_device: crate::backend::DeviceChoice::Cpu,
             max_decoding_sequences: 16,
             prefill_chunk_tokens: crate::model::llama::DEFAULT_PREFILL_CHUNK,
             default_max_new_tokens: 256,
@@ -437,6 +442,11 @@ impl Config {
         crate::backend::Device::shared(self.device, &self.kernel_cache())
     }
 
+    /// The generator's device (`models.generator_device`).
+    pub fn generator_device(&self) -> Result<crate::backend::Device> {
+        crate::backend::Device::shared(self.models.generator_device, &self.kernel_cache())
+    }
+
     pub fn model_cache(&self) -> PathBuf {
         if self.models.cache_dir.as_os_str().is_empty() {
             self.data_dir.join("models")
@@ -485,5 +495,20 @@ mod tests {
         std::fs::write(&path, "[log]\nsegment_mb = 8\n").unwrap();
         let err = Config::load(Some(&path)).unwrap_err().to_string();
         assert!(err.contains("segment_mb"), "{err}");
+    }
+
+    #[test]
+    fn the_generator_decodes_on_the_cpu_unless_told_otherwise() {
+        use crate::backend::DeviceChoice;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("aitl.toml");
+        std::fs::write(&path, "device = \"cuda\"\n").unwrap();
+        let config = Config::load(Some(&path)).unwrap();
+        assert_eq!((config.device, config.models.generator_device), (DeviceChoice::Cuda(0), DeviceChoice::Cpu));
+        std::fs::write(&path, "[models]\ngenerator_device = \"cuda:1\"\n").unwrap();
+        assert_eq!(Config::load(Some(&path)).unwrap().models.generator_device, DeviceChoice::Cuda(1));
+        std::fs::write(&path, "[models]\ngenerator_device = \"gpu\"\n").unwrap();
+        let err = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("\"gpu\" is not"), "{err}");
     }
 }

@@ -114,6 +114,8 @@ struct Shared {
     version: String,
     context: usize,
     options: GeneratorOptions,
+    /// The device's label, for responses' timings.
+    device: String,
 }
 
 /// Handle to the decoding worker; cheap to clone.
@@ -219,6 +221,7 @@ impl GeneratorEngine {
         let worker_tokenizer = tokenizer.clone();
         let max_sequences = options.max_sequences;
         let counters = Arc::new(GeneratorCounters::default());
+        let label = device.label();
         let worker = Worker {
             device,
             model,
@@ -232,11 +235,17 @@ impl GeneratorEngine {
             .spawn(move || worker.run(jobs))
             .map_err(|e| Error::Internal(format!("cannot start the decoding worker: {e}")))?;
         tracing::info!(model = %version, context, "generator loaded");
-        Ok(GeneratorEngine { shared: Arc::new(Shared { counters, queue, tokenizer, version, context, options }) })
+        let shared = Shared { counters, queue, tokenizer, version, context, options, device: label };
+        Ok(GeneratorEngine { shared: Arc::new(shared) })
     }
 
     pub fn version(&self) -> &str {
         &self.shared.version
+    }
+
+    /// Where the decoding runs (`cpu`, `cuda:0 (NVIDIA H200, sm_90)`).
+    pub fn device(&self) -> &str {
+        &self.shared.device
     }
 
     pub fn counters(&self) -> &GeneratorCounters {

@@ -18,7 +18,8 @@ use super::{
 };
 use crate::{
     backend::{
-        AttentionShape, CachedRows, Device, KvLayer, Precision, QuantMatrix, RopeStyle, Tensor, quant::GgmlType,
+        AttentionShape, CachedRows, Device, KvLayer, Precision, QuantMatrix, RopeStyle, Tensor, cuda::paged_kv::KvPool,
+        quant::GgmlType,
     },
     error::{Error, Result},
 };
@@ -399,6 +400,17 @@ struct Weights {
     /// F32: llama.cpp's arithmetic throughout (block products, ggml's
     /// attention order); Bf16: prompts on the faster kernels.
     prefill: Precision,
+    /// On a GPU, each layer's pool of KV pages that every sequence's cache
+    /// draws from; empty on the CPU (each cache owns its rows).
+    kv_pools: Vec<std::sync::Arc<KvPool>>,
+}
+
+/// Positions of KV cache a GPU decoder keeps for all its sequences at once:
+/// sixteen full contexts, within a quarter of the GPU's memory.
+fn kv_pool_positions(gpu: &crate::backend::cuda::CudaDevice, config: &LlamaConfig) -> usize {
+    let width = config.kv_heads * config.head_dim;
+    let budget = gpu.info().memory_bytes / 4 / config.layers.max(1);
+    (16 * config.context).min(KvPool::positions_in(budget, width))
 }
 
 /// A handle on a decoder's base weights that does not keep them alive.
@@ -492,6 +504,15 @@ impl Llama {
             output_norm: weights.vector(device, "output_norm", h)?,
             blocks,
             output,
+            kv_pools: match device {
+                Device::Cpu => Vec::new(),
+                Device::Cuda(gpu) => {
+                    let (positions, width) = (kv_pool_positions(gpu, &config), config.kv_heads * config.head_dim);
+                    (0..config.layers)
+                        .map(|_| KvPool::new(gpu, positions, width))
+                        .collect::<std::result::Result<_, _>>()?
+                }
+            },
             config,
             prefill,
         }))
@@ -530,11 +551,12 @@ impl Llama {
 
     /// An empty cache for one sequence.
     pub fn new_cache(&self) -> KvCache {
-        KvCache {
-            layers: (0..self.base.config.layers)
-                .map(|_| KvLayer::new(self.base.config.kv_heads * self.base.config.head_dim))
-                .collect(),
-        }
+        let width = self.base.config.kv_heads * self.base.config.head_dim;
+        let layers = match self.base.kv_pools.is_empty() {
+            true => (0..self.base.config.layers).map(|_| KvLayer::new(width)).collect(),
+            false => self.base.kv_pools.iter().map(KvLayer::paged).collect(),
+        };
+        KvCache { layers }
     }
 
     /// Runs each sequence's new tokens through the model, appending to its
@@ -644,8 +666,7 @@ impl Llama {
             let attended = device.cached_attention(&q, &sequences, shape, c.kv_heads, w.prefill == Precision::F32)?;
             let mut projected = device.linear_quantized(&attended, &block.attention.o)?;
             add_delta(device, &mut projected, adapter.and_then(|a| a.o.as_ref()), &attended)?;
-            device.add(&mut x, &projected)?;
-            let normed = device.rms_norm(&x, &block.ffn_norm, c.rms_eps)?;
+            let normed = device.add_rms_norm(&mut x, &projected, &block.ffn_norm, c.rms_eps)?;
             let ffn_out = match &block.ffn {
                 FeedForward::Dense(dense) => dense.forward_adapted(device, &normed, adapter)?,
                 FeedForward::Moe(moe) => moe.forward(device, &normed)?,

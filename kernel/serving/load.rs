@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use crate::{
-    backend::Device,
     config::{Config, RankerChoice},
     engine::{EmbeddingEngine, EncoderOptions, GeneratorEngine, GeneratorOptions, Ranker},
     error::{Error, Result},
@@ -31,10 +30,6 @@ pub async fn embedder(config: &Config) -> Result<Option<EmbeddingEngine>> {
     .map_err(|e| Error::Internal(format!("loading the embedding model: {e}")))?
 }
 
-/// Where generators run: the decoder's ops have no CUDA kernels yet (CUDA
-/// part 2), whatever `device` says.
-pub const GENERATOR_DEVICE: Device = Device::Cpu;
-
 /// Starts the configured generator (fetching the default on first use).
 pub async fn generator(config: &Config) -> Result<Option<GeneratorEngine>> {
     let config = config.clone();
@@ -49,7 +44,7 @@ pub async fn generator(config: &Config) -> Result<Option<GeneratorEngine>> {
             prefill: config.models.generator_precision,
             prefill_chunk: config.models.prefill_chunk_tokens,
         };
-        GeneratorEngine::load(GENERATOR_DEVICE, &path, options).map(Some)
+        GeneratorEngine::load(config.generator_device()?, &path, options).map(Some)
     })
     .await
     .map_err(|e| Error::Internal(format!("loading the generator: {e}")))?

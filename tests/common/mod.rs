@@ -15,6 +15,8 @@ use aitl::{
 };
 use tonic::transport::Channel;
 
+pub mod parity;
+
 /// `aitl --data-dir DIR ARGS…` with no models configured: whether it
 /// succeeded, its stdout and its stderr.
 pub fn run_aitl(data_dir: &Path, args: &[&str]) -> (bool, String, String) {

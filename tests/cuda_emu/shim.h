@@ -73,6 +73,18 @@ inline unsigned __float_as_uint(float f) {
 inline float __int_as_float(int i) { return __uint_as_float((unsigned)i); }
 inline int __float_as_int(float f) { return (int)__float_as_uint(f); }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
+// IEEE products and sums, never fused into a multiply-add.
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+// Round to nearest, ties to even: the host's default rounding mode.
+inline int __float2int_rn(float x) { return (int)nearbyintf(x); }
+// The sum of the four signed byte products of a and b, plus c (PTX dp4a.s32.s32).
+inline int __dp4a(int a, int b, int c) {
+    for (int i = 0; i < 32; i += 8) {
+        c += (int)(signed char)(a >> i) * (int)(signed char)(b >> i);
+    }
+    return c;
+}
 
 namespace aitl_emu {
 

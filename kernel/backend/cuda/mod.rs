@@ -10,9 +10,11 @@
 //! read them. Nothing in a forward pass waits for the GPU; `to_host` does.
 
 pub mod compile;
+mod decode;
 pub mod error;
 pub mod kernels;
 mod ops;
+pub mod paged_kv;
 pub mod probe;
 pub mod search;
 
@@ -25,6 +27,7 @@ use cudarc::{
 };
 
 pub use compile::KernelCache;
+pub(crate) use decode::{ExpertWeights, concat_bytes};
 pub use error::CudaError;
 use kernels::KernelId;
 pub use probe::{GpuInfo, Probe, probe};
@@ -102,7 +105,7 @@ fn keep_freed_memory(context: &CudaContext) -> Result<(), CudaError> {
 }
 
 /// A buffer's values on the host, once its stream has finished writing them.
-fn download<T: cudarc::driver::DeviceRepr>(buffer: &CudaSlice<T>) -> Result<Vec<T>, CudaError> {
+pub(crate) fn download<T: cudarc::driver::DeviceRepr>(buffer: &CudaSlice<T>) -> Result<Vec<T>, CudaError> {
     let values = buffer.stream().clone_dtoh(buffer).map_err(CudaError::driver("cuMemcpyDtoHAsync"))?;
     // A copy to pageable memory returns when done; the wait also reports
     // an earlier kernel's failure here rather than at some later call.

@@ -179,24 +179,7 @@ impl CudaDevice {
         };
         let (mi, ki, ni) = (dim(m)?, dim(k)?, dim(n)?);
         match w {
-            Buffer::F32(w) => {
-                let cfg = GemmConfig {
-                    transa: blas::cublasOperation_t::CUBLAS_OP_N,
-                    transb: blas::cublasOperation_t::CUBLAS_OP_N,
-                    m: ni,
-                    n: mi,
-                    k: ki,
-                    alpha: 1.0f32,
-                    lda: ni,
-                    ldb: ki,
-                    beta: 0.0f32,
-                    ldc: ni,
-                };
-                let blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
-                // SAFETY: w is [k, n], x is [m, k] and out is [m, n], as the
-                // leading dimensions say.
-                unsafe { blas.gemm(cfg, w, x, &mut out) }.map_err(CudaError::blas("cublasSgemm"))?;
-            }
+            Buffer::F32(w) => self.sgemm(w, false, x, &mut out, (mi, ki, ni))?,
             Buffer::Bf16(w) => {
                 let x16 = self.convert(x, m * k, KernelId::F32ToBf16)?;
                 self.gemm_bf16(w, &x16, &mut out, (mi, ki, ni))?;
@@ -204,6 +187,46 @@ impl CudaDevice {
         }
         self.bias_act(&mut out, bias, m, n, act)?;
         Ok(out)
+    }
+
+    /// `out = x · wᵀ` in f32 for a weight stored as `n` rows of `k` (a float
+    /// ggml matrix).
+    pub(crate) fn gemm_f32_rows(
+        &self,
+        w: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        dims: (i32, i32, i32),
+    ) -> Result<(), CudaError> {
+        self.sgemm(w, true, x, out, dims)
+    }
+
+    /// `out[m, n] = x[m, k] · w` in f32, `w` stored `[k, n]`, or `[n, k]`
+    /// (transposed) when `w_rows`; column-major as in [`CudaDevice::linear`].
+    fn sgemm(
+        &self,
+        w: &CudaSlice<f32>,
+        w_rows: bool,
+        x: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        (m, k, n): (i32, i32, i32),
+    ) -> Result<(), CudaError> {
+        let cfg = GemmConfig {
+            transa: if w_rows { blas::cublasOperation_t::CUBLAS_OP_T } else { blas::cublasOperation_t::CUBLAS_OP_N },
+            transb: blas::cublasOperation_t::CUBLAS_OP_N,
+            m: n,
+            n: m,
+            k,
+            alpha: 1.0f32,
+            lda: if w_rows { k } else { n },
+            ldb: k,
+            beta: 0.0f32,
+            ldc: n,
+        };
+        let blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: w is [k, n] (or [n, k] with w_rows), x is [m, k] and out is
+        // [m, n], as the leading dimensions say.
+        unsafe { blas.gemm(cfg, w, x, out) }.map_err(CudaError::blas("cublasSgemm"))
     }
 
     /// f32 values as bf16 (`F32ToBf16`) or f16 (`F32ToF16`) bits.
@@ -215,10 +238,36 @@ impl CudaDevice {
     }
 
     /// bf16 operands, f32 sums and result (cublasGemmEx, column-major as in
-    /// [`CudaDevice::linear`]).
+    /// [`CudaDevice::linear`]), for a weight stored `[k, n]`.
     fn gemm_bf16(
         &self,
         w: &CudaSlice<u16>,
+        x: &CudaSlice<u16>,
+        out: &mut CudaSlice<f32>,
+        (m, k, n): (i32, i32, i32),
+    ) -> Result<(), CudaError> {
+        self.gemm_bf16_with(w, false, x, out, (m, k, n))
+    }
+
+    /// As [`CudaDevice::gemm_bf16`] for a weight stored as `n` rows of `k`
+    /// (a dequantized ggml matrix): `out = x · wᵀ`.
+    pub(crate) fn gemm_bf16_rows(
+        &self,
+        w: &CudaSlice<u16>,
+        x: &CudaSlice<u16>,
+        out: &mut CudaSlice<f32>,
+        (m, k, n): (i32, i32, i32),
+    ) -> Result<(), CudaError> {
+        self.gemm_bf16_with(w, true, x, out, (m, k, n))
+    }
+
+    /// `w_rows`: the weight is `[n, k]` row-major, which column-major cuBLAS
+    /// reads as `[k, n]` and transposes; otherwise `[k, n]` row-major, read
+    /// as `[n, k]` column-major as it stands.
+    fn gemm_bf16_with(
+        &self,
+        w: &CudaSlice<u16>,
+        w_rows: bool,
         x: &CudaSlice<u16>,
         out: &mut CudaSlice<f32>,
         (m, k, n): (i32, i32, i32),
@@ -235,7 +284,7 @@ impl CudaDevice {
         unsafe {
             gemm_ex(
                 *blas.handle(),
-                blas::cublasOperation_t::CUBLAS_OP_N,
+                if w_rows { blas::cublasOperation_t::CUBLAS_OP_T } else { blas::cublasOperation_t::CUBLAS_OP_N },
                 blas::cublasOperation_t::CUBLAS_OP_N,
                 n,
                 m,
@@ -243,7 +292,7 @@ impl CudaDevice {
                 (&alpha as *const f32).cast(),
                 w as *const _,
                 blas::cudaDataType_t::CUDA_R_16BF,
-                n,
+                if w_rows { k } else { n },
                 x as *const _,
                 blas::cudaDataType_t::CUDA_R_16BF,
                 k,
