@@ -75,11 +75,13 @@ impl Evaluator for LoopbackEvaluator {
         prepare_knowledge(&eval_config, &set.knowledge)?;
         prune(&set_dir, &eval_config.data_dir);
         let server = crate::server::start(eval_config).await?;
+        // Its own loopback server: no keys configured, so none to present.
         let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
             .map_err(|e| Error::Internal(e.to_string()))?
             .connect()
             .await
             .map_err(|e| Error::Unavailable(format!("eval server: {e}")))?;
+        let channel = crate::remote::Remote::new(channel, crate::remote::ApiKey::default());
         let report = retrieval::score(channel, set, context_turns, rank).await;
         server.shutdown().await?;
         report

@@ -26,6 +26,7 @@ pub mod model;
 pub mod privacy;
 pub mod provision;
 pub mod registry;
+pub mod remote;
 pub mod server;
 pub mod serving;
 pub mod tenancy;

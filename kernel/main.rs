@@ -217,7 +217,8 @@ enum Command {
     /// Load a running server as copilots do and report per RPC as ghz does: count, rate, latency
     /// percentiles and histogram (failed calls included), status codes; for GenerateStream also
     /// time to first token, gaps between deltas and tokens/s. Annotations land in the server's
-    /// log (agents load-agent-N, tenant aitl-load): load a scratch data dir.
+    /// log (agents load-agent-N, the calling tenant): load a scratch data dir. Against a server
+    /// with API keys, set AITL_API_KEY (a key that names no agent).
     Load {
         /// The running server.
         #[arg(long, default_value = "http://127.0.0.1:50051")]
@@ -1131,11 +1132,7 @@ async fn eval_retrieval(
     let eval = DatasetEval::open(dataset, split)?;
     match server {
         Some(url) => {
-            let channel = tonic::transport::Channel::from_shared(url.clone())
-                .map_err(|e| Error::InvalidArgument(format!("--server {url}: {e}")))?
-                .connect()
-                .await
-                .map_err(|e| Error::Unavailable(format!("cannot reach the server at {url}: {e}")))?;
+            let channel = aitl::remote::connect(&url, "--server").await?;
             retrieval::score(channel, &eval.set(), turns, rank).await
         }
         None => {

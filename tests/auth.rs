@@ -169,3 +169,40 @@ async fn keys_and_roles_guard_every_rpc() {
     assert!(still.values().all(|c| passed_auth(*c)), "other keys keep working: {still:?}");
     server.shutdown().await.unwrap();
 }
+
+/// aitl's own clients present the key in `AITL_API_KEY` (kernel/remote.rs):
+/// `aitl load` against a server with keys is refused without it, and with
+/// it passes authentication (Retrieve then answers UNAVAILABLE: this server
+/// has no embedding model).
+#[tokio::test(flavor = "multi_thread")]
+async fn aitl_load_presents_the_key_in_aitl_api_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = aitl_ok(dir.path(), &["keys", "create", "--tenant", "acme", "--role", "agent"]).trim().to_string();
+    let data = tempfile::tempdir().unwrap();
+    mini_beir(data.path(), 3);
+    let server = aitl::server::start(config(dir.path())).await.unwrap();
+    let url = format!("http://{}", server.addr);
+    let load = |key: Option<String>| {
+        let (url, dataset) = (url.clone(), data.path().to_path_buf());
+        tokio::task::spawn_blocking(move || {
+            let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_aitl"));
+            command
+                .args(["load", "--server", &url, "--pattern", "retrieve", "--agents", "1", "--max-turns", "3"])
+                .args(["--warmup", "0", "--duration", "10", "--think-ms", "0", "--format", "json", "--dataset"])
+                .arg(&dataset)
+                .env("AITL_LOG", "warn")
+                .env_remove("AITL_API_KEY");
+            if let Some(key) = key {
+                command.env("AITL_API_KEY", key);
+            }
+            let output = command.output().unwrap();
+            assert!(output.status.success(), "aitl load: {}", String::from_utf8_lossy(&output.stderr));
+            String::from_utf8(output.stdout).unwrap()
+        })
+    };
+    let without = load(None).await.unwrap();
+    assert!(without.contains("\"Unauthenticated\": 3"), "{without}");
+    let with = load(Some(key)).await.unwrap();
+    assert!(!with.contains("Unauthenticated") && with.contains("\"Unavailable\": 3"), "{with}");
+    server.shutdown().await.unwrap();
+}

@@ -184,7 +184,7 @@ pub fn scratch_name(dir: &Path) -> String {
 /// query's last `context_turns` turns; the server combines at most its own
 /// `retrieve.context_turns` of them.
 pub async fn score(
-    channel: tonic::transport::Channel,
+    channel: crate::remote::Remote,
     set: &EvalSet<'_>,
     context_turns: usize,
     rank: bool,

@@ -13,8 +13,10 @@
 //! Questions cycle through a labelled data set's history split.
 //!
 //! The annotations are real: they land in the server's training log under
-//! agent ids `load-agent-N` and tenant `aitl-load`, so load a scratch data
-//! dir, not one whose log trains models.
+//! agent ids `load-agent-N`, for the tenant the calls act for (the API key's
+//! in `AITL_API_KEY`, else the default), so load a scratch data dir, not one
+//! whose log trains models. A key bound to one agent refuses the other
+//! agents' annotations: load with a key that names none.
 
 pub mod report;
 mod turn;
@@ -28,7 +30,6 @@ use std::{
 };
 
 use report::{LoadReport, RpcReport, Samples};
-use tonic::transport::Channel;
 
 use crate::{
     error::{Error, Result},
@@ -139,11 +140,7 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport> {
         }
         _ => {}
     }
-    let channel = Channel::from_shared(options.server.clone())
-        .map_err(|e| Error::InvalidArgument(format!("load --server {:?}: {e}", options.server)))?
-        .connect()
-        .await
-        .map_err(|e| Error::Unavailable(format!("load: cannot reach {}: {e}", options.server)))?;
+    let channel = crate::remote::connect(&options.server, "load --server").await?;
     let begun = Instant::now();
     let recorder = Arc::new(Recorder {
         measured_from: begun + options.warmup,

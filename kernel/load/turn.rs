@@ -6,8 +6,6 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use tonic::transport::Channel;
-
 use super::{LoadOptions, Pattern, Recorder, report::StreamTimes};
 pub(super) use crate::worker::annotators::Dice;
 use crate::{
@@ -17,6 +15,7 @@ use crate::{
         RequestContext, RetrieveRequest, SamplingParams, Speaker, SubmitAnnotationRequest, annotation, generate_event,
         generate_request, missing_knowledge, rank_request, support_service_client::SupportServiceClient,
     },
+    remote::Remote,
 };
 
 /// Objects Retrieve returns and Rank receives, and objects Rank shows.
@@ -24,7 +23,7 @@ const RETRIEVE_K: u32 = 75;
 const SHOWN: u32 = 8;
 
 pub(super) struct Shared {
-    pub channel: Channel,
+    pub channel: Remote,
     pub options: LoadOptions,
     pub recorder: Arc<Recorder>,
     /// Makes this run's annotation ids its own.
@@ -57,7 +56,7 @@ impl Shared {
         }
     }
 
-    fn client(&self) -> SupportServiceClient<Channel> {
+    fn client(&self) -> SupportServiceClient<Remote> {
         SupportServiceClient::new(self.channel.clone())
     }
 
@@ -82,7 +81,8 @@ impl Shared {
     }
 
     fn context(&self, agent_id: &str, query: &LabelledQuery) -> Option<RequestContext> {
-        Some(RequestContext { agent_id: agent_id.into(), case_id: query.id.clone(), tenant: "aitl-load".into() })
+        // No tenant named: the calls act for the key's (or the default).
+        Some(RequestContext { agent_id: agent_id.into(), case_id: query.id.clone(), tenant: String::new() })
     }
 
     async fn retrieve(&self, query: &LabelledQuery, agent_id: &str) -> Option<proto::RetrieveResponse> {
@@ -219,7 +219,6 @@ impl Shared {
             interaction_id: interaction.into(),
             agent_id: agent_id.into(),
             case_id: query.id.clone(),
-            tenant: "aitl-load".into(),
             ..Default::default()
         };
         let shown: Vec<String> = ranked

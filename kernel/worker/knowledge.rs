@@ -2,19 +2,18 @@
 //! or a running server's KnowledgeService (the exact versions interactions
 //! showed, by GetKnowledge) while it serves.
 
-use tonic::transport::Channel;
-
 use super::datasets::KnowledgeSource;
 use crate::{
     error::{Error, Result},
     proto::{
         GetKnowledgeRequest, KnowledgeObject, ListKnowledgeRequest, knowledge_service_client::KnowledgeServiceClient,
     },
+    remote::Remote,
 };
 
 pub struct ServerKnowledge {
     runtime: tokio::runtime::Runtime,
-    client: KnowledgeServiceClient<Channel>,
+    client: KnowledgeServiceClient<Remote>,
 }
 
 impl ServerKnowledge {
@@ -23,13 +22,7 @@ impl ServerKnowledge {
             .enable_all()
             .build()
             .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))?;
-        let channel = runtime.block_on(async {
-            Channel::from_shared(server.to_string())
-                .map_err(|e| Error::InvalidArgument(format!("--server {server}: {e}")))?
-                .connect()
-                .await
-                .map_err(|e| Error::Unavailable(format!("cannot reach the server at {server}: {e}")))
-        })?;
+        let channel = runtime.block_on(crate::remote::connect(server, "--server"))?;
         Ok(ServerKnowledge { runtime, client: KnowledgeServiceClient::new(channel) })
     }
 }

@@ -24,7 +24,6 @@ use std::{
 };
 
 use serde::Serialize;
-use tonic::transport::Channel;
 
 use super::annotators::{self, Annotator, AnnotatorMix, Candidate, Dice, Made, Missing, Model, Question, Shown};
 use super::text;
@@ -38,6 +37,7 @@ use crate::{
         SubmitAnnotationRequest, annotation, generate_request, knowledge_service_client::KnowledgeServiceClient,
         missing_knowledge, rank_request, support_service_client::SupportServiceClient,
     },
+    remote::Remote,
 };
 
 #[derive(Debug, Clone)]
@@ -121,8 +121,8 @@ fn entity(object: &KnowledgeObject) -> Option<String> {
 }
 
 struct Simulator<'a> {
-    client: SupportServiceClient<Channel>,
-    knowledge: KnowledgeServiceClient<Channel>,
+    client: SupportServiceClient<Remote>,
+    knowledge: KnowledgeServiceClient<Remote>,
     options: &'a SimulationOptions,
     /// Which questions go through Generate (the agents have dice of their own).
     dice: Dice,
@@ -365,11 +365,7 @@ pub async fn run(options: &SimulationOptions) -> Result<SimulationReport> {
     if let Some(limit) = options.limit {
         queries.truncate(limit);
     }
-    let channel = Channel::from_shared(options.server.clone())
-        .map_err(|e| Error::InvalidArgument(format!("--server {}: {e}", options.server)))?
-        .connect()
-        .await
-        .map_err(|e| Error::Unavailable(format!("cannot reach the server at {}: {e}", options.server)))?;
+    let channel = crate::remote::connect(&options.server, "--server").await?;
     let mut agents: Vec<Agent> = mix
         .assign(options.agents.max(1))
         .into_iter()
