@@ -6,7 +6,8 @@
 // id) and a prompt's weights as bf16 tiles for tensor-core products.
 //
 // dequantize_{f32,f16,bf16,q4_0,q4_1,q8_0,q4_k,q5_k,q6_k}(w, ids, out, out_bf16, count, k)
-//   grid  = (ceil(k / 256), count), block = (256): a thread per value
+//   grid  = (ceil(k / 256), any y ≤ 65535: blocks stride over the rows),
+//   block = (256): a thread per value
 //   w: weight rows of k values (`QuantMatrix`'s layout)
 //   ids: nullable [count] u32, the rows to expand (null: rows 0..count)
 //   out: [count, k], f32 (out_bf16 = 0) or bf16 bits (1)
@@ -84,17 +85,18 @@ AITL_DEV float value_at(const u8* row, u32 i) {
 
 template <int TYPE>
 AITL_DEV void dequantize(const u8* w, const u32* ids, void* out, u32 out_bf16, u32 count, u32 k, u64 row_bytes) {
-    const u32 r = blockIdx.y;
     const u32 i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (r >= count || i >= k) {
+    if (i >= k) {
         return;
     }
-    const u64 source = ids != nullptr ? ids[r] : r;
-    const float v = value_at<TYPE>(w + source * row_bytes, i);
-    if (out_bf16 != 0) {
-        ((u16*)out)[(u64)r * k + i] = aitl_f32_to_bf16(v);
-    } else {
-        ((float*)out)[(u64)r * k + i] = v;
+    for (u32 r = blockIdx.y; r < count; r += gridDim.y) {
+        const u64 source = ids != nullptr ? ids[r] : r;
+        const float v = value_at<TYPE>(w + source * row_bytes, i);
+        if (out_bf16 != 0) {
+            ((u16*)out)[(u64)r * k + i] = aitl_f32_to_bf16(v);
+        } else {
+            ((float*)out)[(u64)r * k + i] = v;
+        }
     }
 }
 

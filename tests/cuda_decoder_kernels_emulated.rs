@@ -281,10 +281,11 @@ fn dequantized_rows_equal_the_cpu_reference_bit_for_bit() {
         // SAFETY: the buffers hold what the sizes passed say, and outlive the launch.
         m.launch(launch, &|| unsafe { kernel(w, i, o, 0, ids.len() as u32, k as u32) });
         assert_bits(&entry, &out, &want);
-        // A whole matrix as bf16 tiles (no ids).
+        // A whole matrix as bf16 tiles (no ids), from a grid of fewer rows
+        // than the matrix (as past 65,535 rows): blocks stride over the rest.
         let mut tiles = vec![0x7fc1u16; rows * k];
         let o = tiles.as_mut_ptr() as *mut c_void;
-        let launch = Launch::new((k.div_ceil(256) as u32, rows as u32, 1), 256);
+        let launch = Launch::new((k.div_ceil(256) as u32, 3, 1), 256);
         // SAFETY: the buffers hold what the sizes passed say, and outlive the launch.
         m.launch(launch, &|| unsafe { kernel(w, std::ptr::null(), o, 1, rows as u32, k as u32) });
         let mut all = vec![0f32; rows * k];

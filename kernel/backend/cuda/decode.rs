@@ -1,8 +1,9 @@
 //! The decoder's ops on a GPU: block-quantized products and embeddings,
 //! rotary embeddings, SwiGLU, the fused residual norm, the gated shared
-//! expert, paged KV attention, mixture-of-experts routing and device
-//! sampling. Launch contracts are in `kernels-cu/{quant_matvec, dequantize,
-//! decoder, moe, sampling}.cu`; shapes were checked by `Device`.
+//! expert and mixture-of-experts routing and products (the paged KV cache
+//! is `paged_kv`). Launch contracts are in `kernels-cu/{quant_matvec,
+//! dequantize, decoder, moe}.cu`; shapes were checked by `Device`.
+//! `sampling.cu` has no launcher yet: the engine samples on the host.
 
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
@@ -66,7 +67,7 @@ fn dequantize_kernel(dtype: GgmlType) -> KernelId {
     }
 }
 
-/// A weight stack's matrices for a grouped product: `groups` holds
+/// A weight stack's matrices for a grouped product: `table` holds
 /// (expert, first row, rows ≤ 8) per group, `count` of them, and matrices
 /// lie `expert_bytes` apart.
 pub(crate) struct Groups<'a> {
@@ -227,13 +228,11 @@ impl CudaDevice {
         if count == 0 || k == 0 {
             return Ok(());
         }
-        if count > MAX_GRID_YZ {
-            return Err(unsupported("dequantize", format!("{count} rows exceed a grid's {MAX_GRID_YZ}")));
-        }
         let (count_u, ku, flag) = (u32_of("dequantize", count)?, u32_of("dequantize", k)?, bf16 as u32);
         let ids = self.optional(ids);
-        let cfg =
-            LaunchConfig { grid_dim: (ku.div_ceil(256), count_u, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // Blocks stride over the rows past the grid's 65,535 (a large vocabulary).
+        let rows = count_u.min(MAX_GRID_YZ as u32);
+        let cfg = LaunchConfig { grid_dim: (ku.div_ceil(256), rows, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         launch!(self, dequantize_kernel(dtype), cfg, w, &ids, out, &flag, &count_u, &ku)
     }
 
