@@ -1,11 +1,13 @@
-//! The decoder's CUDA kernels (quantized products, decoder ops, paged KV
-//! attention, mixture-of-experts routing) run on the CPU emulator of
-//! `tests/cuda_emu/` and checked against the CPU backend, as
+//! The decoder's CUDA kernels (quantized products, dequantization, decoder
+//! ops, paged KV attention, mixture of experts, device sampling) run on the
+//! CPU emulator of `tests/cuda_emu/` and checked against the CPU backend, as
 //! `cuda_kernels_emulated.rs` does for the encoder's. Outputs are poisoned
 //! first (NaN), so an element a kernel never writes fails.
 //!
 //! Tolerances, all against the CPU backend:
-//! - activation quantization (Q8_1, Q8_K): bit for bit;
+//! - activation quantization (Q8_1, Q8_K), dequantization: bit for bit;
+//! - sampling: the CPU sampler's tokens for the same seeds, and its
+//!   penalised logits bit for bit;
 //! - quantized products: |got − want| ≤ 1e-5 · Σ|wᵢ·xᵢ| over the row (the
 //!   block products are exact integer sums; only the float sum over blocks
 //!   is in another order);
