@@ -33,10 +33,7 @@ use aitl::{
         half::{f16_to_f32, f32_to_f16},
         quant::{GgmlType, dequantize_activations, dequantize_row, quantize_activations},
     },
-    engine::{
-        generator::{GenerateEvent, GenerateJob, GeneratorEngine, GeneratorOptions},
-        sampler::SamplingConfig,
-    },
+    engine::generator::GeneratorOptions,
     model::{
         gguf::GgufFile,
         llama::{Llama, Step},
@@ -375,36 +372,5 @@ fn smollm2_on_the_gpu_follows_the_cpus_decisive_steps() {
 #[test]
 fn the_decoding_engine_serves_two_candidates_on_the_gpu() {
     let Some(cuda) = gpu("engine") else { return };
-    let golden: serde_json::Value =
-        serde_json::from_str(include_str!("fixtures/tiny_decoders_golden.json")).expect("fixture parses");
-    let case = &golden["tiny-llama-chat"];
-    let engine = GeneratorEngine::load(cuda, &fixtures().join("tiny-llama"), GeneratorOptions::default()).unwrap();
-    let greedy = ids(&case["greedy"]);
-    let (events, mut replies) = tokio::sync::mpsc::unbounded_channel();
-    engine
-        .submit(GenerateJob {
-            prompt: ids(&case["prompt"]),
-            candidates: 2,
-            sampling: SamplingConfig::default(),
-            max_new_tokens: greedy.len(),
-            stop: Vec::new(),
-            events,
-        })
-        .unwrap();
-    let expected = engine.tokenizer().decode(&greedy).unwrap();
-    let mut finished = 0;
-    while let Some(event) = replies.blocking_recv() {
-        match event {
-            GenerateEvent::Finished { text, .. } => {
-                assert_eq!(text, expected, "greedy text of a candidate forked from the GPU prefill");
-                finished += 1;
-                if finished == 2 {
-                    break;
-                }
-            }
-            GenerateEvent::Failed(why) => panic!("{why}"),
-            GenerateEvent::Delta { .. } | GenerateEvent::Admitted => {}
-        }
-    }
-    assert_eq!(finished, 2);
+    common::chat::serve_the_chat_case(cuda, GeneratorOptions::default());
 }

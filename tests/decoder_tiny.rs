@@ -5,14 +5,13 @@
 //! Llama with a chat tokenizer. The
 //! prompts of one and three tokens leave most experts without a token.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use aitl::{
     backend::{Device, Precision},
-    engine::{
-        generator::{GenerateEvent, GenerateJob, GeneratorEngine, GeneratorOptions},
-        sampler::SamplingConfig,
-    },
+    engine::generator::GeneratorOptions,
     model::{
         chat::{ChatTokenizer, Role},
         gguf::GgufFile,
@@ -249,46 +248,9 @@ fn decoding_engine_serves_a_hugging_face_folder() {
     let case = &golden()["tiny-llama-chat"];
     assert!(ids(&case["prompt"]).len() > 6, "the prompt spans several chunks");
     for prefill_chunk in [GeneratorOptions::default().prefill_chunk, 3] {
-        serve_the_chat_case(GeneratorOptions {
-            queue_capacity: 4,
-            max_sequences: 4,
-            prefill_chunk,
-            ..Default::default()
-        });
+        common::chat::serve_the_chat_case(
+            Device::Cpu,
+            GeneratorOptions { queue_capacity: 4, max_sequences: 4, prefill_chunk, ..Default::default() },
+        );
     }
-}
-
-fn serve_the_chat_case(options: GeneratorOptions) {
-    let dir = fixtures().join("tiny-llama");
-    let case = &golden()["tiny-llama-chat"];
-    let engine = GeneratorEngine::load(Device::Cpu, &dir, options).unwrap();
-    assert!(engine.version().starts_with("tiny-llama@"), "{}", engine.version());
-    let greedy = ids(&case["greedy"]);
-    let (events, mut replies) = tokio::sync::mpsc::unbounded_channel();
-    engine
-        .submit(GenerateJob {
-            prompt: ids(&case["prompt"]),
-            candidates: 2,
-            sampling: SamplingConfig::default(),
-            max_new_tokens: greedy.len(),
-            stop: Vec::new(),
-            events,
-        })
-        .unwrap();
-    let expected = engine.tokenizer().decode(&greedy).unwrap();
-    let mut finished = 0;
-    while let Some(event) = replies.blocking_recv() {
-        match event {
-            GenerateEvent::Finished { text, completion_tokens, .. } => {
-                assert_eq!((text.as_str(), completion_tokens), (expected.as_str(), greedy.len()));
-                finished += 1;
-            }
-            GenerateEvent::Failed(why) => panic!("{why}"),
-            GenerateEvent::Delta { .. } | GenerateEvent::Admitted => {}
-        }
-        if finished == 2 {
-            break;
-        }
-    }
-    assert_eq!(finished, 2);
 }

@@ -234,9 +234,10 @@ impl SemanticIndex {
         k: usize,
         filter: &KnowledgeFilter,
     ) -> Result<(Vec<Hit>, EncodeTimings)> {
+        // A tenant with no knowledge yet has nothing to search: no need to embed.
+        let Some(target) = self.find(tenant) else { return Ok((Vec::new(), EncodeTimings::default())) };
         let (mut vectors, timings) = self.engine.embed(&[text]).await?;
         let query = vectors.pop().ok_or_else(|| Error::Internal("the embedder returned no vector".into()))?;
-        let Some(target) = self.find(tenant) else { return Ok((Vec::new(), timings)) };
         let hits = target.scan.search(Query { vector: query, k, filter: filter.clone() }).await?;
         Ok((hits, timings))
     }

@@ -521,5 +521,13 @@ mod tests {
         drop(store);
         let store = KnowledgeStore::open(&path).unwrap();
         assert_eq!(store.count_live().unwrap(), 1, "moved once, not again");
+        let txn = store.db.begin_read().unwrap();
+        let tables: Vec<String> = txn.list_tables().unwrap().map(|t| t.name().to_string()).collect();
+        for legacy in [legacy::LATEST.name(), legacy::VERSIONS.name(), legacy::VECTORS.name()] {
+            assert!(
+                !tables.iter().any(|t| t == legacy),
+                "the legacy table {legacy} is gone after the move: {tables:?}"
+            );
+        }
     }
 }

@@ -40,10 +40,11 @@ impl KnowledgeSource for ServerKnowledge {
         self.runtime
             .block_on(client.get_knowledge(request))
             .map(tonic::Response::into_inner)
-            .map_err(|s| Error::Unavailable(format!("GetKnowledge {id} v{version:?}: {}", s.message())))
+            .map_err(|s| Error::from_status(format!("GetKnowledge {id} v{version:?}"), &s))
     }
 
-    /// The default tenant's objects: over gRPC each call sees one tenant.
+    /// The objects of the tenant the calls act for (the key's in
+    /// `AITL_API_KEY`, else the default): over gRPC each call sees one tenant.
     fn live_objects(&self) -> Result<Vec<KnowledgeObject>> {
         let mut client = self.client.clone();
         let mut objects = Vec::new();
@@ -53,7 +54,7 @@ impl KnowledgeSource for ServerKnowledge {
             let page = self
                 .runtime
                 .block_on(client.list_knowledge(request))
-                .map_err(|s| Error::Unavailable(format!("ListKnowledge: {}", s.message())))?
+                .map_err(|s| Error::from_status("ListKnowledge", &s))?
                 .into_inner();
             objects.extend(page.objects);
             if page.next_page_token.is_empty() {

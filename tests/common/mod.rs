@@ -15,6 +15,7 @@ use aitl::{
 };
 use tonic::transport::Channel;
 
+pub mod chat;
 pub mod parity;
 
 /// `aitl --data-dir DIR ARGS…` with no models configured: whether it
